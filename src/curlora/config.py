@@ -1,0 +1,116 @@
+"""One configuration object for a CURLoRA adapter, serialised as ``adapter_config.json``."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Literal
+
+from curlora.fileio import atomic_write_bytes
+
+SamplingMode = Literal["inverse", "standard", "uniform"]
+SAMPLING_MODES: tuple[str, ...] = ("inverse", "standard", "uniform")
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+
+# Attention projections the paper adapts, by transformers ``model_type``.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "k_proj", "v_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "k_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+}
+
+
+@dataclass
+class CURLoRAConfig:
+    """Everything that decides an adapter; saved next to its weights so it can be rebuilt.
+
+    ``target_modules`` is either a list of module-name suffixes (``"q_proj"`` matches
+    ``model.layers.0.self_attn.q_proj``) or a single regex matched with ``re.fullmatch``
+    against the full module name, as in PEFT. ``None`` picks the per-architecture default.
+    """
+
+    r: int = 16
+    alpha: float = 1.0
+    target_modules: list[str] | str | None = None
+    dropout: float = 0.0
+    sampling: SamplingMode = "inverse"
+    replacement: bool = True
+    seed: int = 0
+    modules_to_save: list[str] | None = None
+    base_model_name_or_path: str | None = None
+    # Relative tolerance when checking that an adapter is loaded onto the base it was trained on.
+    fingerprint_rtol: float = 1e-2
+    method: str = field(default="CURLORA", init=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"CURLoRAConfig.r must be a positive integer, got {self.r!r}.")
+        if self.sampling not in SAMPLING_MODES:
+            raise ValueError(
+                f"CURLoRAConfig.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}."
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"CURLoRAConfig.dropout must be in [0, 1), got {self.dropout!r}.")
+        if isinstance(self.target_modules, (tuple, set)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (tuple, set)):
+            self.modules_to_save = sorted(self.modules_to_save)
+
+    def resolved_targets(self, model_type: str | None) -> list[str] | str:
+        """The target patterns to use, falling back to the architecture's attention projections."""
+        if self.target_modules is not None:
+            return self.target_modules
+        if model_type in DEFAULT_TARGET_MODULES:
+            return DEFAULT_TARGET_MODULES[model_type]
+        raise ValueError(
+            f"No default target modules for model_type {model_type!r}; pass "
+            f"CURLoRAConfig(target_modules=[...]) with the names of the Linear layers to adapt. "
+            f"Known defaults: {sorted(DEFAULT_TARGET_MODULES)}."
+        )
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CURLoRAConfig":
+        method = data.get("method", "CURLORA")
+        if method != "CURLORA":
+            raise ValueError(f"Adapter config is for method {method!r}, not CURLoRA.")
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(data) - known - {"method"})
+        if unknown:
+            raise ValueError(f"Unknown CURLoRAConfig fields {unknown}; was it saved by a newer curlora?")
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / CONFIG_NAME
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2) + "\n").encode())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CURLoRAConfig":
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}: is it a CURLoRA adapter directory?")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def matches_target(module_name: str, targets: list[str] | str) -> bool:
+    """PEFT's rule: a regex string must fullmatch the name; list entries match as name suffixes."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, module_name) is not None
+    return any(module_name == t or module_name.endswith("." + t) for t in targets)

@@ -1,0 +1,78 @@
+"""Evaluation: language-model perplexity with a strided sliding window.
+
+The reference code scored one truncated forward pass; here the whole token stream (or its first
+``max_tokens``) is scored, each token once, with up to ``window - stride`` tokens of context
+carried over between windows (the Hugging Face perplexity guide's method).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token
+    tokens_scored: int
+    window: int
+    stride: int
+
+
+def _windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, number of new tokens to score) for each window; every token scored once."""
+    spans, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + window, n_tokens)
+        spans.append((begin, end, end - prev_end))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return spans
+
+
+@torch.no_grad()
+def perplexity(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    window: int = 512,
+    stride: int = 256,
+    batch_size: int = 4,
+    progress: bool = False,
+) -> Perplexity:
+    """Perplexity of ``model`` on a 1-D stream of token ids."""
+    if not 0 < stride <= window:
+        raise ValueError(f"Perplexity needs 0 < stride ≤ window, got stride={stride}, window={window}.")
+    ids = token_ids.reshape(-1)
+    if ids.numel() < 2:
+        raise ValueError("Perplexity needs at least two tokens.")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    spans = _windows(ids.numel(), window, stride)
+    total_nll, scored = 0.0, 0
+    batches = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
+    for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
+        # Windows of one batch share a length except possibly the last one: group by length.
+        for length in sorted({end - begin for begin, end, _ in batch}):
+            group = [s for s in batch if s[1] - s[0] == length]
+            inputs = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
+            logits = model(input_ids=inputs).logits.float()
+            labels = inputs.clone()
+            for row, (_, _, new) in enumerate(group):
+                labels[row, : length - new] = -100  # context only, already scored
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                ignore_index=-100, reduction="sum",
+            )
+            total_nll += float(nll)
+            scored += int((labels[:, 1:] != -100).sum())
+    model.train(was_training)
+    mean = total_nll / scored
+    return Perplexity(math.exp(mean), mean, scored, window, stride)

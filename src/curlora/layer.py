@@ -1,0 +1,137 @@
+"""The adapter layer: a frozen base projection plus alpha · x (C U R)ᵀ, computed factored.
+
+Only U (r × r, zero at start) trains. C and R are copies of sampled columns/rows of the base
+weight, kept as non-persistent buffers in the base weight's dtype: they are rebuilt from the base
+weight and the saved indices, so they never enter a state dict or an optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+
+
+def weight_out_in(base: nn.Module) -> torch.Tensor:
+    """The base weight as an out × in matrix (a view: GPT-2's Conv1D stores it in × out)."""
+    if isinstance(base, Conv1D):
+        return base.weight.t()
+    if isinstance(base, nn.Linear):
+        return base.weight
+    raise TypeError(
+        f"CURLoRA can adapt nn.Linear and transformers Conv1D layers, not {type(base).__name__}."
+    )
+
+
+class CURAdapter(nn.Module):
+    """One named adapter's tensors: trainable U, frozen C and R, and the indices they came from."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        cols: torch.Tensor,
+        rows: torch.Tensor,
+        alpha: float,
+        dropout: float,
+    ) -> None:
+        super().__init__()
+        r = cols.numel()
+        self.alpha = alpha
+        self.register_buffer("cols", cols.to(device=weight.device, dtype=torch.long))
+        self.register_buffer("rows", rows.to(device=weight.device, dtype=torch.long))
+        with torch.no_grad():
+            self.register_buffer("C", weight[:, self.cols].contiguous(), persistent=False)
+            self.register_buffer("R", weight[self.rows, :].contiguous(), persistent=False)
+        self.U = nn.Parameter(torch.zeros(r, r, device=weight.device, dtype=torch.float32))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def r(self) -> int:
+        return self.U.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x → x·Rᵀ → ·(alpha·U)ᵀ → ·Cᵀ: two thin matmuls and an r × r one, never out × in.
+        h = F.linear(self.dropout(x).to(self.R.dtype), self.R)
+        h = F.linear(h, (self.alpha * self.U).to(h.dtype))
+        return F.linear(h, self.C)
+
+    def delta_weight(self) -> torch.Tensor:
+        """alpha · C U R as an out × in float32 matrix (materialised only when asked for)."""
+        return self.alpha * (self.C.float() @ self.U.float() @ self.R.float())
+
+
+class CURLoRALayer(nn.Module):
+    """Wraps an ``nn.Linear`` or GPT-2 ``Conv1D``; holds any number of named adapters."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        weight_out_in(base_layer)  # raises a clear TypeError for unsupported layers
+        self.base_layer = base_layer.requires_grad_(False)
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight, so code that inspects ``layer.weight`` keeps working."""
+        return self.base_layer.weight
+
+    def add_adapter(
+        self,
+        name: str,
+        cols: torch.Tensor,
+        rows: torch.Tensor,
+        alpha: float,
+        dropout: float = 0.0,
+    ) -> CURAdapter:
+        if name in self.adapters:
+            raise ValueError(f"Adapter {name!r} already exists on this layer.")
+        if self.merged_adapters:
+            raise RuntimeError("Unmerge the merged adapters before adding a new one.")
+        adapter = CURAdapter(weight_out_in(self.base_layer), cols, rows, alpha, dropout)
+        self.adapters[name] = adapter
+        return adapter
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            self.unmerge()
+        del self.adapters[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        out = self.base_layer(x, *args, **kwargs)
+        if self.disabled or self.merged_adapters or self.active_adapter is None:
+            return out
+        return out + self.adapters[self.active_adapter](x).to(out.dtype)
+
+    def delta_weight(self, name: str | None = None) -> torch.Tensor:
+        return self.adapters[name or self.active_adapter].delta_weight()
+
+    @torch.no_grad()
+    def merge(self, name: str | None = None) -> None:
+        """Add alpha · C U R into the base weight, so inference costs exactly the base layer's."""
+        name = name or self.active_adapter
+        if name is None or name in self.merged_adapters:
+            return
+        self._add_to_weight(self.delta_weight(name))
+        self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract every merged adapter again (equal to the original weight up to rounding)."""
+        while self.merged_adapters:
+            self._add_to_weight(-self.delta_weight(self.merged_adapters.pop()))
+
+    def _add_to_weight(self, delta_out_in: torch.Tensor) -> None:
+        weight = self.base_layer.weight
+        delta = delta_out_in.t() if isinstance(self.base_layer, Conv1D) else delta_out_in
+        weight.data.copy_((weight.data.float() + delta).to(weight.dtype))
+
+    def extra_repr(self) -> str:
+        ranks = {name: a.r for name, a in self.adapters.items()}
+        return f"adapters={ranks}, active={self.active_adapter!r}, merged={self.merged_adapters}"

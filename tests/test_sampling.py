@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from curlora.sampling import module_generator, sample_indices, selection_probabilities
+
+
+def test_probabilities_follow_the_paper():
+    w = torch.tensor([[1.0, 2.0, 0.0], [1.0, 0.0, 3.0]])  # out=2, in=3
+    col_sq = torch.tensor([2.0, 4.0, 9.0])
+    standard = selection_probabilities(w, dim=1, mode="standard")
+    torch.testing.assert_close(standard, col_sq / col_sq.sum())
+    inverse = selection_probabilities(w, dim=1, mode="inverse")
+    inv = 1 / (col_sq / col_sq.sum())
+    torch.testing.assert_close(inverse, inv / inv.sum())
+    rows = selection_probabilities(w, dim=0, mode="standard")
+    torch.testing.assert_close(rows, torch.tensor([5.0, 10.0]) / 15)
+    uniform = selection_probabilities(w, dim=1, mode="uniform")
+    torch.testing.assert_close(uniform, torch.full((3,), 1 / 3))
+
+
+def test_same_seed_same_indices_different_seed_different():
+    w = torch.randn(64, 48)
+    a = sample_indices(w, 8, generator=module_generator(0, "layer.q_proj", "cpu"))
+    b = sample_indices(w, 8, generator=module_generator(0, "layer.q_proj", "cpu"))
+    c = sample_indices(w, 8, generator=module_generator(1, "layer.q_proj", "cpu"))
+    d = sample_indices(w, 8, generator=module_generator(0, "layer.k_proj", "cpu"))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+    assert not all(torch.equal(x, y) for x, y in zip(a, d))
+
+
+def test_inverse_mode_prefers_low_norm_columns():
+    # Column norms grow with the index: inverse sampling must pick the low half more often.
+    scales = torch.linspace(0.2, 2.0, 100)
+    w = torch.randn(100, 100, generator=torch.Generator().manual_seed(0)) * scales
+    gen = module_generator(0, "w", "cpu")
+    inv_cols = torch.cat([sample_indices(w, 50, "inverse", generator=gen)[0] for _ in range(40)])
+    std_cols = torch.cat([sample_indices(w, 50, "standard", generator=gen)[0] for _ in range(40)])
+    col_norms = w.pow(2).sum(0)
+    assert col_norms[inv_cols].mean() < 0.5 * col_norms[std_cols].mean()
+    assert (inv_cols < 50).float().mean() > 0.8 and (std_cols < 50).float().mean() < 0.3
+
+
+def test_without_replacement_gives_distinct_indices():
+    w = torch.randn(32, 32)
+    cols, rows = sample_indices(w, 32, replacement=False, generator=module_generator(0, "x", "cpu"))
+    assert sorted(cols.tolist()) == list(range(32)) and sorted(rows.tolist()) == list(range(32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_weights_sample_without_overflow(dtype):
+    # Values of 1,000 square to 1e6, far beyond fp16's 65,504: the reference code overflowed here.
+    w = (torch.randn(256, 256) * 1000).to(dtype)
+    p = selection_probabilities(w, dim=1, mode="inverse")
+    assert p.dtype == torch.float32 and torch.isfinite(p).all() and abs(float(p.sum()) - 1) < 1e-5
+    cols, rows = sample_indices(w, 16, generator=module_generator(0, "x", "cpu"))
+    assert cols.shape == rows.shape == (16,)
+
+
+def test_zero_column_stays_finite():
+    w = torch.randn(8, 8)
+    w[:, 3] = 0
+    p = selection_probabilities(w, dim=1, mode="inverse")
+    assert torch.isfinite(p).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    w = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="smaller side"):
+        sample_indices(w, 5)
+    with pytest.raises(ValueError, match="sampling mode"):
+        selection_probabilities(w, dim=1, mode="bogus")
+    with pytest.raises(ValueError, match="all zero"):
+        selection_probabilities(torch.zeros(4, 4), dim=1, mode="inverse")
