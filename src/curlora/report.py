@@ -1,0 +1,345 @@
+"""Markdown report and PNG plots for a continual-learning results dict (schema version 1).
+
+Tables follow the CURLoRA paper (Fawi 2024): Table 1 (accuracy per task after the whole
+sequence) and Table 2 (perplexity before/after), plus CL metrics, per-run accuracy
+matrices and a "Reading" section that states the comparisons in words, whichever way
+they fall. Aggregates are recomputed from the runs so the report never disagrees with them.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import re
+import secrets
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from curlora.metrics import summarize
+
+SCHEMA_VERSION = 1
+HEAD_METHOD = "head"
+DASH = "—"
+
+Stat = Mapping[str, float] | None
+
+
+def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
+    """Markdown table; None renders as an em dash, pipes and newlines are escaped."""
+
+    def cell(x: Any) -> str:
+        return DASH if x is None else str(x).replace("|", "\\|").replace("\n", " ")
+
+    lines = [
+        "| " + " | ".join(cell(h) for h in headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+    ]
+    for i, row in enumerate(rows):
+        if len(row) != len(headers):
+            raise ValueError(f"row {i} has {len(row)} cells, expected {len(headers)}")
+        lines.append("| " + " | ".join(cell(x) for x in row) + " |")
+    return "\n".join(lines)
+
+
+def _num(x: float | None, digits: int, signed: bool = False) -> str:
+    if x is None:
+        return DASH
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def _ms(s: Stat, digits: int = 3, signed: bool = False) -> str:
+    """mean ± std when several seeds contributed, plain mean otherwise."""
+    if s is None:
+        return DASH
+    text = _num(s["mean"], digits, signed)
+    return f"{text} ± {s['std']:.{digits}f}" if s["n"] > 1 else text
+
+
+def _mean(s: Stat) -> float | None:
+    return None if s is None else s["mean"]
+
+
+def _lr(lr: Any) -> str:
+    return DASH if lr is None else f"{lr:g}"
+
+
+def _label(g: Mapping[str, Any]) -> str:
+    return g["method"] if g.get("rank") is None else f"{g['method']} r{g['rank']}"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write via a temp file in the same directory and os.replace, so readers never see
+    a half-written report or image."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _save_figure(fig: Figure, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    _atomic_write(path, buf.getvalue())
+
+
+def _plot_accuracy_matrix(g: Mapping[str, Any], task_names: list[str], path: Path) -> None:
+    """Heatmap of the seed-mean accuracy matrix; missing entries (unseen tasks) are blank."""
+    grid = [[math.nan if s is None else s["mean"] for s in row] for row in g["accuracy_matrix"]]
+    finite = [x for row in grid for x in row if not math.isnan(x)]
+    fig = Figure(figsize=(1.6 + 1.1 * len(task_names), 1.2 + 0.55 * len(grid)))
+    ax = fig.add_subplot()
+    im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=max([1.0, *finite]), aspect="auto")
+    for i, row in enumerate(grid):
+        for j, x in enumerate(row):
+            ax.text(j, i, DASH if math.isnan(x) else f"{x:.3f}", ha="center", va="center",
+                    color="white" if not math.isnan(x) and x < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(len(task_names)), task_names)
+    ax.set_yticks(range(len(grid)), ["before"] + [f"after {t}" for t in task_names])
+    ax.set_xlabel("evaluated task")
+    seeds = g["n_runs"]
+    ax.set_title(f"{_label(g)} accuracy (mean of {seeds} seed{'s' * (seeds > 1)})")
+    fig.colorbar(im, ax=ax)
+    _save_figure(fig, path)
+
+
+def _plot_perplexity(groups: list[Mapping[str, Any]], task_names: list[str], path: Path) -> bool:
+    """Perplexity across the sequence, one line per group; False if nothing was measured."""
+    fig = Figure(figsize=(2.5 + 1.0 * len(task_names), 4))
+    ax = fig.add_subplot()
+    xs = ["before"] + [f"after {t}" for t in task_names]
+    drawn = False
+    for g in groups:
+        stats = [g["ppl_before"], *g["ppl_after_task"]]
+        pts = [(i, s) for i, s in enumerate(stats) if s is not None]
+        if not pts:
+            continue
+        ax.errorbar([i for i, _ in pts], [s["mean"] for _, s in pts],
+                    yerr=[s["std"] for _, s in pts], marker="o", capsize=3, label=_label(g))
+        drawn = True
+    if not drawn:
+        return False
+    ax.set_xticks(range(len(xs)), xs)
+    ax.set_ylabel("perplexity")
+    ax.set_title("LM perplexity across the task sequence")
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+    return True
+
+
+def _matrix_filenames(groups: list[Mapping[str, Any]]) -> list[str]:
+    """accuracy_matrix_<method>_r<rank>.png; lr is appended only if it disambiguates."""
+    clash = Counter((g["method"], g.get("rank")) for g in groups)
+    names = []
+    for g in groups:
+        stem = f"accuracy_matrix_{g['method']}"
+        if g.get("rank") is not None:
+            stem += f"_r{g['rank']}"
+        if clash[(g["method"], g.get("rank"))] > 1:
+            stem += f"_lr{_lr(g.get('lr'))}"
+        names.append(re.sub(r"[^A-Za-z0-9_.+-]", "_", stem) + ".png")
+    return names
+
+
+def _within(diff: float, *stats: Stat) -> bool:
+    """A difference is within seed spread when |diff| <= the sum of the seed stds."""
+    return abs(diff) <= sum(s["std"] for s in stats if s is not None and s["n"] > 1)
+
+
+def _has_spread(*stats: Stat) -> bool:
+    return any(s is not None and s["n"] > 1 for s in stats)
+
+
+def _compare(g: Mapping[str, Any], ref_acc: Stat, ref_tasks: list[Stat],
+             task_names: list[str], ref_name: str) -> str:
+    """Clause comparing a group's ACC and final per-task accuracies with a reference."""
+    acc = g["acc"]
+    diff = acc["mean"] - ref_acc["mean"]
+    parts = []
+    for name, s, r in zip(task_names, g["task_accuracy"], ref_tasks):
+        if s is None or r is None:
+            continue
+        d = s["mean"] - r["mean"]
+        parts.append(f"{name} {d:+.3f}" + (" (within seed spread)"
+                                           if _has_spread(s, r) and _within(d, s, r) else ""))
+    wins = sum(1 for s, r in zip(g["task_accuracy"], ref_tasks)
+               if s is not None and r is not None and s["mean"] > r["mean"])
+    spread = ""
+    if _has_spread(acc, ref_acc):
+        spread = ", within seed spread" if _within(diff, acc, ref_acc) else ", beyond seed spread"
+    return (f"vs {ref_name} {_ms(ref_acc)} ({diff:+.3f}{spread}), "
+            f"higher on {wins}/{len(parts)} tasks ({', '.join(parts)})")
+
+
+def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
+             runs: list[Mapping[str, Any]]) -> list[str]:
+    """Plain-language findings derived only from the numbers."""
+    task_names = [t["name"] for t in tasks]
+    lines = []
+    failed = [r for r in runs if r.get("status") != "ok"]
+    if failed:
+        lines.append(f"- {len(failed)} run(s) did not finish with status ok and are excluded "
+                     "from all aggregates (see Runs).")
+    if not groups:
+        return lines + ["- No successful runs: nothing to compare."]
+    # With several head-only groups (e.g. an lr sweep) the strongest is the floor to beat.
+    heads = [g for g in groups if g["method"] == HEAD_METHOD]
+    head = max(heads, key=lambda g: g["acc"]["mean"]) if heads else None
+    maj = [t.get("majority_accuracy") for t in tasks]
+    maj_stats = [None if m is None else {"mean": m, "std": 0.0, "n": 1} for m in maj]
+    maj_acc = ({"mean": sum(maj) / len(maj), "std": 0.0, "n": 1}
+               if maj and all(m is not None for m in maj) else None)
+    if head is None:
+        lines.append(f"- No successful head-only ({HEAD_METHOD}) run: no frozen-backbone floor.")
+    for g in groups:
+        is_head = g["method"] == HEAD_METHOD
+        clauses = [f"ACC {_ms(g['acc'])}"]
+        if head is not None and not is_head:
+            clauses.append(_compare(g, head["acc"], head["task_accuracy"], task_names,
+                                    f"head-only ({_label(head)})"))
+        if maj_acc is not None:
+            clauses.append(_compare(g, maj_acc, maj_stats, task_names, "majority class"))
+        if len(task_names) == 1:
+            clauses.append("single task: BWT and forgetting are 0 by definition")
+        else:
+            bwt = _mean(g["bwt"])
+            verdict = ("no net change on earlier tasks" if abs(bwt) < 5e-4 else
+                       "earlier tasks lost accuracy" if bwt < 0 else "earlier tasks improved")
+            clauses.append(f"BWT {_ms(g['bwt'], signed=True)} ({verdict}), "
+                           f"average forgetting {_ms(g['forgetting'], signed=True)}")
+        before, final = _mean(g["ppl_before"]), _mean(g["ppl_final"])
+        if before is None or final is None:
+            clauses.append("perplexity not measured")
+        else:
+            clauses.append(f"perplexity {final - before:+.2f} ({before:.2f} → {final:.2f})")
+        name = f"{_label(g)} (lr {_lr(g.get('lr'))})" if g.get("lr") is not None else _label(g)
+        lines.append(f"- {name}{' [head-only floor]' if is_head else ''}: " + "; ".join(clauses)
+                     + ".")
+    lines.append("- A difference is called within seed spread when its magnitude is at most the "
+                 "sum of the seed standard deviations involved; single-seed numbers have no "
+                 "spread estimate.")
+    return lines
+
+
+def _int(s: Stat) -> str:
+    return DASH if s is None else f"{round(s['mean']):,}"
+
+
+def _pad(xs: Sequence[Any], n: int) -> list[Any]:
+    """Pad per-task values with None so a missing measurement keeps the columns aligned."""
+    return [*xs, *[None] * (n - len(xs))]
+
+
+def _run_matrix_table(R: Sequence[Sequence[Any]], task_names: list[str]) -> str:
+    labels = ["before"] + [f"after {t}" for t in task_names]
+    rows = [[lab, *(DASH if x is None else f"{x:.3f}" for x in row)] for lab, row in zip(labels, R)]
+    return format_table(rows, ["", *task_names])
+
+
+def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
+    """Write ``report.md`` and PNG plots into ``run_dir``; return the report path.
+
+    Runs whose status is not "ok" are listed with their error and left out of every
+    aggregate. All files are written atomically.
+    """
+    version = results.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"unsupported results schema_version {version!r}, "
+                         f"expected {SCHEMA_VERSION}")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tasks = list(results.get("tasks") or [])
+    task_names = [t["name"] for t in tasks]
+    runs = list(results.get("runs") or [])
+    summary = summarize(results)
+    groups = ([g for g in summary if g["method"] != HEAD_METHOD]
+              + [g for g in summary if g["method"] == HEAD_METHOD])
+    key_cells = [[g["method"], g.get("rank"), _lr(g.get("lr")), g["n_runs"]] for g in groups]
+    n_ok = sum(r.get("status") == "ok" for r in runs)
+    corpus = results.get("corpus") or {}
+
+    md = [
+        "# Continual-learning report",
+        "",
+        f"Model: {results.get('model', DASH)}. Runs: {n_ok} ok, {len(runs) - n_ok} not ok. "
+        f"Perplexity corpus: {corpus.get('name', DASH)} ({corpus.get('tokens_scored', DASH)} "
+        f"tokens, window {corpus.get('window', DASH)}, stride {corpus.get('stride', DASH)}).",
+        "Values are mean ± sample std over seeds where more than one seed finished.",
+        "",
+        "## Tasks (in training order)",
+        "",
+        format_table([[t["name"], ", ".join(t.get("label_names") or []), t.get("n_train"),
+                       t.get("n_eval"), _num(t.get("majority_accuracy"), 3)] for t in tasks],
+                     ["Task", "Labels", "Train", "Eval", "Majority acc"]),
+        "",
+        "## Reading",
+        "",
+        *_reading(groups, tasks, runs),
+        "",
+        "## Table 1: accuracy per task after the full sequence",
+        "",
+    ]
+    maj = [t.get("majority_accuracy") for t in tasks]
+    maj_mean = sum(maj) / len(maj) if maj and None not in maj else None
+    md += [format_table(
+        [[*k, *(_ms(s) for s in g["task_accuracy"]), _ms(g["acc"])]
+         for k, g in zip(key_cells, groups)]
+        + [["majority class", None, None, None, *(_num(m, 3) for m in maj), _num(maj_mean, 3)]],
+        ["Method", "Rank", "LR", "Seeds", *task_names, "ACC"]), ""]
+
+    md += ["## Table 2: perplexity before → after each task → final", "", format_table(
+        [[*k, _ms(g["ppl_before"], 2),
+          *(_ms(s, 2) for s in _pad(g["ppl_after_task"], len(task_names))),
+          _ms(g["ppl_final"], 2), _ms(g["ppl_increase"], 2, signed=True)]
+         for k, g in zip(key_cells, groups)],
+        ["Method", "Rank", "LR", "Seeds", "Before", *(f"after {t}" for t in task_names),
+         "Final", "Increase"]), ""]
+
+    md += ["## Continual-learning metrics", "",
+           "ACC: mean final accuracy. BWT: mean change on earlier tasks since each was learned "
+           "(negative = forgetting). Forgetting: mean drop from each earlier task's best "
+           "accuracy (positive = forgetting). Plasticity: mean accuracy right after learning "
+           "each task.", "", format_table(
+               [[*k, _ms(g["acc"]), _ms(g["bwt"], signed=True), _ms(g["forgetting"], signed=True),
+                 _ms(g["plasticity"]), _int(g["adapter_params"]), _int(g["head_params"]),
+                 _ms(g["wall_time_s"], 1), _ms(g["peak_memory_mb"], 0)]
+                for k, g in zip(key_cells, groups)],
+               ["Method", "Rank", "LR", "Seeds", "ACC", "BWT", "Forgetting", "Plasticity",
+                "Adapter params", "Head params", "Wall time (s)", "Peak memory (MB)"]), ""]
+
+    md += ["## Runs", "", format_table(
+        [[r.get("method"), r.get("rank"), r.get("seed"), _lr(r.get("lr")), _lr(r.get("head_lr")),
+          r.get("status"), _num(r.get("wall_time_s"), 1),
+          None if r.get("status") == "ok" else str(r.get("error") or "no error message")[:300]]
+         for r in runs],
+        ["Method", "Rank", "Seed", "LR", "Head LR", "Status", "Wall time (s)", "Error"]), ""]
+
+    md += ["## Accuracy matrices per run", "",
+           "Row 'before' is measured before any training (heads untrained; unseen tasks may be "
+           "missing); row 'after X' after training through task X.", ""]
+    for r in runs:
+        if r.get("status") == "ok":
+            md += [f"### {_label(r)}, seed {r.get('seed')}, lr {_lr(r.get('lr'))}", "",
+                   _run_matrix_table(r["accuracy_matrix"], task_names), ""]
+
+    md += ["## Plots", ""]
+    if _plot_perplexity(groups, task_names, run_dir / "perplexity.png"):
+        md += ["![perplexity](perplexity.png)", ""]
+    for g, name in zip(groups, _matrix_filenames(groups)):
+        _plot_accuracy_matrix(g, task_names, run_dir / name)
+        md += [f"![{_label(g)} accuracy matrix]({name})", ""]
+
+    path = run_dir / "report.md"
+    _atomic_write(path, "\n".join(md).encode("utf-8"))
+    return path
