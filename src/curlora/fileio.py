@@ -9,6 +9,12 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_dir() -> Path:
+    """Where curlora keeps converted models and fetched data: ``$CURLORA_CACHE`` or ~/.cache/curlora."""
+    env = os.environ.get("CURLORA_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "curlora"
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temporary file in the same directory, fsync, then rename over ``path``."""
     path = Path(path)

@@ -97,7 +97,7 @@ def average_forgetting(R: Matrix) -> float:
     T = validate_matrix(R)
     if T == 1:
         return 0.0
-    drops = (max(R[l][j] for l in range(j + 1, T)) - R[T][j] for j in range(T - 1))
+    drops = (max(R[row][j] for row in range(j + 1, T)) - R[T][j] for j in range(T - 1))
     return math.fsum(drops) / (T - 1)
 
 

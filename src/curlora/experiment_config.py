@@ -1,0 +1,127 @@
+"""Settings of the continual-learning benchmark: one dataclass, presets, YAML files, CLI overrides."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from curlora.data import OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS
+
+BUILTIN_METHODS = ("curlora", "curlora-standard", "curlora-uniform", "lora", "head", "full")
+
+
+@dataclass
+class ContinualConfig:
+    """Everything a continual run depends on; saved as ``config.yaml`` in the run directory."""
+
+    model: str | None = None  # None: the offline default, SmolLM2-135M-Instruct
+    tasks: list[str] = field(default_factory=lambda: list(OFFLINE_SUITE))
+    task_files: list[dict[str, Any]] = field(default_factory=list)  # kwargs of data.load_task_file
+    corpus: str = OFFLINE_CORPUS
+    source: str | None = None  # "offline" | "local" | "hub"; None picks per task
+    data_dir: str | None = None
+    methods: list[str] = field(default_factory=lambda: ["curlora", "lora", "head"])
+    peft_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # "peft:vera" -> VeraConfig kwargs
+    ranks: list[int] = field(default_factory=lambda: [16])
+    alpha: float = 1.0
+    target_modules: list[str] | None = None  # None: the architecture's q/k/v (c_attn for GPT-2)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    data_seed: int = 0
+    examples_per_task: int = 240
+    eval_examples: int = 200
+    validation_fraction: float = 0.15
+    epochs: int = 1
+    batch_size: int = 8
+    eval_batch_size: int = 32
+    max_length: int = 64
+    lr: float = 1e-3
+    lrs: list[float] | None = None  # a sweep; the headline uses the best rate on validation
+    head_lr: float = 1e-3
+    u_penalties: list[float] = field(default_factory=lambda: [0.0])  # the paper's Eq. 11 λ
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    max_warmup_fraction: float = 0.1
+    bf16: bool = False
+    ppl_max_tokens: int | None = 4096
+    ppl_window: int = 512
+    ppl_stride: int = 256
+    device: str = "cpu"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "methods", "ranks", "seeds", "u_penalties"):
+            value = getattr(self, name)
+            if not value and not (name == "tasks" and self.task_files):
+                raise ValueError(f"Config field {name!r} must not be empty.")
+        for method in self.methods:
+            if method not in BUILTIN_METHODS and not method.startswith("peft:"):
+                raise ValueError(
+                    f"Unknown method {method!r}; choose from {BUILTIN_METHODS} or 'peft:<type>' "
+                    f"(e.g. peft:vera) with its keyword arguments in peft_kwargs."
+                )
+        positive = ("examples_per_task", "eval_examples", "epochs", "batch_size", "eval_batch_size", "max_length")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Config field {name!r} must be positive, got {getattr(self, name)}.")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}.")
+
+    @property
+    def learning_rates(self) -> list[float]:
+        return list(self.lrs) if self.lrs else [self.lr]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ContinualConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown config keys {unknown}; known keys: {sorted(known)}.")
+        return cls(**data)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # What the README's main-job command runs: the offline suite, sized for ~15 min on 2 CPU cores.
+    "default": {},
+    # The paper's experiment (Fawi 2024, §5): MRPC → SST-2 → Sentiment140, WikiText-2, ranks 8/16/24,
+    # alpha 1, AdamW 2.5e-4 shared by adapter and head, cosine schedule, 500 warm-up steps
+    # (capped to the run's length), 3 epochs, 1,000 examples per task.
+    "paper": {
+        "tasks": list(PAPER_TASKS),
+        "corpus": PAPER_CORPUS,
+        "ranks": [8, 16, 24],
+        "lr": 2.5e-4,
+        "head_lr": 2.5e-4,
+        "epochs": 3,
+        "examples_per_task": 1000,
+        "eval_examples": 400,
+        "max_length": 128,
+        "ppl_max_tokens": None,
+        "ppl_window": 1024,
+        "ppl_stride": 512,
+    },
+}
+
+
+def load_config(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> ContinualConfig:
+    """Preset, then the YAML file, then command-line overrides: later ones win."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose from {sorted(PRESETS)}.")
+    data: dict[str, Any] = dict(PRESETS[preset or "default"])
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"Config file {path} does not exist.")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"Config file {path} must hold a mapping of settings, got {type(loaded).__name__}.")
+        data.update(loaded)
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return ContinualConfig.from_dict(data)

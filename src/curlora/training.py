@@ -1,0 +1,156 @@
+"""Training and evaluating a classification head on a (possibly adapted) causal LM.
+
+A task head reads the hidden state of each sequence's last real token, as the paper's
+``lm_head`` replacement did; the language-model head stays untouched, so perplexity can be
+measured between tasks. Position ids follow the attention mask, so left padding gives the
+same hidden states as the unpadded sequence for absolute-position models (GPT-2) too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_cosine_schedule_with_warmup
+
+from curlora.data import ClassificationCollator, Example, last_token_index
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training diverged; the runner stops that method's run and keeps the others going."""
+
+
+def causal_lm_of(model: nn.Module) -> nn.Module:
+    """The transformers causal LM inside a CURLoRA or PEFT wrapper (or the model itself)."""
+    get_base = getattr(type(model), "get_base_model", None)
+    return model.get_base_model() if get_base is not None else model
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    """The transformer body (no LM head) of a causal LM or a wrapper around one."""
+    lm = causal_lm_of(model)
+    return getattr(lm, lm.base_model_prefix)
+
+
+def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The final-layer hidden state at each row's last real token (batch × hidden)."""
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    hidden = backbone_of(model)(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+    ).last_hidden_state
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    return hidden[rows, last_token_index(attention_mask)]
+
+
+def batches(
+    examples: Sequence[Example], batch_size: int, generator: torch.Generator | None = None
+) -> Iterator[list[Example]]:
+    """Mini-batches, shuffled with ``generator`` when one is given."""
+    order = torch.randperm(len(examples), generator=generator).tolist() if generator else range(len(examples))
+    order = list(order)
+    for start in range(0, len(order), batch_size):
+        yield [examples[i] for i in order[start : start + batch_size]]
+
+
+@dataclass
+class TrainSettings:
+    lr: float
+    head_lr: float
+    epochs: int
+    batch_size: int
+    warmup_steps: int
+    max_warmup_fraction: float
+    weight_decay: float
+    u_penalty: float = 0.0  # the paper's Eq. 11: loss + λ·Σ‖U‖_F over adapted layers
+    bf16: bool = False
+
+
+def warmup_for(total_steps: int, settings: TrainSettings) -> int:
+    """The configured warm-up, capped to a fraction of the run (the paper's 500 > its 375 steps)."""
+    return min(settings.warmup_steps, int(settings.max_warmup_fraction * total_steps))
+
+
+def autocast(device: torch.device, enabled: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if enabled else nullcontext()
+
+
+def train_task(
+    model: nn.Module,
+    head: nn.Linear,
+    examples: Sequence[Example],
+    collator: ClassificationCollator,
+    settings: TrainSettings,
+    generator: torch.Generator,
+    u_params: Sequence[torch.Tensor] = (),
+    progress: bool = True,
+    description: str = "train",
+) -> list[float]:
+    """Train the model's trainable parameters and ``head`` on one task; returns per-step losses."""
+    device = head.weight.device
+    adapter_params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": list(head.parameters()), "lr": settings.head_lr}]
+    if adapter_params:
+        groups.append({"params": adapter_params, "lr": settings.lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
+    steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    total = steps_per_epoch * settings.epochs
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_for(total, settings), total)
+    frozen_backbone = not adapter_params
+    model.train()
+    head.train()
+    losses: list[float] = []
+    bar = tqdm(total=total, desc=description, disable=not progress, leave=False)
+    for _ in range(settings.epochs):
+        for batch in batches(examples, settings.batch_size, generator):
+            inputs = collator(batch)
+            inputs = {k: v.to(device) for k, v in inputs.items()}
+            with autocast(device, settings.bf16), torch.no_grad() if frozen_backbone else nullcontext():
+                features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+            loss = F.cross_entropy(head(features.float()), inputs["labels"])
+            if settings.u_penalty and u_params:
+                loss = loss + settings.u_penalty * sum(u.norm() for u in u_params)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"{description}: loss became {float(loss)} at step {len(losses) + 1}; "
+                    f"lower the learning rate (lr={settings.lr}, head_lr={settings.head_lr})."
+                )
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss))
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    model.eval()
+    head.eval()
+    return losses
+
+
+@torch.no_grad()
+def accuracy(
+    model: nn.Module,
+    head: nn.Linear,
+    examples: Sequence[Example],
+    collator: ClassificationCollator,
+    batch_size: int = 32,
+    bf16: bool = False,
+) -> float:
+    """Accuracy of ``head`` on ``examples`` (the model is evaluated in eval mode)."""
+    device = head.weight.device
+    model.eval()
+    head.eval()
+    correct = 0
+    for batch in batches(examples, batch_size):
+        inputs = {k: v.to(device) for k, v in collator(batch).items()}
+        with autocast(device, bf16):
+            features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+        predictions = head(features.float()).argmax(dim=-1)
+        correct += int((predictions == inputs["labels"]).sum())
+    return correct / len(examples)
