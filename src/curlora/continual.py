@@ -28,6 +28,7 @@ from curlora import CURLoRAConfig, get_curlora_model, stability_diagnostics
 from curlora.data import ClassificationCollator, TaskSplits, load_corpus, load_task, load_task_file, make_validation_split
 from curlora.evaluation import perplexity
 from curlora.experiment_config import ContinualConfig
+from curlora.frontier import analyse
 from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from curlora.metrics import summarize
 from curlora.model import CURLoRAModel
@@ -169,7 +170,9 @@ class ContinualRunner:
             train, validation = make_validation_split(task.train, cfg.validation_fraction, cfg.data_seed)
             self.tasks.append(TaskSplits(task.name, task.label_names, train, task.eval, notes=task.notes))
             self.validation.append(validation)
-        text = load_corpus(cfg.corpus, cfg.source, cfg.data_dir)
+        # Tokenize only what will be scored (no tokenizer packs more than 10 characters a token).
+        max_chars = 10 * cfg.ppl_max_tokens if cfg.ppl_max_tokens else None
+        text = load_corpus(cfg.corpus, cfg.source, cfg.data_dir, max_chars=max_chars)
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         self.corpus_ids = ids[: cfg.ppl_max_tokens] if cfg.ppl_max_tokens else ids
 
@@ -352,6 +355,7 @@ class ContinualRunner:
             "corpus": {"name": cfg.corpus, "tokens_scored": int(self.corpus_ids.numel() - 1),
                        "window": cfg.ppl_window, "stride": cfg.ppl_stride},
             "runs": runs,
+            "frontier": analyse(runs),
         }
         results["summary"] = summarize(results)
         return results

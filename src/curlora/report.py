@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
-import secrets
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -20,6 +18,8 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
+from curlora.fileio import atomic_write_bytes
+from curlora.frontier import plot_frontier
 from curlora.metrics import summarize
 
 SCHEMA_VERSION = 1
@@ -72,26 +72,10 @@ def _label(g: Mapping[str, Any]) -> str:
     return g["method"] if g.get("rank") is None else f"{g['method']} r{g['rank']}"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file in the same directory and os.replace, so readers never see
-    a half-written report or image."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, unlike mkstemp
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _save_figure(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _plot_accuracy_matrix(g: Mapping[str, Any], task_names: list[str], path: Path) -> None:
@@ -247,6 +231,39 @@ def _run_matrix_table(R: Sequence[Sequence[Any]], task_names: list[str]) -> str:
     return format_table(rows, ["", *task_names])
 
 
+def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list[str]:
+    """Rate selection, the frontier plot and the matched-accuracy table, when rates were swept."""
+    if not frontier or not any(len(c["validation_accuracy"]) > 1 for c in frontier["selection"]):
+        return []
+    md = ["## Learning-rate selection (validation split only)", "",
+          "Each method × rank ran at every rate; the headline tables above use the rate with the "
+          "best mean final accuracy on validation rows carved from the training data.", "",
+          format_table([[c["method"], c["rank"], _lr(c["lr"]),
+                         ", ".join(f"{_lr(lr)}: {acc:.3f}" for lr, acc in c["validation_accuracy"].items())]
+                        for c in frontier["selection"]],
+                       ["Method", "Rank", "Chosen LR", "Validation ACC by LR"]), ""]
+    plot_frontier(frontier["points"], run_dir / "frontier.png")
+    md += ["## Stability–plasticity frontier", "",
+           "Every method at every rate: plasticity (mean accuracy right after learning each task, "
+           "on evaluation data) against its cost.", "", "![frontier](frontier.png)", "",
+           format_table([[p["method"], p["rank"], _lr(p["lr"]), p["n_seeds"], _num(p["plasticity"], 3),
+                          _num(p["acc"], 3), _num(p["ppl_increase"], 2, signed=True),
+                          _num(p["forgetting"], 3, signed=True), _num(p["bwt"], 3, signed=True)]
+                         for p in frontier["points"]],
+                        ["Method", "Rank", "LR", "Seeds", "Plasticity", "ACC", "Perplexity increase",
+                         "Forgetting", "BWT"]), ""]
+    if frontier["matched"]:
+        md += ["### Cost at matched plasticity (linear interpolation between rates)", "",
+               format_table([[f"{m['target']:.3f}", m["method"], m["rank"],
+                              _num(m["ppl_increase"], 2, signed=True), _num(m["forgetting"], 3, signed=True),
+                              _num(m["bwt"], 3, signed=True)] for m in frontier["matched"]],
+                            ["Plasticity", "Method", "Rank", "Perplexity increase", "Forgetting", "BWT"]),
+               "", "A dash: that method's rates never reached (or never went below) that plasticity.", ""]
+    else:
+        md += ["The methods' plasticity ranges do not overlap, so no matched-accuracy reading exists.", ""]
+    return md
+
+
 def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     """Write ``report.md`` and PNG plots into ``run_dir``; return the report path.
 
@@ -262,7 +279,8 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     tasks = list(results.get("tasks") or [])
     task_names = [t["name"] for t in tasks]
     runs = list(results.get("runs") or [])
-    summary = summarize(results)
+    # With a learning-rate sweep the headline shows each method at its validation-selected rate.
+    summary = summarize({"runs": [r for r in runs if r.get("selected", True)]})
     groups = ([g for g in summary if g["method"] != HEAD_METHOD]
               + [g for g in summary if g["method"] == HEAD_METHOD])
     key_cells = [[g["method"], g.get("rank"), _lr(g.get("lr")), g["n_runs"]] for g in groups]
@@ -318,6 +336,8 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
                ["Method", "Rank", "LR", "Seeds", "ACC", "BWT", "Forgetting", "Plasticity",
                 "Adapter params", "Head params", "Wall time (s)", "Peak memory (MB)"]), ""]
 
+    md += _frontier_section(results.get("frontier"), run_dir)
+
     md += ["## Runs", "", format_table(
         [[r.get("method"), r.get("rank"), r.get("seed"), _lr(r.get("lr")), _lr(r.get("head_lr")),
           r.get("status"), _num(r.get("wall_time_s"), 1),
@@ -341,5 +361,5 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
         md += [f"![{_label(g)} accuracy matrix]({name})", ""]
 
     path = run_dir / "report.md"
-    _atomic_write(path, "\n".join(md).encode("utf-8"))
+    atomic_write_bytes(path, "\n".join(md).encode("utf-8"))
     return path

@@ -117,14 +117,14 @@ def train_task(
                 loss = loss + settings.u_penalty * sum(u.norm() for u in u_params)
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
-                    f"{description}: loss became {float(loss)} at step {len(losses) + 1}; "
+                    f"{description}: loss became {loss.item()} at step {len(losses) + 1}; "
                     f"lower the learning rate (lr={settings.lr}, head_lr={settings.head_lr})."
                 )
             loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()

@@ -1,0 +1,145 @@
+"""A fair comparison: learning-rate selection on validation data, and the stability–plasticity frontier.
+
+A method that learns nothing forgets nothing, so comparing methods at one shared learning rate
+says little. Each method runs at several rates; the headline uses, per method and rank, the rate
+with the best mean *validation* accuracy (validation rows are carved from the training data, never
+the evaluation data). The frontier plots, for every rate, how much each method learned (plasticity:
+accuracy on each task right after learning it) against what it cost (perplexity increase, BWT,
+forgetting), and reads the cost at matched accuracy.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from curlora.fileio import atomic_write_bytes
+from curlora.metrics import final_accuracy, interpolate_at_accuracy, mean_std, run_metrics
+
+COSTS = ("ppl_increase", "forgetting", "bwt")
+
+
+def _group_key(run: Mapping[str, Any]) -> tuple:
+    return run["method"], run.get("rank")
+
+
+def _ok(runs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in runs if r.get("status") == "ok"]
+
+
+def validation_accuracy(run: Mapping[str, Any]) -> float:
+    """Mean final accuracy on the validation splits: the only number rate selection may read."""
+    return final_accuracy(run["validation_matrix"])
+
+
+def select_learning_rates(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per (method, rank): the rate with the best seed-mean validation accuracy (ties: smaller rate)."""
+    by_group: dict[tuple, dict[Any, list[float]]] = {}
+    for run in _ok(runs):
+        by_group.setdefault(_group_key(run), {}).setdefault(run.get("lr"), []).append(validation_accuracy(run))
+    choices = []
+    for (method, rank), by_lr in by_group.items():
+        scores = {lr: mean_std(accs)[0] for lr, accs in by_lr.items()}
+        best = max(sorted(scores, key=lambda lr: (lr is not None, lr or 0.0)), key=lambda lr: scores[lr])
+        choices.append({"method": method, "rank": rank, "lr": best, "validation_accuracy": scores})
+    return choices
+
+
+def mark_selected(runs: list[dict[str, Any]], selection: Sequence[Mapping[str, Any]]) -> None:
+    chosen = {(c["method"], c["rank"]): c["lr"] for c in selection}
+    for run in runs:
+        run["selected"] = chosen.get(_group_key(run), object()) == run.get("lr")
+
+
+def frontier_points(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One point per (method, rank, lr): seed means of plasticity and of each cost."""
+    grouped: dict[tuple, list[dict[str, Any]]] = {}
+    for run in _ok(runs):
+        grouped.setdefault((*_group_key(run), run.get("lr")), []).append(run_metrics(run))
+    points = []
+    for (method, rank, lr), metrics in grouped.items():
+        point = {"method": method, "rank": rank, "lr": lr, "n_seeds": len(metrics)}
+        for name in ("plasticity", "acc", *COSTS):
+            values = [m[name] for m in metrics if m[name] is not None]
+            point[name] = mean_std(values)[0] if values else None
+            point[f"{name}_std"] = mean_std(values)[1] if values else None
+        points.append(point)
+    return points
+
+
+def matched_accuracy(points: Sequence[Mapping[str, Any]], targets: Sequence[float]) -> list[dict[str, Any]]:
+    """At each target plasticity, every method's interpolated cost (None outside its measured range)."""
+    curves: dict[tuple, list[Mapping[str, Any]]] = {}
+    for p in points:
+        if p["plasticity"] is not None:
+            curves.setdefault((p["method"], p["rank"]), []).append(p)
+    rows = []
+    for target in targets:
+        for (method, rank), pts in curves.items():
+            row = {"target": target, "method": method, "rank": rank}
+            for cost in COSTS:
+                pairs = [(p["plasticity"], p[cost]) for p in pts if p[cost] is not None]
+                row[cost] = interpolate_at_accuracy(pairs, target) if pairs else None
+            rows.append(row)
+    return rows
+
+
+def default_targets(points: Sequence[Mapping[str, Any]], n: int = 3) -> list[float]:
+    """Plasticity levels inside the range every adapter curve reached (if they overlap at all)."""
+    ranges: dict[tuple, list[float]] = {}
+    for p in points:
+        if p["plasticity"] is not None and p["lr"] is not None:
+            ranges.setdefault((p["method"], p["rank"]), []).append(p["plasticity"])
+    if not ranges:
+        return []
+    low = max(min(v) for v in ranges.values())
+    high = min(max(v) for v in ranges.values())
+    if low > high:
+        return []
+    if n == 1 or low == high:
+        return [round(low, 3)]
+    return [round(low + (high - low) * i / (n - 1), 3) for i in range(n)]
+
+
+def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Plasticity (x) against perplexity increase and forgetting (y), one curve per method × rank."""
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    curves: dict[tuple, list[Mapping[str, Any]]] = {}
+    for p in points:
+        curves.setdefault((p["method"], p["rank"]), []).append(p)
+    for (method, rank), pts in curves.items():
+        pts = sorted((p for p in pts if p["plasticity"] is not None), key=lambda p: p["plasticity"])
+        label = method if rank is None else f"{method} r{rank}"
+        for ax, cost in zip(axes, ("ppl_increase", "forgetting")):
+            xs = [p["plasticity"] for p in pts if p[cost] is not None]
+            ys = [p[cost] for p in pts if p[cost] is not None]
+            marker = "*" if pts and pts[0]["lr"] is None else "o"
+            ax.plot(xs, ys, marker=marker, label=label, markersize=9 if marker == "*" else 5)
+            for p in pts:
+                if p["lr"] is not None and p[cost] is not None:
+                    ax.annotate(f"{p['lr']:g}", (p["plasticity"], p[cost]), fontsize=7,
+                                xytext=(3, 3), textcoords="offset points")
+    for ax, title in zip(axes, ("Perplexity increase", "Average forgetting")):
+        ax.set_xlabel("plasticity (mean accuracy right after learning each task)")
+        ax.set_ylabel(title.lower())
+        ax.set_title(f"{title} vs plasticity (labels: learning rate)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Selection + frontier for ``results.json``; marks each run ``selected`` in place."""
+    selection = select_learning_rates(runs)
+    mark_selected(runs, selection)
+    points = frontier_points(runs)
+    targets = default_targets(points)
+    return {"selection": selection, "points": points, "targets": targets,
+            "matched": matched_accuracy(points, targets)}

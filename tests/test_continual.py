@@ -1,0 +1,142 @@
+"""The continual benchmark end to end on a tiny model and tiny slices of the real tasks."""
+
+import json
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from curlora.cli import main
+from curlora.continual import ContinualRunner, run_specs
+from curlora.experiment_config import ContinualConfig, load_config
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory, smol_tokenizer):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+    )
+    LlamaForCausalLM(config).save_pretrained(path)
+    smol_tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def tiny_config(model_dir, data_dir, **overrides):
+    settings = dict(
+        model=model_dir, tasks=["sst2", "mrpc"], corpus="wikitext2", data_dir=str(data_dir),
+        methods=["curlora", "lora", "head"], ranks=[4], examples_per_task=24, eval_examples=20,
+        batch_size=8, max_length=32, lr=1e-2, head_lr=1e-2, ppl_max_tokens=96, ppl_window=64,
+        ppl_stride=32, progress=False,
+    )
+    settings.update(overrides)
+    return ContinualConfig(**settings)
+
+
+def _comparable(results):
+    return [{k: v for k, v in run.items() if k not in ("wall_time_s", "peak_memory_mb")} for run in results["runs"]]
+
+
+def test_tiny_end_to_end_writes_everything(tmp_path, tiny_model_dir, data_dir):
+    results = ContinualRunner(tiny_config(tiny_model_dir, data_dir), tmp_path).run()
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["schema_version"] == 1 and len(saved["runs"]) == 3
+    for run in saved["runs"]:
+        assert run["status"] == "ok"
+        for key in ("accuracy_matrix", "validation_matrix", "perplexity", "trainable_params", "diagnostics",
+                    "wall_time_s", "peak_memory_mb", "final_train_loss"):
+            assert key in run
+        assert len(run["accuracy_matrix"]) == 3 and run["accuracy_matrix"][1][1] is None
+    assert [t["name"] for t in saved["tasks"]] == ["sst2", "mrpc"]
+    assert all(0 < t["majority_accuracy"] < 1 for t in saved["tasks"])
+    by_method = {run["method"]: run for run in results["runs"]}
+    head = by_method["head"]
+    # A frozen backbone: the first task's accuracy cannot move when the second task trains.
+    assert head["accuracy_matrix"][1][0] == head["accuracy_matrix"][2][0]
+    assert head["trainable_params"]["adapter"] == 0
+    curlora = by_method["curlora"]
+    assert curlora["trainable_params"]["adapter"] == 2 * 3 * 16
+    assert len(curlora["diagnostics"]) == 6 and curlora["diagnostics"][0]["u_norm"] > 0
+    assert curlora["perplexity"]["final"] != curlora["perplexity"]["before"]
+    assert results["summary"]
+    report = (tmp_path / "report.md").read_text()
+    assert "curlora" in report and "head" in report
+    assert (tmp_path / "perplexity.png").is_file() and (tmp_path / "accuracy_matrix_curlora_r4.png").is_file()
+    assert (tmp_path / "config.yaml").is_file()
+
+
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"])
+    uninterrupted = ContinualRunner(config, tmp_path / "a").run()
+
+    original = ContinualRunner._checkpoint
+
+    def killed_after_first_task(self, ckpt_dir, model, heads, state):
+        original(self, ckpt_dir, model, heads, state)
+        if state["tasks_done"] == 1:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ContinualRunner, "_checkpoint", killed_after_first_task)
+    with pytest.raises(KeyboardInterrupt):
+        ContinualRunner(config, tmp_path / "b").run()
+    monkeypatch.setattr(ContinualRunner, "_checkpoint", original)
+    with pytest.raises(FileExistsError, match="--resume"):
+        ContinualRunner(config, tmp_path / "b")
+    resumed = ContinualRunner(config, tmp_path / "b", resume=True).run()
+    assert _comparable(resumed) == _comparable(uninterrupted)
+
+
+def test_resume_refuses_a_changed_config(tmp_path, tiny_model_dir, data_dir):
+    ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"]), tmp_path)
+    with pytest.raises(ValueError, match="epochs"):
+        ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"], epochs=2), tmp_path, resume=True)
+
+
+def test_diverging_method_fails_alone(tmp_path, tiny_model_dir, data_dir):
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lr=float("inf"), tasks=["sst2"])
+    results = ContinualRunner(config, tmp_path).run()
+    status = {run["method"]: run["status"] for run in results["runs"]}
+    assert status == {"curlora": "failed", "head": "ok"}
+    assert "lower the learning rate" in results["runs"][0]["error"]
+
+
+def test_sweep_enumerates_methods_rates_and_penalties():
+    config = ContinualConfig(methods=["curlora", "lora", "head"], ranks=[8, 16], lrs=[1e-3, 1e-2],
+                             u_penalties=[0.0, 0.1], seeds=[0, 1])
+    specs = run_specs(config)
+    assert len(specs) == 2 * (2 * 2 * 2 + 2 * 2 + 1)
+    assert len({s.key for s in specs}) == len(specs)
+
+
+def test_presets_files_and_flags_layer(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("epochs: 2\nranks: [8]\n")
+    config = load_config("paper", path, {"epochs": 5, "lr": None})
+    assert config.epochs == 5 and config.ranks == [8] and config.lr == 2.5e-4
+    assert config.tasks == ["mrpc", "sst2", "sentiment140"]
+    path.write_text("epochz: 2\n")
+    with pytest.raises(ValueError, match="epochz"):
+        load_config(None, path)
+    with pytest.raises(ValueError, match="Unknown method"):
+        ContinualConfig(methods=["dora"])
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+    assert main(["continual", "--config", str(tmp_path / "missing.yaml"), "--output-dir", str(tmp_path)]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+
+
+def test_sweep_writes_frontier_and_eq11_penalty_shrinks_u(tmp_path, tiny_model_dir, data_dir):
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lrs=[1e-3, 3e-2],
+                         u_penalties=[0.0, 1.0], tasks=["sst2"])
+    results = ContinualRunner(config, tmp_path).run()
+    frontier = results["frontier"]
+    assert {c["method"] for c in frontier["selection"]} == {"curlora", "curlora+eq11(λ=1)", "head"}
+    assert len(frontier["points"]) == 5
+    assert (tmp_path / "frontier.png").is_file()
+    assert "Stability–plasticity frontier" in (tmp_path / "report.md").read_text()
+    u_norm = {(r["method"], r["lr"]): sum(d["u_norm"] for d in r["diagnostics"])
+              for r in results["runs"] if r["method"] != "head"}
+    assert u_norm[("curlora+eq11(λ=1)", 3e-2)] < u_norm[("curlora", 3e-2)]

@@ -1,0 +1,48 @@
+import pytest
+
+from curlora.frontier import analyse, default_targets, matched_accuracy, select_learning_rates
+
+
+def _run(method, lr, seed, test_acc, val_acc, ppl_after, rank=16):
+    return {
+        "method": method, "rank": rank, "lr": lr, "seed": seed, "status": "ok",
+        "accuracy_matrix": [[0.5, 0.5], [test_acc, None], [test_acc, test_acc]],
+        "validation_matrix": [[0.5, 0.5], [val_acc, None], [val_acc, val_acc]],
+        "perplexity": {"before": 10.0, "after_task": [ppl_after, ppl_after], "final": ppl_after},
+    }
+
+
+def test_selection_reads_only_validation_rows():
+    # Evaluation accuracy favours lr 1e-2, validation favours 1e-3: selection must follow validation.
+    runs = [
+        _run("curlora", 1e-3, 0, test_acc=0.6, val_acc=0.8, ppl_after=11.0),
+        _run("curlora", 1e-2, 0, test_acc=0.9, val_acc=0.7, ppl_after=15.0),
+        _run("curlora", 1e-3, 1, test_acc=0.6, val_acc=0.8, ppl_after=11.0),
+        _run("curlora", 1e-2, 1, test_acc=0.9, val_acc=0.7, ppl_after=15.0),
+    ]
+    (choice,) = select_learning_rates(runs)
+    assert choice["lr"] == 1e-3
+    # Changing every evaluation number leaves the choice alone.
+    for run in runs:
+        run["accuracy_matrix"] = [[0.0, 0.0], [1.0, None], [1.0, 1.0]] if run["lr"] == 1e-2 else run["accuracy_matrix"]
+    assert select_learning_rates(runs)[0]["lr"] == 1e-3
+
+
+def test_ties_go_to_the_smaller_rate_and_failed_runs_are_ignored():
+    runs = [_run("lora", 1e-2, 0, 0.7, 0.7, 12.0), _run("lora", 1e-3, 0, 0.7, 0.7, 11.0),
+            {"method": "lora", "rank": 16, "lr": 1e-4, "seed": 0, "status": "failed", "error": "nan"}]
+    assert select_learning_rates(runs)[0]["lr"] == 1e-3
+
+
+def test_frontier_and_matched_accuracy():
+    runs = [
+        _run("curlora", 1e-3, 0, 0.6, 0.6, 10.5), _run("curlora", 1e-2, 0, 0.8, 0.8, 12.5),
+        _run("lora", 1e-4, 0, 0.65, 0.65, 11.0), _run("lora", 1e-3, 0, 0.85, 0.85, 20.0),
+    ]
+    result = analyse(runs)
+    assert [r["selected"] for r in runs] == [False, True, False, True]
+    assert default_targets(result["points"], n=2) == [0.65, 0.8]
+    rows = {(m["target"], m["method"]): m for m in matched_accuracy(result["points"], [0.7])}
+    assert rows[(0.7, "curlora")]["ppl_increase"] == pytest.approx(1.5)
+    assert rows[(0.7, "lora")]["ppl_increase"] == pytest.approx(1.0 + 9.0 * 0.25)
+    assert matched_accuracy(result["points"], [0.95])[0]["ppl_increase"] is None
