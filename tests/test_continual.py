@@ -45,7 +45,7 @@ def test_tiny_end_to_end_writes_everything(tmp_path, tiny_model_dir, data_dir):
     assert saved["schema_version"] == 1 and len(saved["runs"]) == 3
     for run in saved["runs"]:
         assert run["status"] == "ok"
-        for key in ("accuracy_matrix", "validation_matrix", "perplexity", "trainable_params", "diagnostics",
+        for key in ("accuracy_matrix", "validation_accuracy", "perplexity", "trainable_params", "diagnostics",
                     "wall_time_s", "peak_memory_mb", "final_train_loss"):
             assert key in run
         assert len(run["accuracy_matrix"]) == 3 and run["accuracy_matrix"][1][1] is None

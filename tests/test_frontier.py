@@ -7,7 +7,7 @@ def _run(method, lr, seed, test_acc, val_acc, ppl_after, rank=16):
     return {
         "method": method, "rank": rank, "lr": lr, "seed": seed, "status": "ok",
         "accuracy_matrix": [[0.5, 0.5], [test_acc, None], [test_acc, test_acc]],
-        "validation_matrix": [[0.5, 0.5], [val_acc, None], [val_acc, val_acc]],
+        "validation_accuracy": [val_acc, val_acc],
         "perplexity": {"before": 10.0, "after_task": [ppl_after, ppl_after], "final": ppl_after},
     }
 

@@ -34,7 +34,7 @@ from curlora.metrics import summarize
 from curlora.model import CURLoRAModel
 from curlora.pretrained import load_model_and_tokenizer
 from curlora.report import write_report
-from curlora.training import NonFiniteLossError, TrainSettings, accuracy, causal_lm_of, train_task
+from curlora.training import NonFiniteLossError, TrainSettings, accuracy, bf16_supported, causal_lm_of, train_task
 
 SCHEMA_VERSION = 1
 
@@ -135,6 +135,7 @@ class ContinualRunner:
         self.run_dir = Path(run_dir)
         self._prepare_run_dir(resume)
         self.device = torch.device(config.device)
+        self.bf16 = bf16_supported(self.device) if config.bf16 is None else config.bf16
 
     # setup ------------------------------------------------------------------------------------
     def _prepare_run_dir(self, resume: bool) -> None:
@@ -170,6 +171,7 @@ class ContinualRunner:
             train, validation = make_validation_split(task.train, cfg.validation_fraction, cfg.data_seed)
             self.tasks.append(TaskSplits(task.name, task.label_names, train, task.eval, notes=task.notes))
             self.validation.append(validation)
+        self.eval_splits = [task.eval for task in self.tasks]
         # Tokenize only what will be scored (no tokenizer packs more than 10 characters a token).
         max_chars = 10 * cfg.ppl_max_tokens if cfg.ppl_max_tokens else None
         text = load_corpus(cfg.corpus, cfg.source, cfg.data_dir, max_chars=max_chars)
@@ -190,17 +192,12 @@ class ContinualRunner:
             heads.append(nn.Linear(hidden, task.num_labels))
         return nn.ModuleList(heads).to(self.device)
 
-    def _evaluate(self, model, heads, upto: int) -> tuple[list[float | None], list[float | None]]:
-        """Eval and validation accuracy of tasks 0..upto (inclusive); None for tasks not yet seen."""
-        cfg, test_row, val_row = self.config, [], []
-        for j, task in enumerate(self.tasks):
-            if j > upto:
-                test_row.append(None)
-                val_row.append(None)
-                continue
-            test_row.append(accuracy(model, heads[j], task.eval, self.collator, cfg.eval_batch_size, cfg.bf16))
-            val_row.append(accuracy(model, heads[j], self.validation[j], self.collator, cfg.eval_batch_size, cfg.bf16))
-        return test_row, val_row
+    def _accuracies(self, model, heads, splits, upto: int) -> list[float | None]:
+        """Accuracy of tasks 0..upto (inclusive) on ``splits``; None for tasks not yet seen."""
+        return [
+            accuracy(model, heads[j], split, self.collator, self.config.eval_batch_size, self.bf16) if j <= upto else None
+            for j, split in enumerate(splits)
+        ]
 
     def run_one(self, spec: RunSpec, base_lm: nn.Module) -> dict[str, Any]:
         cfg = self.config
@@ -212,13 +209,12 @@ class ContinualRunner:
         settings = TrainSettings(
             lr=spec.lr or 0.0, head_lr=cfg.head_lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
             warmup_steps=cfg.warmup_steps, max_warmup_fraction=cfg.max_warmup_fraction,
-            weight_decay=cfg.weight_decay, u_penalty=spec.u_penalty, bf16=cfg.bf16,
+            weight_decay=cfg.weight_decay, u_penalty=spec.u_penalty, bf16=self.bf16,
         )
         state = self._resume_state(ckpt_dir, model, heads)
         if state is None:
             state = {
-                "accuracy_matrix": [self.before_row[0]],
-                "validation_matrix": [self.before_row[1]],
+                "accuracy_matrix": [self.before_row],
                 "ppl_after_task": [],
                 "final_losses": [],
                 "elapsed_s": 0.0,
@@ -235,11 +231,10 @@ class ContinualRunner:
                 model, heads[i], task.train, self.collator, settings, generator, u_params,
                 progress=cfg.progress, description=f"{spec.key} · {task.name}",
             )
-            test_row, val_row = self._evaluate(model, heads, i)
+            test_row = self._accuracies(model, heads, self.eval_splits, i)
             # A frozen backbone cannot change the LM: its perplexity is the base model's by construction.
             ppl = self.ppl_before if spec.method == "head" else self._perplexity(model)
             state["accuracy_matrix"].append(test_row)
-            state["validation_matrix"].append(val_row)
             state["ppl_after_task"].append(ppl)
             state["final_losses"].append(sum(losses[-10:]) / len(losses[-10:]))
             state["tasks_done"] = i + 1
@@ -247,12 +242,14 @@ class ContinualRunner:
             self._checkpoint(ckpt_dir, model, heads, state)
             seen = ", ".join(f"{self.tasks[j].name} {test_row[j]:.3f}" for j in range(i + 1))
             print(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {ppl:.2f}", flush=True)
+        # Validation rows (carved from training data) are only for choosing rates: the final state suffices.
+        validation = self._accuracies(model, heads, self.validation, len(self.tasks) - 1)
         diagnostics = stability_diagnostics(model) if isinstance(model, CURLoRAModel) else []
         return {
             "method": spec.label, "base_method": spec.method, "rank": spec.rank, "seed": spec.seed,
             "lr": spec.lr, "head_lr": cfg.head_lr, "u_penalty": spec.u_penalty, "status": "ok", "error": None,
             "accuracy_matrix": state["accuracy_matrix"],
-            "validation_matrix": state["validation_matrix"],
+            "validation_accuracy": validation,
             "perplexity": {"before": self.ppl_before, "after_task": state["ppl_after_task"],
                            "final": state["ppl_after_task"][-1]},
             "final_train_loss": state["final_losses"],
@@ -316,7 +313,7 @@ class ContinualRunner:
                 continue
             if spec.seed not in before_rows:
                 heads = self._heads(spec, base_lm.config.hidden_size)
-                before_rows[spec.seed] = self._evaluate(base_lm, heads, len(self.tasks) - 1)
+                before_rows[spec.seed] = self._accuracies(base_lm, heads, self.eval_splits, len(self.tasks) - 1)
             self.before_row = before_rows[spec.seed]
             try:
                 result = self.run_one(spec, base_lm)

@@ -44,7 +44,7 @@ class ContinualConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 500
     max_warmup_fraction: float = 0.1
-    bf16: bool = False
+    bf16: bool | None = None  # bf16 autocast for training and accuracy; None: where the hardware has it
     ppl_max_tokens: int | None = 4096
     ppl_window: int = 512
     ppl_stride: int = 256

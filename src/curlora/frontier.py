@@ -18,7 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from curlora.fileio import atomic_write_bytes
-from curlora.metrics import final_accuracy, interpolate_at_accuracy, mean_std, run_metrics
+from curlora.metrics import interpolate_at_accuracy, mean_std, run_metrics
 
 COSTS = ("ppl_increase", "forgetting", "bwt")
 
@@ -33,7 +33,7 @@ def _ok(runs: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
 
 def validation_accuracy(run: Mapping[str, Any]) -> float:
     """Mean final accuracy on the validation splits: the only number rate selection may read."""
-    return final_accuracy(run["validation_matrix"])
+    return mean_std(run["validation_accuracy"])[0]
 
 
 def select_learning_rates(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
