@@ -1,4 +1,5 @@
-"""The ``curlora`` command line: ``curlora continual`` runs the continual-learning benchmark."""
+"""The ``curlora`` command line: ``curlora continual`` runs the continual-learning benchmark,
+``curlora sft`` trains an adapter on prompt/response data, ``curlora generate`` answers with one."""
 
 from __future__ import annotations
 
@@ -51,8 +52,12 @@ def _continual_parser(sub) -> None:
     p.add_argument("--alpha", type=float)
     p.add_argument("--max-length", type=int)
     p.add_argument("--ppl-max-tokens", type=int, help="score only the corpus's first N tokens (0: all)")
-    p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast for training and accuracy")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 autocast for training and accuracy (default: where the CPU/GPU supports it); "
+                   "perplexity is always computed in float32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--quantize", choices=["int8", "nf4", "fp4"],
+                   help="quantize the base model's linear layers with bitsandbytes (QCURLoRA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
@@ -64,7 +69,7 @@ def _run_continual(args: argparse.Namespace) -> int:
         for key in (
             "data_dir", "source", "model", "tasks", "corpus", "methods", "ranks", "seeds", "examples_per_task",
             "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "alpha",
-            "max_length", "ppl_max_tokens", "bf16", "device", "progress",
+            "max_length", "ppl_max_tokens", "bf16", "device", "progress", "quantize",
         )
     }
     if overrides["ppl_max_tokens"] == 0:
@@ -78,13 +83,93 @@ def _run_continual(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sft_parser(sub) -> None:
+    p = sub.add_parser(
+        "sft",
+        help="fine-tune a CURLoRA adapter on prompt/response or chat data (loss on responses only)",
+        description="Supervised fine-tuning with transformers.Trainer: data from a local .jsonl/.csv/.tsv "
+        "file or a hub dataset id, rendered with the tokenizer's chat template; prompt tokens are masked "
+        "out of the loss. Runs under `accelerate launch` / `torchrun` for data-parallel training.",
+    )
+    p.add_argument("--data", required=True, help="local file or hub dataset id")
+    p.add_argument("--output-dir", type=Path, required=True, help="where the adapter is saved")
+    p.add_argument("--model", help="hub id or local directory (default: SmolLM2-135M-Instruct, offline)")
+    p.add_argument("--prompt-field", default="prompt", help="(default: %(default)s)")
+    p.add_argument("--response-field", default="response", help="(default: %(default)s)")
+    p.add_argument("--messages-field", default="messages", help="chat list of {role, content} (default: %(default)s)")
+    p.add_argument("--system", help="system message prepended to every conversation")
+    p.add_argument("--split", default="train", help="hub dataset split (default: %(default)s)")
+    p.add_argument("--max-examples", type=int)
+    p.add_argument("--eval-fraction", type=float, default=0.0, help="held-out share for an eval loss")
+    p.add_argument("--r", type=int, default=16, help="CURLoRA rank (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=1.0)
+    p.add_argument("--target-modules", type=_strings, help="default: the architecture's attention projections")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="overrides --epochs when > 0")
+    p.add_argument("--batch-size", type=int, default=8, help="per process (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3, help="(default: %(default)s)")
+    p.add_argument("--warmup-ratio", type=float, default=0.0)
+    p.add_argument("--max-length", type=int, default=256, help="tokens per example (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: none)")
+    p.add_argument("--logging-steps", type=int, default=10)
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output-dir")
+
+
+def _run_sft(args: argparse.Namespace) -> int:
+    import json
+
+    from curlora.sft import SFTSettings, run_sft
+
+    fields = {k: getattr(args, k) for k in SFTSettings.__dataclass_fields__ if k != "extra" and hasattr(args, k)}
+    fields["data"], fields["output_dir"] = str(args.data), str(args.output_dir)
+    summary = run_sft(SFTSettings(**fields))
+    shown = {k: v for k, v in summary.items() if k != "settings"}
+    print(json.dumps(shown, indent=2))
+    print(f"Wrote the adapter to {args.output_dir}")
+    return 0
+
+
+def _generate_parser(sub) -> None:
+    p = sub.add_parser("generate", help="answer a prompt with a saved adapter (greedy)")
+    p.add_argument("--adapter", type=Path, required=True, help="directory written by `curlora sft`")
+    p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
+    p.add_argument("--model", help="base model (default: the one the adapter was trained on, else SmolLM2)")
+    p.add_argument("--system", help="system message (use the one used in training)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--compare", action="store_true", help="also print the base model's answer")
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from curlora.sft import generate, load_for_generation
+
+    model, tokenizer = load_for_generation(args.adapter, args.model)
+    for prompt in args.prompt:
+        answer = generate(model, tokenizer, prompt, args.max_new_tokens, args.system)
+        if not args.compare:
+            print(answer)
+            continue
+        with model.disable_adapter():
+            before = generate(model, tokenizer, prompt, args.max_new_tokens, args.system)
+        print(f"prompt:  {prompt}\nbase:    {before}\nadapter: {answer}\n")
+    return 0
+
+
+COMMANDS = {"continual": _run_continual, "sft": _run_sft, "generate": _run_generate}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="curlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _continual_parser(sub)
+    _sft_parser(sub)
+    _generate_parser(sub)
     args = parser.parse_args(argv)
     try:
-        return _run_continual(args)
+        return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
         print(f"curlora: error: {error}", file=sys.stderr)
         return 2

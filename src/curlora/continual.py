@@ -221,8 +221,7 @@ class ContinualRunner:
                 "tasks_done": 0,
             }
         started = time.perf_counter() - state["elapsed_s"]
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+        self._reset_peak_memory()
         for i in range(state["tasks_done"], len(self.tasks)):
             task = self.tasks[i]
             torch.manual_seed(derived_seed(spec.seed, "task", i, spec.key))
@@ -262,10 +261,24 @@ class ContinualRunner:
             "peak_memory_mb": self._peak_memory_mb(),
         }
 
+    def _reset_peak_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:  # Linux: "5" resets the process's peak resident set size (VmHWM)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
     def _peak_memory_mb(self) -> float:
+        """Peak CUDA memory allocated, or the process's peak resident set size since the run began."""
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device) / 2**20
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+        try:
+            status = Path("/proc/self/status").read_text()
+            return int(status.split("VmHWM:")[1].split()[0]) / 1024
+        except (OSError, IndexError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since process start
 
     def _checkpoint(self, ckpt_dir: Path, model: nn.Module, heads: nn.ModuleList, state: dict) -> None:
         """Tensors first, then the state that points at them: a half-written task is never read back."""
@@ -298,6 +311,10 @@ class ContinualRunner:
     def run(self) -> dict[str, Any]:
         cfg = self.config
         base_lm, tokenizer = load_model_and_tokenizer(cfg.model, device=self.device)
+        if cfg.quantize:  # every run deep-copies this quantized base (bitsandbytes layers copy fine)
+            from curlora.quantization import quantize_model
+
+            quantize_model(base_lm, cfg.quantize)
         self.model_name = getattr(base_lm.config, "_name_or_path", cfg.model)
         self._load_data(tokenizer)
         for task in self.tasks:

@@ -31,7 +31,7 @@ class ContinualConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     data_seed: int = 0
     examples_per_task: int = 240
-    eval_examples: int = 200
+    eval_examples: int = 150
     validation_fraction: float = 0.15
     epochs: int = 1
     batch_size: int = 8
@@ -50,6 +50,7 @@ class ContinualConfig:
     ppl_stride: int = 256
     device: str = "cpu"
     progress: bool = True
+    quantize: str | None = None  # quantize the base's linear layers (curlora.quantization.SCHEMES)
 
     def __post_init__(self) -> None:
         for name in ("tasks", "methods", "ranks", "seeds", "u_penalties"):
@@ -66,6 +67,13 @@ class ContinualConfig:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"Config field {name!r} must be positive, got {getattr(self, name)}.")
+        if self.quantize is not None:
+            from curlora.quantization import SCHEMES
+
+            if self.quantize not in SCHEMES:
+                raise ValueError(f"Unknown quantize scheme {self.quantize!r}; choose one of {SCHEMES}.")
+            if "full" in self.methods:
+                raise ValueError("Method 'full' cannot train a quantized base; drop it or unset quantize.")
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}.")
 

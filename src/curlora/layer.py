@@ -12,18 +12,32 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from curlora.quantization import compute_dtype, dequantized_weight, is_quantized_linear
+
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 
 
 def weight_out_in(base: nn.Module) -> torch.Tensor:
-    """The base weight as an out × in matrix (a view: GPT-2's Conv1D stores it in × out)."""
+    """The base weight as an out × in matrix (a view: GPT-2's Conv1D stores it in × out).
+
+    For a quantized linear (bitsandbytes int8 / nf4 / fp4) it is a dequantized float32 copy."""
+    if is_quantized_linear(base):
+        return dequantized_weight(base)
     if isinstance(base, Conv1D):
         return base.weight.t()
     if isinstance(base, nn.Linear):
         return base.weight
     raise TypeError(
-        f"CURLoRA can adapt nn.Linear and transformers Conv1D layers, not {type(base).__name__}."
+        f"CURLoRA can adapt nn.Linear, transformers Conv1D and bitsandbytes quantized linear "
+        f"layers, not {type(base).__name__}."
     )
+
+
+def cur_source_weight(base: nn.Module) -> torch.Tensor:
+    """The out × in weight C and R are cut from: ``weight_out_in``, in the compute dtype of a
+    quantized layer (its dequantized weight is float32)."""
+    weight = weight_out_in(base)
+    return weight.to(compute_dtype(base)) if is_quantized_linear(base) else weight
 
 
 class CURAdapter(nn.Module):
@@ -92,7 +106,7 @@ class CURLoRALayer(nn.Module):
             raise ValueError(f"Adapter {name!r} already exists on this layer.")
         if self.merged_adapters:
             raise RuntimeError("Unmerge the merged adapters before adding a new one.")
-        adapter = CURAdapter(weight_out_in(self.base_layer), cols, rows, alpha, dropout)
+        adapter = CURAdapter(cur_source_weight(self.base_layer), cols, rows, alpha, dropout)
         self.adapters[name] = adapter
         return adapter
 
@@ -118,6 +132,11 @@ class CURLoRALayer(nn.Module):
         name = name or self.active_adapter
         if name is None or name in self.merged_adapters:
             return
+        if is_quantized_linear(self.base_layer):
+            raise RuntimeError(
+                "Cannot merge into a quantized base layer in place; use merge_and_unload("
+                "requantize=False) for a full-precision merged layer, or requantize=True."
+            )
         self._add_to_weight(self.delta_weight(name))
         self.merged_adapters.append(name)
 

@@ -7,15 +7,18 @@ tiny adapter directory, and can hold several named adapters, one active at a tim
 
 from __future__ import annotations
 
+import functools
+from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
 from curlora.config import CURLoRAConfig, matches_target
-from curlora.layer import SUPPORTED_LAYERS, CURLoRALayer, weight_out_in
+from curlora.layer import SUPPORTED_LAYERS, CURAdapter, CURLoRALayer, cur_source_weight, weight_out_in
+from curlora.quantization import is_quantized_linear, merge_quantized
 from curlora.sampling import module_generator, sample_indices
 from curlora.saving import LayerState, check_layer, fingerprint, read_adapter, write_adapter
 
@@ -46,7 +49,16 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 class CURLoRAModel(nn.Module):
-    """A model with CURLoRA adapters; behaves like the wrapped model everywhere else."""
+    """A model with CURLoRA adapters; behaves like the wrapped model everywhere else.
+
+    ``state_dict()`` holds only the adapter tensors (every adapter's U, cols and rows, and the
+    ``modules_to_save``), never the frozen base weights: that is what ``transformers.Trainer``
+    checkpoints and ``accelerate`` saves for a module that is not a ``PreTrainedModel``, and what
+    ``load_state_dict`` restores (C and R are rebuilt from the base weight when indices change).
+    """
+
+    # transformers.Trainer reads this on load; None means "no tied keys were left out on save".
+    _keys_to_ignore_on_save = None
 
     def __init__(
         self,
@@ -60,13 +72,28 @@ class CURLoRAModel(nn.Module):
         self.active_adapter: str | None = None
         for param in model.parameters():
             param.requires_grad_(False)
+        self._expose_forward_signature()
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
 
     # -- plumbing -----------------------------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    # ``labels`` is spelled out so that transformers' ``find_labels`` (which inspects the class)
+    # finds it and Trainer computes an evaluation loss; it is passed on only when given.
+    def forward(self, *args, labels=None, **kwargs):
+        if labels is not None:
+            kwargs["labels"] = labels
         return self.base_model(*args, **kwargs)
+
+    def _expose_forward_signature(self) -> None:
+        """Give this instance's ``forward`` the wrapped model's signature (``inspect`` follows
+        ``__wrapped__``): ``transformers.Trainer`` keeps only the dataset columns that
+        ``model.forward`` names, so a bare ``forward(*args, **kwargs)`` would get empty batches."""
+        self.__dict__.pop("forward", None)
+        if callable(getattr(self.base_model, "forward", None)):
+            self.forward = functools.update_wrapper(
+                functools.partial(CURLoRAModel.forward, self), self.base_model.forward
+            )
 
     def __getattr__(self, name: str):
         try:
@@ -87,17 +114,19 @@ class CURLoRAModel(nn.Module):
         matched = [(n, m) for n, m in _candidate_modules(self.base_model) if n and matches_target(n, targets)]
         if not matched:
             linear_names = sorted(
-                {n.rsplit(".", 1)[-1] for n, m in self.base_model.named_modules() if isinstance(m, SUPPORTED_LAYERS)}
+                {n.rsplit(".", 1)[-1] for n, m in self.base_model.named_modules()
+                 if isinstance(m, SUPPORTED_LAYERS) or is_quantized_linear(m)}
             )
             raise ValueError(
                 f"Target modules {targets!r} matched no module of {type(self.base_model).__name__}. "
                 f"Adaptable layer names in this model: {linear_names[:20]}."
             )
         for name, module in matched:
-            if not isinstance(module, (CURLoRALayer, *SUPPORTED_LAYERS)):
+            if not isinstance(module, (CURLoRALayer, *SUPPORTED_LAYERS)) and not is_quantized_linear(module):
                 raise TypeError(
                     f"Target module {name!r} is a {type(module).__name__}; CURLoRA adapts only "
-                    f"nn.Linear and transformers Conv1D layers. Narrow target_modules to those."
+                    f"nn.Linear, transformers Conv1D and bitsandbytes quantized linear layers. "
+                    f"Narrow target_modules to those."
                 )
             weight = weight_out_in(module.base_layer if isinstance(module, CURLoRALayer) else module)
             if config.r > min(weight.shape):
@@ -197,20 +226,28 @@ class CURLoRAModel(nn.Module):
         for _, layer in curlora_layers(self.base_model):
             layer.unmerge()
 
-    def _unload(self, merge: bool) -> nn.Module:
+    def _unload(self, merge: bool, requantize: bool = False) -> nn.Module:
         for name, layer in list(curlora_layers(self.base_model)):
-            if merge:
+            base = layer.base_layer
+            if merge and is_quantized_linear(base):
+                delta = layer.delta_weight() if layer.active_adapter is not None else None
+                base = merge_quantized(base, delta, requantize)
+            elif merge:
                 layer.merge()
             else:
                 layer.unmerge()
-            _replace_module(self.base_model, name, layer.base_layer)
+            _replace_module(self.base_model, name, base)
         self.peft_config.clear()
         self.active_adapter = None
         return self.base_model
 
-    def merge_and_unload(self) -> nn.Module:
-        """Fold the active adapter into the base weights and return the plain model."""
-        return self._unload(merge=True)
+    def merge_and_unload(self, requantize: bool = False) -> nn.Module:
+        """Fold the active adapter into the base weights and return the plain model.
+
+        A quantized base layer is dequantized and merged into a new layer: a full-precision
+        ``nn.Linear`` (exact), or with ``requantize=True`` the same quantized type again (small,
+        but the merged weight is rounded anew; see docs/quantization.md)."""
+        return self._unload(merge=True, requantize=requantize)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original model."""
@@ -231,6 +268,54 @@ class CURLoRAModel(nn.Module):
                 layer.disabled = False
                 for name in names:
                     layer.merge(name)
+
+    # -- state dict (Trainer / Accelerate checkpoints) -------------------------------------------
+    def _adapter_state_keys(self) -> set[str]:
+        """Keys (relative to this module) of every adapter tensor and every module_to_save entry."""
+        keys = set()
+        for name, module in self.named_modules():
+            if isinstance(module, CURAdapter):
+                keys.update(f"{name}.{key}" for key in ("U", "cols", "rows"))
+        for config in self.peft_config.values():
+            for module_name, module in self._modules_to_save(config).items():
+                keys.update(f"base_model.{module_name}.{key}" for key in module.state_dict())
+        return keys
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only the adapter tensors (see the class docstring); ``base_model.state_dict()`` has all."""
+        full = super().state_dict(*args, prefix=prefix, keep_vars=keep_vars)
+        keep = {prefix + key for key in self._adapter_state_keys()}
+        out = destination if destination is not None else OrderedDict()
+        for key, value in full.items():
+            if key in keep:
+                out[key] = value
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load adapter tensors; ``strict`` checks them only (base weights are not expected)."""
+        expected = self._adapter_state_keys()
+        before = {n: (m.cols.clone(), m.rows.clone()) for n, m in self.named_modules() if isinstance(m, CURAdapter)}
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if key in expected]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"Error loading CURLoRA adapter state: missing keys {missing}, "
+                f"unexpected keys {result.unexpected_keys}."
+            )
+        # Indices that changed mean a differently sampled adapter: rebuild its C and R.
+        layers = dict(curlora_layers(self))
+        for name, (cols, rows) in before.items():
+            adapter = self.get_submodule(name)
+            if torch.equal(cols, adapter.cols) and torch.equal(rows, adapter.rows):
+                continue
+            layer = layers[name.rsplit(".adapters.", 1)[0]]
+            if layer.merged_adapters:
+                raise RuntimeError("Unmerge adapters (unmerge_adapter()) before loading a state dict.")
+            weight = cur_source_weight(layer.base_layer)
+            with torch.no_grad():
+                adapter.C = weight[:, adapter.cols].contiguous()
+                adapter.R = weight[adapter.rows, :].contiguous()
+        return type(result)(missing, result.unexpected_keys)
 
     # -- saving and loading -------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:

@@ -22,29 +22,37 @@ from curlora.config import SAMPLING_MODES
 _MIN_SHARE = 1e-12
 
 
-def selection_probabilities(weight: torch.Tensor, dim: int, mode: str) -> torch.Tensor:
-    """Probabilities over the columns (``dim=1``) or rows (``dim=0``) of an out × in weight.
+def probabilities_from_norms(squared_norms: torch.Tensor, mode: str) -> torch.Tensor:
+    """Selection probabilities from the squared norms of the columns (or rows) of a weight.
 
     ``inverse`` (the paper): p ∝ 1 / (squared norm share), favouring low-norm columns/rows.
     ``standard`` (classic CUR): p ∝ squared norm. ``uniform``: all equal.
     """
-    if weight.ndim != 2:
-        raise ValueError(f"CUR sampling needs a 2-D weight, got shape {tuple(weight.shape)}.")
     if mode not in SAMPLING_MODES:
         raise ValueError(f"Unknown sampling mode {mode!r}; choose one of {SAMPLING_MODES}.")
-    n = weight.shape[dim]
+    n = squared_norms.numel()
     if mode == "uniform":
-        return torch.full((n,), 1.0 / n, dtype=torch.float32, device=weight.device)
-    # A column's squared norm sums over the rows, and a row's over the columns.
-    squared = weight.detach().float().pow(2).sum(dim=1 - dim)
-    total = squared.sum()
+        return torch.full((n,), 1.0 / n, dtype=torch.float32, device=squared_norms.device)
+    total = squared_norms.sum()
     if not torch.isfinite(total) or total <= 0:
         raise ValueError("Cannot sample CUR indices from a weight that is all zero or not finite.")
-    share = squared / total
+    share = squared_norms / total
     if mode == "standard":
         return share
     inverse = 1.0 / share.clamp_min(_MIN_SHARE)
     return inverse / inverse.sum()
+
+
+def _squared(weight: torch.Tensor) -> torch.Tensor:
+    if weight.ndim != 2:
+        raise ValueError(f"CUR sampling needs a 2-D weight, got shape {tuple(weight.shape)}.")
+    return weight.detach().float().pow(2)  # float32 whatever the weight's dtype
+
+
+def selection_probabilities(weight: torch.Tensor, dim: int, mode: str) -> torch.Tensor:
+    """Probabilities over the columns (``dim=1``) or rows (``dim=0``) of an out × in weight."""
+    # A column's squared norm sums over the rows, and a row's over the columns.
+    return probabilities_from_norms(_squared(weight).sum(dim=1 - dim), mode)
 
 
 def module_generator(seed: int, module_name: str, device: torch.device | str) -> torch.Generator:
@@ -69,8 +77,9 @@ def sample_indices(
             f"Rank r={r} is larger than the weight's smaller side "
             f"({out_features} × {in_features}); choose r ≤ {min(out_features, in_features)}."
         )
-    col_p = selection_probabilities(weight, dim=1, mode=mode)
-    row_p = selection_probabilities(weight, dim=0, mode=mode)
+    squared = _squared(weight)  # once for both: it is most of the sampling cost on large layers
+    col_p = probabilities_from_norms(squared.sum(dim=0), mode)
+    row_p = probabilities_from_norms(squared.sum(dim=1), mode)
     cols = torch.multinomial(col_p, r, replacement=replacement, generator=generator)
     rows = torch.multinomial(row_p, r, replacement=replacement, generator=generator)
     return cols, rows

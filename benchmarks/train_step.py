@@ -1,0 +1,487 @@
+"""Training-step and inference cost of CURLoRA against the floor, the reference way and PEFT LoRA.
+
+One process builds every variant on shared (frozen) base weights and times them interleaved,
+A B C D A B C D ..., so drift in machine load hits all variants alike. Reported: the median
+seconds per step over ``--repeats`` rounds after ``--warmup`` rounds, and ratios.
+
+Training variants (one step = forward + loss + backward + AdamW step on the trainable params +
+zero_grad):
+
+* ``floor``: the model with no adapter, but a single trainable scalar gate multiplies the
+  embedding output. Autograd must then carry the gradient back through every decoder layer
+  (every attention, MLP, norm and the LM head's input gradient), and computes no weight
+  gradient. That is what any adapter with trainable parameters in layer 0 must at least pay.
+* ``curlora-rN``: ``curlora.get_curlora_model`` at rank N on q/k/v (this library, factored).
+* ``reference-rN``: the reference implementation's way, built here for comparison only: the
+  same C, U, R, but every forward materialises C·U·R (out × in) and computes
+  ``base(x) + alpha · x @ (C U R)ᵀ``.
+* ``lora-rN``: PEFT LoRA at rank N on q/k/v (lora_alpha = N, no dropout).
+
+Inference variants (forward only, under ``torch.no_grad``): ``base``, ``curlora-unmerged``,
+``curlora-merged`` (``model.merge_adapter()``), at the middle rank.
+
+Peak memory: each variant runs alone in a fresh subprocess (``--memory-probe``) that loads the
+base model, trims the allocator, resets the kernel's resident-set high-water mark
+(``/proc/self/clear_refs`` ← 5) and reads the baseline RSS; it then builds the variant and runs
+two steps (the second with optimizer state present) and reads ``VmHWM``. Reported is
+``VmHWM − baseline``: everything the variant adds to the loaded model at its worst moment
+(adapter tensors, activations kept for backward, gradients, optimizer state, temporaries).
+The subprocess runs with ``MALLOC_MMAP_THRESHOLD_=131072`` so every tensor over 128 KiB is its
+own mapping, returned to the kernel when freed; RSS then follows live memory instead of
+glibc's retained heap.
+
+Threads: ``OMP_WAIT_POLICY=PASSIVE`` is set before torch is imported (spinning OpenMP threads
+ran 2–9× slower under other load on the 2-core machines); the settings are printed and saved.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse  # noqa: E402
+import copy  # noqa: E402
+import ctypes  # noqa: E402
+import datetime as _dt  # noqa: E402
+import gc  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Callable  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from curlora import CURLoRAConfig, get_curlora_model  # noqa: E402
+from curlora.fileio import atomic_write_json  # noqa: E402
+from curlora.layer import weight_out_in  # noqa: E402
+from curlora.sampling import module_generator, sample_indices  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj"]
+TRAIN_KINDS = ("floor", "curlora", "reference", "lora")
+INFER_KINDS = ("base", "curlora-unmerged", "curlora-merged")
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A randomly initialised 2-layer Llama (hidden 48) for smoke tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def load_base(model: str, dtype: torch.dtype) -> nn.Module:
+    if model == "tiny-llama":
+        return tiny_llama(dtype)
+    from curlora.pretrained import load_model_and_tokenizer
+
+    base, _ = load_model_and_tokenizer(None if model == "smollm2" else model, dtype=dtype)
+    return base
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A structural copy whose parameters are the same tensors (frozen weights are shared)."""
+    memo = {id(p): p for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
+def _targets(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [
+        (n, m) for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in TARGETS
+    ]
+
+
+class ReferenceCURLinear(nn.Module):
+    """The reference implementation's way: C·U·R materialised (out × in) on every forward."""
+
+    def __init__(self, base: nn.Linear, cols: torch.Tensor, rows: torch.Tensor, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.alpha = alpha
+        w = weight_out_in(base).detach()
+        self.register_buffer("C", w[:, cols].clone())
+        self.register_buffer("R", w[rows, :].clone())
+        self.U = nn.Parameter(torch.zeros(cols.numel(), cols.numel(), dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_approx = self.C @ self.U.to(self.C.dtype) @ self.R
+        return self.base(x) + self.alpha * (x @ w_approx.t())
+
+
+def _install_reference(model: nn.Module, r: int, alpha: float = 1.0, seed: int = 0) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in _targets(model):
+        w = weight_out_in(module)
+        cols, rows = sample_indices(w, r, "inverse", True, module_generator(seed, name, w.device))
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, ReferenceCURLinear(module, cols, rows, alpha))
+
+
+@dataclass
+class Variant:
+    name: str
+    kind: str
+    rank: int | None
+    model: nn.Module
+    params: list[nn.Parameter] = field(default_factory=list)
+    optimizer: torch.optim.Optimizer | None = None
+    times: list[float] = field(default_factory=list)
+    last: float = 0.0
+
+
+def build_train_variant(base: nn.Module, kind: str, rank: int | None, share: bool = True) -> Variant:
+    """One training variant on a copy of ``base`` that shares its frozen weights."""
+    model = shared_copy(base) if share else base
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if kind == "floor":
+        gate = nn.Parameter(torch.ones((), dtype=torch.float32))
+        model.register_parameter("_floor_gate", gate)
+        model.get_input_embeddings().register_forward_hook(lambda m, i, out: out * gate.to(out.dtype))
+    elif kind == "curlora":
+        model = get_curlora_model(model, CURLoRAConfig(r=rank, target_modules=list(TARGETS)))
+    elif kind == "reference":
+        _install_reference(model, rank)
+    elif kind == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model, LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=list(TARGETS))
+        )
+    else:
+        raise ValueError(f"unknown training variant {kind!r}")
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    name = kind if rank is None else f"{kind}-r{rank}"
+    return Variant(name, kind, rank, model, params, optimizer)
+
+
+def build_infer_variant(base: nn.Module, kind: str, rank: int, share: bool = True) -> Variant:
+    if kind == "base":
+        model = base
+    elif kind in ("curlora-unmerged", "curlora-merged"):
+        merged = kind == "curlora-merged"
+        # The merged variant changes its weights, so it gets its own copy unless told not to.
+        model = (copy.deepcopy(base) if merged else shared_copy(base)) if share else base
+        model = get_curlora_model(model, CURLoRAConfig(r=rank, target_modules=list(TARGETS)))
+        with torch.no_grad():  # a non-zero U so merging really changes the weights
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0.0, 1e-3, generator=torch.Generator().manual_seed(0))
+        if merged:
+            model.merge_adapter()
+    else:
+        raise ValueError(f"unknown inference variant {kind!r}")
+    model.eval()
+    return Variant(kind, kind, None if kind == "base" else rank, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# steps
+# ---------------------------------------------------------------------------------------------
+def make_batch(vocab_size: int, batch_size: int, seq_len: int) -> torch.Tensor:
+    return torch.randint(0, vocab_size, (batch_size, seq_len), generator=torch.Generator().manual_seed(0))
+
+
+def train_step(v: Variant, input_ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    loss = v.model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    v.optimizer.step()
+    v.optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
+def infer_step(v: Variant, input_ids: torch.Tensor) -> float:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        v.model(input_ids=input_ids)
+    return time.perf_counter() - t0
+
+
+def interleave(variants: list[Variant], step: Callable[[Variant, torch.Tensor], float],
+               input_ids: torch.Tensor, repeats: int, warmup: int, log: Callable[[str], None]) -> None:
+    for round_ in range(warmup + repeats):
+        for v in variants:
+            dt = v.last = step(v, input_ids)
+            if round_ >= warmup:
+                v.times.append(dt)
+        tag = "warm-up" if round_ < warmup else "round"
+        log(f"  {tag} {round_ + 1}/{warmup + repeats}: " + " ".join(f"{v.name}={v.last:.3f}" for v in variants))
+
+
+# ---------------------------------------------------------------------------------------------
+# memory probe (runs in a fresh subprocess per variant)
+# ---------------------------------------------------------------------------------------------
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _trim() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def memory_probe(model: str, dtype: torch.dtype, kind: str, rank: int | None,
+                 batch_size: int, seq_len: int) -> dict:
+    """Peak RSS a variant adds on top of the loaded base model (see module docstring)."""
+    base = load_base(model, dtype)
+    input_ids = make_batch(base.config.vocab_size, batch_size, seq_len)
+    _trim()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    baseline = _proc_status_kib("VmRSS")
+    if kind in TRAIN_KINDS:
+        v = build_train_variant(base, kind, rank, share=False)
+        for _ in range(2):
+            train_step(v, input_ids)
+    else:
+        v = build_infer_variant(base, kind, rank, share=False)
+        for _ in range(2):
+            infer_step(v, input_ids)
+    peak = _proc_status_kib("VmHWM")
+    return {"baseline_rss_mib": baseline / 1024, "peak_rss_mib": peak / 1024,
+            "peak_over_base_mib": (peak - baseline) / 1024}
+
+
+def run_memory_probe(args: argparse.Namespace, kind: str, rank: int | None) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind,
+           "--model", args.model, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
+           "--threads", str(torch.get_num_threads()), "--bf16" if args.bf16 else "--no-bf16"]
+    if rank is not None:
+        cmd += ["--probe-rank", str(rank)]
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"memory probe {kind} r={rank} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# the benchmark
+# ---------------------------------------------------------------------------------------------
+def _summary(times: list[float]) -> dict:
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "p25_s": q[0], "p75_s": q[2], "times_s": times}
+
+
+def thread_settings() -> dict:
+    return {
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+        "torch_num_threads": torch.get_num_threads(),
+        "torch_num_interop_threads": torch.get_num_interop_threads(),
+    }
+
+
+def run_benchmark(
+    model: str = "smollm2",
+    batch_size: int = 8,
+    seq_len: int = 128,
+    ranks: tuple[int, ...] = (8, 16, 24),
+    repeats: int = 5,
+    warmup: int = 1,
+    bf16: bool = True,
+    compile: bool = False,
+    memory: bool = True,
+    infer: bool = True,
+    log: Callable[[str], None] = print,
+    args: argparse.Namespace | None = None,
+) -> dict:
+    """Time every variant interleaved; optionally probe peak memory; return the results dict."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    base = load_base(model, dtype)
+    input_ids = make_batch(base.config.vocab_size, batch_size, seq_len)
+    mid = ranks[len(ranks) // 2]
+
+    train = [build_train_variant(base, "floor", None)]
+    for kind in ("curlora", "reference", "lora"):
+        train += [build_train_variant(base, kind, r) for r in ranks]
+    inference = [build_infer_variant(base, k, mid) for k in INFER_KINDS] if infer else []
+    if compile:
+        for v in train + inference:
+            v.model = torch.compile(v.model)
+
+    log(f"training step: {len(train)} variants interleaved, {warmup} warm-up + {repeats} rounds")
+    interleave(train, train_step, input_ids, repeats, warmup, log)
+    if inference:
+        log(f"inference forward: {len(inference)} variants interleaved")
+        interleave(inference, infer_step, input_ids, repeats, warmup, log)
+
+    results: dict = {
+        "meta": {
+            "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "model": model, "dtype": str(dtype).replace("torch.", ""),
+            "batch_size": batch_size, "seq_len": seq_len, "ranks": list(ranks), "middle_rank": mid,
+            "repeats": repeats, "warmup": warmup, "compile": compile, "targets": TARGETS,
+            "torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "threads": thread_settings(),
+            "memory_method": (
+                "per-variant fresh subprocess, VmHWM - baseline VmRSS after /proc/self/clear_refs=5, "
+                "MALLOC_MMAP_THRESHOLD_=131072, two steps" if memory else "not measured"
+            ),
+        },
+        "train": {}, "infer": {}, "comparisons": {}, "targets": {},
+    }
+    try:
+        import peft
+        import transformers
+
+        results["meta"]["transformers"] = transformers.__version__
+        results["meta"]["peft"] = peft.__version__
+    except ImportError:  # pragma: no cover
+        pass
+
+    floor = statistics.median(train[0].times)
+    for v in train:
+        row = {"kind": v.kind, "rank": v.rank,
+               "trainable_params": sum(p.numel() for p in v.params), **_summary(v.times)}
+        row["ratio_to_floor"] = row["median_s"] / floor
+        # Paired per-round ratio: robust to slow drift of the machine's load.
+        row["paired_ratio_to_floor"] = statistics.median(a / b for a, b in zip(v.times, train[0].times))
+        results["train"][v.name] = row
+    if inference:
+        base_t = statistics.median(inference[0].times)
+        for v in inference:
+            row = {"kind": v.kind, "rank": v.rank, **_summary(v.times)}
+            row["ratio_to_base"] = row["median_s"] / base_t
+            row["paired_ratio_to_base"] = statistics.median(a / b for a, b in zip(v.times, inference[0].times))
+            results["infer"][v.name] = row
+
+    if memory:
+        probe_args = args or argparse.Namespace(model=model, batch_size=batch_size, seq_len=seq_len, bf16=bf16)
+        for v in train + inference:
+            log(f"memory probe: {v.name}")
+            section = results["train"] if v in train else results["infer"]
+            section[v.name].update(run_memory_probe(probe_args, v.kind, v.rank))
+
+    tr = results["train"]
+    for r in ranks:
+        c, ref, lo = tr[f"curlora-r{r}"], tr[f"reference-r{r}"], tr[f"lora-r{r}"]
+        comp = {
+            "curlora_over_floor": c["ratio_to_floor"],
+            "curlora_over_lora": c["median_s"] / lo["median_s"],
+            "reference_over_curlora": ref["median_s"] / c["median_s"],
+        }
+        if memory:
+            comp["curlora_mem_over_lora_mem"] = c["peak_over_base_mib"] / max(lo["peak_over_base_mib"], 1e-9)
+        results["comparisons"][f"r{r}"] = comp
+
+    cm = results["comparisons"][f"r{mid}"]
+    tg = results["targets"]
+    tg[f"curlora_r{mid}_train_vs_floor <= 1.05"] = {"value": cm["curlora_over_floor"], "met": cm["curlora_over_floor"] <= 1.05}
+    tg[f"curlora_r{mid}_train_vs_lora < 1"] = {"value": cm["curlora_over_lora"], "met": cm["curlora_over_lora"] < 1.0}
+    tg[f"reference_r{mid}_vs_curlora >= 1.15"] = {"value": cm["reference_over_curlora"], "met": cm["reference_over_curlora"] >= 1.15}
+    if memory:
+        tg[f"curlora_r{mid}_peak_mem_vs_lora <= 1"] = {"value": cm["curlora_mem_over_lora_mem"], "met": cm["curlora_mem_over_lora_mem"] <= 1.0}
+    if inference:
+        m, u = results["infer"]["curlora-merged"]["ratio_to_base"], results["infer"]["curlora-unmerged"]["ratio_to_base"]
+        tg["merged_inference_vs_base <= 1.01"] = {"value": m, "met": m <= 1.01}
+        tg["unmerged_inference_vs_base <= 1.05"] = {"value": u, "met": u <= 1.05}
+    return results
+
+
+def format_table(results: dict) -> str:
+    meta = results["meta"]
+    th = meta["threads"]
+    lines = [
+        f"# train_step benchmark  {meta['date']}  torch {meta['torch']}  model {meta['model']} ({meta['dtype']})"
+        f"  batch {meta['batch_size']}x{meta['seq_len']}  {meta['warmup']} warm-up + {meta['repeats']} rounds"
+        f"  compile={meta['compile']}",
+        f"# threads: torch {th['torch_num_threads']} (interop {th['torch_num_interop_threads']}),"
+        f" OMP_WAIT_POLICY={th['OMP_WAIT_POLICY']}, OMP_NUM_THREADS={th['OMP_NUM_THREADS']}",
+        "",
+        f"{'training step':<16}{'trainable':>11}{'median s':>10}{'p25-p75 s':>14}{'x floor':>9}{'paired':>8}{'peak MiB':>10}",
+    ]
+    for name, row in results["train"].items():
+        mem = f"{row['peak_over_base_mib']:.0f}" if "peak_over_base_mib" in row else "-"
+        lines.append(
+            f"{name:<16}{row['trainable_params']:>11,d}{row['median_s']:>10.3f}"
+            f"{row['p25_s']:>7.3f}-{row['p75_s']:<6.3f}{row['ratio_to_floor']:>9.3f}"
+            f"{row['paired_ratio_to_floor']:>8.3f}{mem:>10}"
+        )
+    if results["infer"]:
+        lines += ["", f"{'inference':<18}{'median s':>10}{'p25-p75 s':>14}{'x base':>9}{'paired':>8}{'peak MiB':>10}"]
+        for name, row in results["infer"].items():
+            mem = f"{row['peak_over_base_mib']:.0f}" if "peak_over_base_mib" in row else "-"
+            lines.append(
+                f"{name:<18}{row['median_s']:>10.3f}{row['p25_s']:>7.3f}-{row['p75_s']:<6.3f}"
+                f"{row['ratio_to_base']:>9.3f}{row['paired_ratio_to_base']:>8.3f}{mem:>10}"
+            )
+    lines += ["", f"{'rank':<6}{'CURLoRA/floor':>15}{'CURLoRA/LoRA':>14}{'reference/CURLoRA':>19}{'mem CURLoRA/LoRA':>18}"]
+    for key, c in results["comparisons"].items():
+        mem = f"{c['curlora_mem_over_lora_mem']:.3f}" if "curlora_mem_over_lora_mem" in c else "-"
+        lines.append(f"{key:<6}{c['curlora_over_floor']:>15.3f}{c['curlora_over_lora']:>14.3f}"
+                     f"{c['reference_over_curlora']:>19.3f}{mem:>18}")
+    lines += ["", "targets:"]
+    for key, t in results["targets"].items():
+        lines.append(f"  {'MET   ' if t['met'] else 'MISSED'} {key}: {t['value']:.3f}")
+    lines.append("peak MiB = peak RSS over the loaded base model, fresh process per variant (see README)")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-llama, or a model path")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--ranks", default="8,16,24")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 base weights (default; U stays float32). --no-bf16 for float32")
+    p.add_argument("--compile", action="store_true", help="torch.compile every variant (slow to start)")
+    p.add_argument("--no-memory", action="store_true", help="skip the per-variant memory subprocesses")
+    p.add_argument("--no-infer", action="store_true", help="skip the inference comparison")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write results here (atomically)")
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--probe-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory_probe:
+        dtype = torch.bfloat16 if args.bf16 else torch.float32
+        res = memory_probe(args.model, dtype, args.memory_probe, args.probe_rank, args.batch_size, args.seq_len)
+        print(json.dumps(res))
+        return None
+    print(f"threads: {thread_settings()}", flush=True)
+    ranks = tuple(int(r) for r in args.ranks.split(","))
+    results = run_benchmark(
+        args.model, args.batch_size, args.seq_len, ranks, args.repeats, args.warmup, args.bf16,
+        args.compile, not args.no_memory, not args.no_infer, log=lambda s: print(s, flush=True), args=args,
+    )
+    print(format_table(results))
+    if args.json:
+        atomic_write_json(args.json, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

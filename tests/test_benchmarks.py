@@ -1,0 +1,100 @@
+"""The benchmark scripts' machinery on a tiny random Llama: structure only, never timings."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def train_step():
+    return _load("train_step")
+
+
+@pytest.fixture(scope="module")
+def init_cost():
+    return _load("init_cost")
+
+
+def test_train_step_structure(train_step, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    results = train_step.main([
+        "--model", "tiny-llama", "--batch-size", "2", "--seq-len", "16", "--ranks", "4,8",
+        "--repeats", "2", "--warmup", "1", "--no-memory", "--json", str(out),
+    ])
+    saved = json.loads(out.read_text())
+    assert set(saved) == {"meta", "train", "infer", "comparisons", "targets"}
+    assert list(saved["train"]) == [
+        "floor", "curlora-r4", "curlora-r8", "reference-r4", "reference-r8", "lora-r4", "lora-r8",
+    ]
+    assert list(saved["infer"]) == ["base", "curlora-unmerged", "curlora-merged"]
+    assert saved["train"]["floor"]["ratio_to_floor"] == pytest.approx(1.0)
+    assert saved["train"]["floor"]["trainable_params"] == 1
+    # r × r per adapted layer: 2 layers × q/k/v × 8².
+    assert saved["train"]["curlora-r8"]["trainable_params"] == 2 * 3 * 64
+    assert saved["train"]["reference-r8"]["trainable_params"] == 2 * 3 * 64
+    assert saved["train"]["lora-r8"]["trainable_params"] > 2 * 3 * 64
+    for row in saved["train"].values():
+        assert len(row["times_s"]) == 2 and row["median_s"] > 0
+    assert set(saved["comparisons"]) == {"r4", "r8"}
+    assert all(isinstance(t["met"], bool) for t in saved["targets"].values())
+    assert saved["meta"]["threads"]["torch_num_threads"] >= 1
+    assert saved["meta"]["threads"]["OMP_WAIT_POLICY"] is not None
+    table = train_step.format_table(results)
+    for name in ("floor", "curlora-r8", "reference-r8", "lora-r8", "curlora-merged", "targets:"):
+        assert name in table
+
+
+def test_floor_gradient_reaches_every_layer(train_step) -> None:
+    """The floor trains one scalar, but its gradient needs backward through the whole model."""
+    base = train_step.tiny_llama()
+    v = train_step.build_train_variant(base, "floor", None)
+    ids = train_step.make_batch(base.config.vocab_size, 2, 8)
+    v.model(input_ids=ids, labels=ids).loss.backward()
+    assert [p.numel() for p in v.params] == [1] and v.params[0].grad is not None
+    assert all(p.grad is None for p in base.parameters())
+
+
+def test_memory_probe_reports_peak(train_step) -> None:
+    res = train_step.memory_probe("tiny-llama", train_step.torch.float32, "curlora", 4, 2, 16)
+    assert set(res) == {"baseline_rss_mib", "peak_rss_mib", "peak_over_base_mib"}
+    assert res["peak_rss_mib"] >= res["baseline_rss_mib"] > 0
+
+
+def test_reference_matches_factored_forward(train_step) -> None:
+    """The in-benchmark reference way computes the same function as the library's layer."""
+    import torch
+
+    base = train_step.tiny_llama()
+    ours = train_step.build_train_variant(base, "curlora", 4)
+    ref = train_step.build_train_variant(base, "reference", 4)
+    with torch.no_grad():
+        for p in ours.params:
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+        for p in ref.params:
+            p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    ids = train_step.make_batch(base.config.vocab_size, 2, 8)
+    torch.testing.assert_close(ours.model(input_ids=ids).logits, ref.model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_init_cost_structure(init_cost, tmp_path: Path) -> None:
+    out = tmp_path / "i.json"
+    results = init_cost.main(["--layers", "2", "--hidden", "64", "--kv-out", "32", "--r", "4", "--json", str(out)])
+    saved = json.loads(out.read_text())
+    assert [r["dtype"] for r in saved["runs"]] == ["float32", "bfloat16"]
+    assert all(r["layers"] == 6 and r["sample_s"] >= 0 and isinstance(r["met"], bool) for r in saved["runs"])
+    assert "bfloat16" in init_cost.format_table(results)
