@@ -1,6 +1,6 @@
 import pytest
 
-from curlora.frontier import analyse, default_targets, matched_accuracy, select_learning_rates
+from curlora.frontier import analyse, default_targets, matched_accuracy, pareto, select_learning_rates
 
 
 def _run(method, lr, seed, test_acc, val_acc, ppl_after, rank=16):
@@ -46,3 +46,15 @@ def test_frontier_and_matched_accuracy():
     assert rows[(0.7, "curlora")]["ppl_increase"] == pytest.approx(1.5)
     assert rows[(0.7, "lora")]["ppl_increase"] == pytest.approx(1.0 + 9.0 * 0.25)
     assert matched_accuracy(result["points"], [0.95])[0]["ppl_increase"] is None
+
+
+def test_dominated_rates_do_not_bend_the_frontier():
+    runs = [
+        _run("lora", 1e-4, 0, 0.6, 0.6, 10.5), _run("lora", 1e-3, 0, 0.8, 0.8, 12.5),
+        _run("lora", 1e-2, 0, 0.4, 0.4, 900.0),  # diverged: learned less, cost more
+    ]
+    points = analyse(runs)["points"]
+    (row,) = matched_accuracy(points, [0.7])
+    assert row["ppl_increase"] == pytest.approx(1.5)
+    assert default_targets(points, n=2) == [0.6, 0.8]
+    assert pareto([(0.4, 9.0), (0.6, 1.0), (0.8, 3.0), (0.7, 5.0)]) == [(0.6, 1.0), (0.8, 3.0)]

@@ -71,18 +71,30 @@ def frontier_points(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return points
 
 
+def pareto(pairs: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The (accuracy, cost) pairs no other pair beats on both: a diverged rate that learned less
+    at a higher cost is not part of a method's frontier."""
+    kept, best_cost = [], float("inf")
+    for acc, cost in sorted(pairs, key=lambda p: (-p[0], p[1])):
+        if cost < best_cost:
+            kept.append((acc, cost))
+            best_cost = cost
+    return sorted(kept)
+
+
 def matched_accuracy(points: Sequence[Mapping[str, Any]], targets: Sequence[float]) -> list[dict[str, Any]]:
-    """At each target plasticity, every method's interpolated cost (None outside its measured range)."""
+    """At each target plasticity, every adapter's cost interpolated along its Pareto frontier
+    (None outside the range its rates reached)."""
     curves: dict[tuple, list[Mapping[str, Any]]] = {}
     for p in points:
-        if p["plasticity"] is not None:
+        if p["plasticity"] is not None and p["lr"] is not None:
             curves.setdefault((p["method"], p["rank"]), []).append(p)
     rows = []
     for target in targets:
         for (method, rank), pts in curves.items():
             row = {"target": target, "method": method, "rank": rank}
             for cost in COSTS:
-                pairs = [(p["plasticity"], p[cost]) for p in pts if p[cost] is not None]
+                pairs = pareto((p["plasticity"], p[cost]) for p in pts if p[cost] is not None)
                 row[cost] = interpolate_at_accuracy(pairs, target) if pairs else None
             rows.append(row)
     return rows
@@ -90,10 +102,11 @@ def matched_accuracy(points: Sequence[Mapping[str, Any]], targets: Sequence[floa
 
 def default_targets(points: Sequence[Mapping[str, Any]], n: int = 3) -> list[float]:
     """Plasticity levels inside the range every adapter curve reached (if they overlap at all)."""
-    ranges: dict[tuple, list[float]] = {}
+    curves: dict[tuple, list[tuple[float, float]]] = {}
     for p in points:
-        if p["plasticity"] is not None and p["lr"] is not None:
-            ranges.setdefault((p["method"], p["rank"]), []).append(p["plasticity"])
+        if p["plasticity"] is not None and p["lr"] is not None and p["ppl_increase"] is not None:
+            curves.setdefault((p["method"], p["rank"]), []).append((p["plasticity"], p["ppl_increase"]))
+    ranges = {key: [acc for acc, _ in pareto(pairs)] for key, pairs in curves.items()}
     if not ranges:
         return []
     low = max(min(v) for v in ranges.values())
