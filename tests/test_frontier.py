@@ -46,6 +46,8 @@ def test_frontier_and_matched_accuracy():
     assert rows[(0.7, "curlora")]["ppl_increase"] == pytest.approx(1.5)
     assert rows[(0.7, "lora")]["ppl_increase"] == pytest.approx(1.0 + 9.0 * 0.25)
     assert matched_accuracy(result["points"], [0.95])[0]["ppl_increase"] is None
+    # Below a method's lowest rate, that rate already reaches the target: its cost is the answer.
+    assert matched_accuracy(result["points"], [0.5])[0]["ppl_increase"] == pytest.approx(0.5)
 
 
 def test_dominated_rates_do_not_bend_the_frontier():

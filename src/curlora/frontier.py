@@ -21,6 +21,7 @@ from curlora.fileio import atomic_write_bytes
 from curlora.metrics import interpolate_at_accuracy, mean_std, run_metrics
 
 COSTS = ("ppl_increase", "forgetting", "bwt")
+MATCHED_COSTS = ("ppl_increase", "forgetting")  # lower is better; BWT (higher is better) is in the points table
 
 
 def _group_key(run: Mapping[str, Any]) -> tuple:
@@ -82,6 +83,16 @@ def pareto(pairs: Iterable[tuple[float, float]]) -> list[tuple[float, float]]:
     return sorted(kept)
 
 
+def cost_at(frontier: Sequence[tuple[float, float]], target: float) -> float | None:
+    """The least cost at which a Pareto frontier reaches ``target`` accuracy: below its first
+    point that point's cost (more than enough), between points linear, beyond its last None."""
+    if not frontier or target > frontier[-1][0]:
+        return None
+    if target <= frontier[0][0]:
+        return frontier[0][1]
+    return interpolate_at_accuracy(frontier, target)
+
+
 def matched_accuracy(points: Sequence[Mapping[str, Any]], targets: Sequence[float]) -> list[dict[str, Any]]:
     """At each target plasticity, every adapter's cost interpolated along its Pareto frontier
     (None outside the range its rates reached)."""
@@ -93,9 +104,9 @@ def matched_accuracy(points: Sequence[Mapping[str, Any]], targets: Sequence[floa
     for target in targets:
         for (method, rank), pts in curves.items():
             row = {"target": target, "method": method, "rank": rank}
-            for cost in COSTS:
+            for cost in MATCHED_COSTS:
                 pairs = pareto((p["plasticity"], p[cost]) for p in pts if p[cost] is not None)
-                row[cost] = interpolate_at_accuracy(pairs, target) if pairs else None
+                row[cost] = cost_at(pairs, target)
             rows.append(row)
     return rows
 
@@ -142,6 +153,7 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> None:
         ax.set_ylabel(title.lower())
         ax.set_title(f"{title} vs plasticity (labels: learning rate)")
         ax.grid(alpha=0.3)
+    axes[0].set_yscale("symlog", linthresh=1.0)  # a diverged rate would flatten every other point
     axes[0].legend(fontsize=8)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

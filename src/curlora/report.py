@@ -253,12 +253,14 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list
                         ["Method", "Rank", "LR", "Seeds", "Plasticity", "ACC", "Perplexity increase",
                          "Forgetting", "BWT"]), ""]
     if frontier["matched"]:
-        md += ["### Cost at matched plasticity (linear interpolation between rates)", "",
+        md += ["### Cost at matched plasticity", "",
                format_table([[f"{m['target']:.3f}", m["method"], m["rank"],
-                              _num(m["ppl_increase"], 2, signed=True), _num(m["forgetting"], 3, signed=True),
-                              _num(m["bwt"], 3, signed=True)] for m in frontier["matched"]],
-                            ["Plasticity", "Method", "Rank", "Perplexity increase", "Forgetting", "BWT"]),
-               "", "A dash: that method's rates never reached (or never went below) that plasticity.", ""]
+                              _num(m["ppl_increase"], 2, signed=True), _num(m["forgetting"], 3, signed=True)]
+                             for m in frontier["matched"]],
+                            ["Plasticity", "Method", "Rank", "Perplexity increase", "Forgetting"]),
+               "", "Read along each method's Pareto frontier (rates that learned less at a higher cost are "
+               "dropped): the least cost at which its rates reached that plasticity. A dash: no rate of "
+               "that method reached it.", ""]
     else:
         md += ["The methods' plasticity ranges do not overlap, so no matched-accuracy reading exists.", ""]
     return md
