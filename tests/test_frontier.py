@@ -60,3 +60,12 @@ def test_dominated_rates_do_not_bend_the_frontier():
     assert row["ppl_increase"] == pytest.approx(1.5)
     assert default_targets(points, n=2) == [0.6, 0.8]
     assert pareto([(0.4, 9.0), (0.6, 1.0), (0.8, 3.0), (0.7, 5.0)]) == [(0.6, 1.0), (0.8, 3.0)]
+
+
+def test_report_states_which_method_forgot_least_at_matched_accuracy():
+    from curlora.report import _matched_reading
+
+    rows = [{"target": 0.7, "method": "curlora", "rank": 16, "ppl_increase": 3.0},
+            {"target": 0.7, "method": "lora", "rank": 16, "ppl_increase": 1.0}]
+    (line,) = _matched_reading(rows)
+    assert "lora r16 +1.00, curlora r16 +3.00" in line and line.endswith("lora r16 forgot the language model least at that accuracy.")

@@ -231,6 +231,20 @@ def _run_matrix_table(R: Sequence[Sequence[Any]], task_names: list[str]) -> str:
     return format_table(rows, ["", *task_names])
 
 
+def _matched_reading(matched: Sequence[Mapping[str, Any]]) -> list[str]:
+    """One sentence per target plasticity: which method paid the least perplexity for it."""
+    lines = []
+    for target in sorted({m["target"] for m in matched}):
+        rows = [m for m in matched if m["target"] == target and m["ppl_increase"] is not None]
+        if len(rows) < 2:
+            continue
+        rows.sort(key=lambda m: m["ppl_increase"])
+        costs = ", ".join(f"{_label(m)} {m['ppl_increase']:+.2f}" for m in rows)
+        lines.append(f"- At plasticity {target:.3f} the perplexity increase was {costs}: "
+                     f"{_label(rows[0])} forgot the language model least at that accuracy.")
+    return lines
+
+
 def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list[str]:
     """Rate selection, the frontier plot and the matched-accuracy table, when rates were swept."""
     if not frontier or not any(len(c["validation_accuracy"]) > 1 for c in frontier["selection"]):
@@ -253,7 +267,7 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list
                         ["Method", "Rank", "LR", "Seeds", "Plasticity", "ACC", "Perplexity increase",
                          "Forgetting", "BWT"]), ""]
     if frontier["matched"]:
-        md += ["### Cost at matched plasticity", "",
+        md += ["### Cost at matched plasticity", "", *_matched_reading(frontier["matched"]), "",
                format_table([[f"{m['target']:.3f}", m["method"], m["rank"],
                               _num(m["ppl_increase"], 2, signed=True), _num(m["forgetting"], 3, signed=True)]
                              for m in frontier["matched"]],
