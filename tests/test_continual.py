@@ -6,6 +6,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import free_port
+
 from curlora.cli import main
 from curlora.continual import ContinualRunner, run_specs
 from curlora.experiment_config import ContinualConfig, load_config
@@ -140,3 +142,37 @@ def test_sweep_writes_frontier_and_eq11_penalty_shrinks_u(tmp_path, tiny_model_d
     u_norm = {(r["method"], r["lr"]): sum(d["u_norm"] for d in r["diagnostics"])
               for r in results["runs"] if r["method"] != "head"}
     assert u_norm[("curlora+eq11(λ=1)", 3e-2)] < u_norm[("curlora", 3e-2)]
+
+
+def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_model_dir, data_dir):
+    """torchrun, 2 CPU processes (gloo): ranks stay identical, rank 0 alone writes, same numbers."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["continual", "--model", tiny_model_dir, "--data-dir", str(data_dir), "--tasks", "sst2,mrpc",
+            "--corpus", "wikitext2", "--methods", "curlora,head", "--ranks", "4", "--examples-per-task", "24",
+            "--eval-examples", "20", "--batch-size", "8", "--max-length", "32", "--lr", "1e-2",
+            "--head-lr", "1e-2", "--ppl-max-tokens", "96", "--no-bf16", "--no-progress"]
+    single = tmp_path / "single"
+    assert main([*args, "--output-dir", str(single)]) == 0
+    parallel = tmp_path / "parallel"
+    torchrun = str(Path(sys.executable).parent / "torchrun")  # ships with torch
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "curlora.cli", *args,
+         "--output-dir", str(parallel)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("# Continual-learning report") == 1  # one report, printed by rank 0
+    one = json.loads((single / "results.json").read_text())["runs"]
+    two = json.loads((parallel / "results.json").read_text())["runs"]
+    for a, b in zip(one, two):
+        assert b["data_parallel"] == {"world_size": 2, "max_difference_across_ranks": 0.0}
+        assert a["data_parallel"] == {"world_size": 1}
+        assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-4)
+        assert b["perplexity"]["final"] == pytest.approx(a["perplexity"]["final"], rel=1e-4)
+        for row_a, row_b in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
+            assert row_b == pytest.approx(row_a, abs=0.051)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import torch
 from safetensors.torch import load_file
 
@@ -148,7 +149,7 @@ def test_two_process_data_parallel(tiny_model_dir, qa_file, tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")  # ships with torch
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", "29533", str(worker),
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(worker),
          str(qa_file), str(tiny_model_dir), str(out), str(dump)],
         capture_output=True, text=True, env=env, timeout=300,
     )

@@ -76,6 +76,8 @@ def _run_continual(args: argparse.Namespace) -> int:
         overrides["ppl_max_tokens"] = None
     config = load_config(args.preset, args.config, overrides)
     results = ContinualRunner(config, args.output_dir, resume=args.resume).run()
+    if results is None:  # a data-parallel process other than rank 0: rank 0 reports
+        return 0
     print((args.output_dir / "report.md").read_text())
     failed = [r for r in results["runs"] if r["status"] != "ok"]
     print(f"Wrote {args.output_dir / 'results.json'} and {args.output_dir / 'report.md'}"

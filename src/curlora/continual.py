@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import resource
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import yaml
 from safetensors.torch import load_file, save
 from torch import nn
@@ -34,7 +36,15 @@ from curlora.metrics import summarize
 from curlora.model import CURLoRAModel
 from curlora.pretrained import load_model_and_tokenizer
 from curlora.report import write_report
-from curlora.training import NonFiniteLossError, TrainSettings, accuracy, bf16_supported, causal_lm_of, train_task
+from curlora.training import (
+    NonFiniteLossError,
+    TrainSettings,
+    accuracy,
+    bf16_supported,
+    causal_lm_of,
+    data_parallel_rank,
+    train_task,
+)
 
 SCHEMA_VERSION = 1
 
@@ -122,6 +132,26 @@ def build_method(lm: nn.Module, spec: RunSpec, config: ContinualConfig) -> tuple
     return get_peft_model(lm, peft_config), []
 
 
+def init_data_parallel(device: str) -> torch.device:
+    """Join the process group that ``torchrun`` / ``accelerate launch`` describe (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None and dist.is_initialized():
+        resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return resolved
+
+
+def rank_divergence(tensors: list[torch.Tensor]) -> float:
+    """Largest difference between any process's trained tensors and rank 0's (0.0 when in sync)."""
+    flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+    reference = flat.clone()
+    dist.broadcast(reference, 0)
+    difference = (flat - reference).abs().max()
+    dist.all_reduce(difference, op=dist.ReduceOp.MAX)
+    return float(difference)
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -133,8 +163,11 @@ class ContinualRunner:
     def __init__(self, config: ContinualConfig, run_dir: str | Path, resume: bool = False) -> None:
         self.config = config
         self.run_dir = Path(run_dir)
+        self.device = init_data_parallel(config.device)
+        # Under torchrun every process trains its share of each batch; only rank 0 writes files.
+        self.rank, self.world = data_parallel_rank()
+        self.is_main = self.rank == 0
         self._prepare_run_dir(resume)
-        self.device = torch.device(config.device)
         self.bf16 = bf16_supported(self.device) if config.bf16 is None else config.bf16
 
     # setup ------------------------------------------------------------------------------------
@@ -155,8 +188,17 @@ class ContinualRunner:
                     f"Cannot resume {self.run_dir}: its config differs in {changed}. Resume with the "
                     f"same settings, or start a new --output-dir."
                 )
-        else:
+        elif self.is_main:
             atomic_write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
+        self._barrier()
+
+    def _say(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
 
     def _load_data(self, tokenizer) -> None:
         cfg = self.config
@@ -181,7 +223,8 @@ class ContinualRunner:
     def _perplexity(self, model: nn.Module) -> float:
         cfg = self.config
         return perplexity(
-            causal_lm_of(model), self.corpus_ids, cfg.ppl_window, cfg.ppl_stride, progress=cfg.progress
+            causal_lm_of(model), self.corpus_ids, cfg.ppl_window, cfg.ppl_stride,
+            progress=cfg.progress and self.is_main,
         ).perplexity
 
     # one run ----------------------------------------------------------------------------------
@@ -228,7 +271,7 @@ class ContinualRunner:
             generator = torch.Generator().manual_seed(derived_seed(spec.seed, "shuffle", i))
             losses = train_task(
                 model, heads[i], task.train, self.collator, settings, generator, u_params,
-                progress=cfg.progress, description=f"{spec.key} · {task.name}",
+                progress=cfg.progress and self.is_main, description=f"{spec.key} · {task.name}",
             )
             test_row = self._accuracies(model, heads, self.eval_splits, i)
             # A frozen backbone cannot change the LM: its perplexity is the base model's by construction.
@@ -240,10 +283,14 @@ class ContinualRunner:
             state["elapsed_s"] = time.perf_counter() - started
             self._checkpoint(ckpt_dir, model, heads, state)
             seen = ", ".join(f"{self.tasks[j].name} {test_row[j]:.3f}" for j in range(i + 1))
-            print(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {ppl:.2f}", flush=True)
+            self._say(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {ppl:.2f}")
         # Validation rows (carved from training data) are only for choosing rates: the final state suffices.
         validation = self._accuracies(model, heads, self.validation, len(self.tasks) - 1)
         diagnostics = stability_diagnostics(model) if isinstance(model, CURLoRAModel) else []
+        trained = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
+        data_parallel = {"world_size": self.world}
+        if self.world > 1:
+            data_parallel["max_difference_across_ranks"] = rank_divergence(trained)
         return {
             "method": spec.label, "base_method": spec.method, "rank": spec.rank, "seed": spec.seed,
             "lr": spec.lr, "head_lr": cfg.head_lr, "u_penalty": spec.u_penalty, "status": "ok", "error": None,
@@ -257,6 +304,7 @@ class ContinualRunner:
                 "heads": sum(p.numel() for p in heads.parameters()),
             },
             "diagnostics": diagnostics,
+            "data_parallel": data_parallel,
             "wall_time_s": time.perf_counter() - started,
             "peak_memory_mb": self._peak_memory_mb(),
         }
@@ -282,6 +330,8 @@ class ContinualRunner:
 
     def _checkpoint(self, ckpt_dir: Path, model: nn.Module, heads: nn.ModuleList, state: dict) -> None:
         """Tensors first, then the state that points at them: a half-written task is never read back."""
+        if not self.is_main:
+            return
         i = state["tasks_done"]
         tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
         tensors.update({f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()})
@@ -303,12 +353,13 @@ class ContinualRunner:
                     if key.startswith("model."):
                         params[key[len("model."):]].copy_(value)
             heads.load_state_dict({k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")})
-            print(f"[{ckpt_dir.name}] resuming after task {i}", flush=True)
+            self._say(f"[{ckpt_dir.name}] resuming after task {i}")
             return json.loads((ckpt_dir / f"task{i}.json").read_text())
         return None
 
     # all runs ---------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self) -> dict[str, Any] | None:
+        """Every run of the config; the results (None on processes other than rank 0)."""
         cfg = self.config
         base_lm, tokenizer = load_model_and_tokenizer(cfg.model, device=self.device)
         if cfg.quantize:  # every run deep-copies this quantized base (bitsandbytes layers copy fine)
@@ -318,9 +369,9 @@ class ContinualRunner:
         self.model_name = getattr(base_lm.config, "_name_or_path", cfg.model)
         self._load_data(tokenizer)
         for task in self.tasks:
-            print(f"task {task.name}: train {len(task.train)}, validation "
+            self._say(f"task {task.name}: train {len(task.train)}, validation "
                   f"{len(self.validation[self.tasks.index(task)])}, eval {len(task.eval)}, "
-                  f"majority-class accuracy {task.majority_accuracy():.3f}", flush=True)
+                  f"majority-class accuracy {task.majority_accuracy():.3f}")
         self.ppl_before = self._cached("base_perplexity", lambda: self._perplexity(base_lm))
         runs_dir = self.run_dir / "runs"
         before_rows: dict[int, tuple] = {}
@@ -335,11 +386,15 @@ class ContinualRunner:
             try:
                 result = self.run_one(spec, base_lm)
             except NonFiniteLossError as error:
-                print(f"[{spec.key}] stopped: {error}", flush=True)
+                self._say(f"[{spec.key}] stopped: {error}")
                 result = {"method": spec.label, "base_method": spec.method, "rank": spec.rank,
                           "seed": spec.seed, "lr": spec.lr, "head_lr": cfg.head_lr,
                           "u_penalty": spec.u_penalty, "status": "failed", "error": str(error)}
-            atomic_write_json(path, result)
+            if self.is_main:
+                atomic_write_json(path, result)
+            self._barrier()
+        if not self.is_main:
+            return None
         results = self._results(runs_dir)
         atomic_write_json(self.run_dir / "results.json", results)
         write_report(results, self.run_dir)
@@ -350,7 +405,8 @@ class ContinualRunner:
         if path.is_file():
             return json.loads(path.read_text())["value"]
         value = compute()
-        atomic_write_json(path, {"value": value})
+        if self.is_main:
+            atomic_write_json(path, {"value": value})
         return value
 
     def _results(self, runs_dir: Path) -> dict[str, Any]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -77,6 +78,27 @@ def warmup_for(total_steps: int, settings: TrainSettings) -> int:
     return min(settings.warmup_steps, int(settings.max_warmup_fraction * total_steps))
 
 
+def data_parallel_rank() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group, else (0, 1)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_gradients(params: Sequence[torch.Tensor], loss: torch.Tensor) -> None:
+    """Sum gradients and the loss over processes (what DDP does, without wrapping the model)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params] + [loss.reshape(1)])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+    loss.copy_(flat[-1])
+
+
 def bf16_supported(device: torch.device) -> bool:
     """Whether bf16 autocast is fast here: a GPU with bf16, or a CPU with native bf16 instructions."""
     if device.type == "cuda":
@@ -118,25 +140,34 @@ def train_task(
     head.train()
     losses: list[float] = []
     bar = tqdm(total=total, desc=description, disable=not progress, leave=False)
+    rank, world = data_parallel_rank()
+    trained = [p for group in groups for p in group["params"]]
     for _ in range(settings.epochs):
         for batch in batches(examples, settings.batch_size, generator):
-            inputs = collator(batch)
-            inputs = {k: v.to(device) for k, v in inputs.items()}
+            # Data parallel: each process takes its share of the global batch; summed gradients
+            # over processes then equal the single-process gradient of the whole batch.
+            shard = batch[rank::world]
+            inputs = {k: v.to(device) for k, v in collator(shard or batch[:1]).items()}
             with autocast(device, settings.bf16), torch.no_grad() if frozen_backbone else nullcontext():
                 features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
-            loss = F.cross_entropy(head(features.float()), inputs["labels"])
+            loss = F.cross_entropy(head(features.float()), inputs["labels"], reduction="sum") / len(batch)
+            if not shard:
+                loss = loss * 0.0
             if settings.u_penalty and u_params:
-                loss = loss + settings.u_penalty * sum(u.norm() for u in u_params)
-            if not torch.isfinite(loss):
+                loss = loss + settings.u_penalty * sum(u.norm() for u in u_params) / world
+            loss.backward()
+            total_loss = loss.detach()
+            if world > 1:
+                _all_reduce_gradients(trained, total_loss)
+            if not torch.isfinite(total_loss):
                 raise NonFiniteLossError(
-                    f"{description}: loss became {loss.item()} at step {len(losses) + 1}; "
+                    f"{description}: loss became {total_loss.item()} at step {len(losses) + 1}; "
                     f"lower the learning rate (lr={settings.lr}, head_lr={settings.head_lr})."
                 )
-            loss.backward()
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(total_loss.item())
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
