@@ -12,13 +12,20 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 DATA_DIR = Path(os.environ.get("CURLORA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, hidden: int = 48, vocab: int = 128, **config) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, **config,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_llama(path: Path, tokenizer, hidden: int = 32) -> str:
+    """A tiny random Llama with the real SmolLM2 tokenizer, saved as a model directory for the CLI."""
+    tiny_llama(hidden=hidden, vocab=len(tokenizer), tie_word_embeddings=True).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:

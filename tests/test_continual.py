@@ -3,10 +3,8 @@
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import free_port
+from conftest import free_port, save_tiny_llama
 
 from curlora.cli import main
 from curlora.continual import ContinualRunner, run_specs
@@ -15,15 +13,7 @@ from curlora.experiment_config import ContinualConfig, load_config
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory, smol_tokenizer):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smol_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    smol_tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), smol_tokenizer)
 
 
 def tiny_config(model_dir, data_dir, **overrides):

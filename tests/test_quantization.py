@@ -2,10 +2,11 @@
 
 import copy
 
+import conftest
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from curlora import CURLoRAConfig, curlora_layers, get_curlora_model
 from curlora.model import CURLoRAModel
@@ -24,12 +25,7 @@ IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     """Hidden 64 so that every weight holds whole 64-weight 4-bit blocks."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )
-    return LlamaForCausalLM(config).eval()
+    return conftest.tiny_llama(seed, hidden=64)
 
 
 def _quantized_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -212,14 +208,7 @@ def test_continual_benchmark_runs_on_a_quantized_base(tmp_path_factory, smol_tok
     from curlora.continual import ContinualRunner
     from curlora.experiment_config import ContinualConfig
 
-    model_dir = tmp_path_factory.mktemp("tiny-llama-64")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(smol_tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    smol_tokenizer.save_pretrained(model_dir)
+    model_dir = conftest.save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), smol_tokenizer, hidden=64)
     run_dir = tmp_path_factory.mktemp(f"continual-{scheme}")
     settings = ContinualConfig(
         model=str(model_dir), tasks=["sst2", "mrpc"], corpus="wikitext2", data_dir=str(data_dir),
