@@ -97,26 +97,18 @@ def test_user_file_errors(tmp_path):
         load_task_file(p, "text", "lab")
     with pytest.raises(DataError, match=r"a\.csv, line 3: label 'neg' is not in the task's label set"):
         load_task_file(p, "text", "label", label_names=["pos", "neutral"])
-    q = tmp_path / "empty.csv"
-    q.write_text("text,label\n")
-    with pytest.raises(DataError, match=r"empty\.csv"):
-        load_task_file(q, "text", "label")
-    r = tmp_path / "one.csv"
-    r.write_text("text,label\nhello,pos\n")
-    with pytest.raises(DataError, match="fewer than 2 distinct labels"):
-        load_task_file(r, "text", "label")
-    s = tmp_path / "blank.csv"
-    s.write_text("text,label\n,pos\nbye,neg\n")
-    with pytest.raises(DataError, match=r"blank\.csv, line 2: empty"):
-        load_task_file(s, "text", "label")
-    j = tmp_path / "bad.jsonl"
-    j.write_text('{"text": "a", "label": 1}\nnot json\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: not valid JSON"):
-        load_task_file(j, "text", "label")
-    x = tmp_path / "a.xlsx"
-    x.write_text("")
-    with pytest.raises(DataError, match="unsupported file type"):
-        load_task_file(x, "text", "label")
+    bad_files = [
+        ("empty.csv", "text,label\n", r"empty\.csv"),
+        ("one.csv", "text,label\nhello,pos\n", "fewer than 2 distinct labels"),
+        ("blank.csv", "text,label\n,pos\nbye,neg\n", r"blank\.csv, line 2: empty"),
+        ("bad.jsonl", '{"text": "a", "label": 1}\nnot json\n', r"bad\.jsonl, line 2: not valid JSON"),
+        ("a.xlsx", "", "unsupported file type"),
+    ]
+    for name, content, message in bad_files:
+        bad = tmp_path / name
+        bad.write_text(content)
+        with pytest.raises(DataError, match=message):
+            load_task_file(bad, "text", "label")
     ev = tmp_path / "ev.csv"
     ev.write_text("text,label\nhm,maybe\n")
     with pytest.raises(DataError, match=r"ev\.csv, line 2: label 'maybe'"):
