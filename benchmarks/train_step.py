@@ -214,15 +214,37 @@ def infer_step(v: Variant, input_ids: torch.Tensor) -> float:
     return time.perf_counter() - t0
 
 
+def cpu_steal_fraction(before: list[int], after: list[int]) -> float | None:
+    """Share of CPU time the hypervisor gave to other guests between two /proc/stat readings."""
+    if not before or not after:
+        return None
+    total = sum(after[:8]) - sum(before[:8])
+    return (after[7] - before[7]) / total if total > 0 else None
+
+
+def cpu_times() -> list[int]:
+    """The aggregate ``cpu`` line of /proc/stat (user nice system idle iowait irq softirq steal)."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError, IndexError):
+        return []
+
+
 def interleave(variants: list[Variant], step: Callable[[Variant, torch.Tensor], float],
-               input_ids: torch.Tensor, repeats: int, warmup: int, log: Callable[[str], None]) -> None:
+               input_ids: torch.Tensor, repeats: int, warmup: int, log: Callable[[str], None]) -> float | None:
+    """Run rounds of every variant; each round starts one variant later (A B C, B C A, C A B, ...)
+    so no variant always runs first or always follows the same one. Returns the CPU steal share."""
+    before = cpu_times()
     for round_ in range(warmup + repeats):
-        for v in variants:
+        shift = round_ % len(variants)
+        for v in variants[shift:] + variants[:shift]:
             dt = v.last = step(v, input_ids)
             if round_ >= warmup:
                 v.times.append(dt)
         tag = "warm-up" if round_ < warmup else "round"
         log(f"  {tag} {round_ + 1}/{warmup + repeats}: " + " ".join(f"{v.name}={v.last:.3f}" for v in variants))
+    return cpu_steal_fraction(before, cpu_times())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,6 +325,7 @@ def run_benchmark(
     ranks: tuple[int, ...] = (8, 16, 24),
     repeats: int = 5,
     warmup: int = 1,
+    infer_repeats: int = 20,
     bf16: bool = True,
     compile: bool = False,
     memory: bool = True,
@@ -325,17 +348,18 @@ def run_benchmark(
             v.model = torch.compile(v.model)
 
     log(f"training step: {len(train)} variants interleaved, {warmup} warm-up + {repeats} rounds")
-    interleave(train, train_step, input_ids, repeats, warmup, log)
+    steal = {"train": interleave(train, train_step, input_ids, repeats, warmup, log)}
     if inference:
-        log(f"inference forward: {len(inference)} variants interleaved")
-        interleave(inference, infer_step, input_ids, repeats, warmup, log)
+        log(f"inference forward: {len(inference)} variants interleaved, {warmup} warm-up + {infer_repeats} rounds")
+        steal["infer"] = interleave(inference, infer_step, input_ids, infer_repeats, warmup, log)
 
     results: dict = {
         "meta": {
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
             "model": model, "dtype": str(dtype).replace("torch.", ""),
             "batch_size": batch_size, "seq_len": seq_len, "ranks": list(ranks), "middle_rank": mid,
-            "repeats": repeats, "warmup": warmup, "compile": compile, "targets": TARGETS,
+            "repeats": repeats, "infer_repeats": infer_repeats if inference else 0, "warmup": warmup,
+            "compile": compile, "targets": TARGETS, "cpu_steal": steal,
             "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "threads": thread_settings(),
             "memory_method": (
@@ -409,9 +433,11 @@ def format_table(results: dict) -> str:
     lines = [
         f"# train_step benchmark  {meta['date']}  torch {meta['torch']}  model {meta['model']} ({meta['dtype']})"
         f"  batch {meta['batch_size']}x{meta['seq_len']}  {meta['warmup']} warm-up + {meta['repeats']} rounds"
-        f"  compile={meta['compile']}",
+        f" ({meta['infer_repeats']} inference)  compile={meta['compile']}",
         f"# threads: torch {th['torch_num_threads']} (interop {th['torch_num_interop_threads']}),"
         f" OMP_WAIT_POLICY={th['OMP_WAIT_POLICY']}, OMP_NUM_THREADS={th['OMP_NUM_THREADS']}",
+        "# CPU time stolen by the hypervisor while timing: "
+        + ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f} %'}" for k, v in meta["cpu_steal"].items()),
         "",
         f"{'training step':<16}{'trainable':>11}{'median s':>10}{'p25-p75 s':>14}{'x floor':>9}{'paired':>8}{'peak MiB':>10}",
     ]
@@ -450,6 +476,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ranks", default="8,16,24")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--infer-repeats", type=int, default=20,
+                   help="rounds of the (cheaper, noisier) inference comparison")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
                    help="bf16 base weights (default; U stays float32). --no-bf16 for float32")
     p.add_argument("--compile", action="store_true", help="torch.compile every variant (slow to start)")
@@ -474,7 +502,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     print(f"threads: {thread_settings()}", flush=True)
     ranks = tuple(int(r) for r in args.ranks.split(","))
     results = run_benchmark(
-        args.model, args.batch_size, args.seq_len, ranks, args.repeats, args.warmup, args.bf16,
+        args.model, args.batch_size, args.seq_len, ranks, args.repeats, args.warmup, args.infer_repeats, args.bf16,
         args.compile, not args.no_memory, not args.no_infer, log=lambda s: print(s, flush=True), args=args,
     )
     print(format_table(results))

@@ -34,7 +34,7 @@ def test_train_step_structure(train_step, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     results = train_step.main([
         "--model", "tiny-llama", "--batch-size", "2", "--seq-len", "16", "--ranks", "4,8",
-        "--repeats", "2", "--warmup", "1", "--no-memory", "--json", str(out),
+        "--repeats", "2", "--warmup", "1", "--infer-repeats", "3", "--no-memory", "--json", str(out),
     ])
     saved = json.loads(out.read_text())
     assert set(saved) == {"meta", "train", "infer", "comparisons", "targets"}
@@ -50,6 +50,8 @@ def test_train_step_structure(train_step, tmp_path: Path) -> None:
     assert saved["train"]["lora-r8"]["trainable_params"] > 2 * 3 * 64
     for row in saved["train"].values():
         assert len(row["times_s"]) == 2 and row["median_s"] > 0
+    assert all(len(row["times_s"]) == 3 for row in saved["infer"].values())
+    assert set(saved["meta"]["cpu_steal"]) == {"train", "infer"}
     assert set(saved["comparisons"]) == {"r4", "r8"}
     assert all(isinstance(t["met"], bool) for t in saved["targets"].values())
     assert saved["meta"]["threads"]["torch_num_threads"] >= 1

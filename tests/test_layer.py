@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -91,7 +92,77 @@ def test_dropout_only_on_the_adapter_path():
 
 
 def test_unsupported_layer_is_named():
-    import pytest
-
     with pytest.raises(TypeError, match="Embedding"):
         CURLoRALayer(nn.Embedding(4, 4))
+
+
+def _unfused(layer: CURLoRALayer, x: torch.Tensor) -> torch.Tensor:
+    """What the fused path must equal: the base layer plus the adapter module, op by op."""
+    out = layer.base_layer(x)
+    return out + layer.adapters[layer.active_adapter](x).to(out.dtype)
+
+
+def _outputs_and_grads(fn, layer, x):
+    layer.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    out = fn(x)
+    out.float().pow(2).sum().backward()
+    return out.detach(), x.grad, layer.adapters["x"].U.grad.clone()
+
+
+@pytest.mark.parametrize(
+    "kind, dtype, autocast",
+    [
+        ("linear-no-bias", torch.float32, False),  # the gather path: x·Rᵀ taken from x·Wᵀ
+        ("linear", torch.float32, False),
+        ("conv1d", torch.float32, False),
+        ("linear-no-bias", torch.bfloat16, False),
+        ("linear-no-bias", torch.float32, True),  # float32 weights under bf16 autocast
+        ("conv1d", torch.float32, True),
+    ],
+)
+def test_fused_path_equals_base_plus_adapter(kind, dtype, autocast):
+    torch.manual_seed(0)
+    linear, conv = _linear_and_conv1d(out_f=24, in_f=20)
+    base = {"linear": linear, "conv1d": conv, "linear-no-bias": nn.Linear(20, 24, bias=False)}[kind].to(dtype)
+    layer = CURLoRALayer(base)
+    adapter = layer.add_adapter("x", torch.tensor([0, 3, 3, 19]), torch.tensor([1, 5, 23, 7]), alpha=0.7)
+    layer.active_adapter = "x"
+    with torch.no_grad():
+        adapter.U.normal_()
+    x = torch.randn(3, 5, 20, dtype=dtype)
+    assert type(layer(x.requires_grad_()).grad_fn).__name__ == "_FusedCURLinearBackward"
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        fused = _outputs_and_grads(layer, layer, x)
+        reference = _outputs_and_grads(lambda t: _unfused(layer, t), layer, x)
+    low = dtype == torch.bfloat16 or autocast
+    for got, want in zip(fused, reference):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), rtol=0.03 if low else 1e-5, atol=0.03 if low else 1e-5)
+
+
+def test_fused_path_without_input_gradient_and_under_no_grad():
+    linear = nn.Linear(10, 12, bias=False)
+    layer = CURLoRALayer(linear)
+    adapter = layer.add_adapter("x", torch.tensor([0, 1, 2]), torch.tensor([3, 4, 5]), alpha=1.0)
+    layer.active_adapter = "x"
+    with torch.no_grad():
+        adapter.U.normal_()
+    x = torch.randn(4, 10)  # no requires_grad: only U gets a gradient
+    layer(x).sum().backward()
+    assert adapter.U.grad is not None and adapter.U.grad.abs().sum() > 0
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), _unfused(layer, x))
+
+
+def test_hooked_base_layer_is_still_called():
+    """accelerate's offloading and user hooks live on the base layer: they must keep running."""
+    linear = nn.Linear(10, 12, bias=False)
+    layer = CURLoRALayer(linear)
+    layer.add_adapter("x", torch.tensor([0, 1]), torch.tensor([2, 3]), alpha=1.0)
+    layer.active_adapter = "x"
+    calls = []
+    linear.register_forward_hook(lambda m, i, o: calls.append(1))
+    out = layer(torch.randn(2, 10, requires_grad=True))
+    assert calls == [1] and type(out.grad_fn).__name__ == "AddBackward0"

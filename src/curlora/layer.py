@@ -77,6 +77,59 @@ class CURAdapter(nn.Module):
         return self.alpha * (self.C.float() @ self.U.float() @ self.R.float())
 
 
+class _FusedCURLinear(torch.autograd.Function):
+    """``base(x) + alpha · x (C U R)ᵀ`` as one autograd node, for a frozen full-precision base.
+
+    Why: on CPUs every extra kernel costs a thread wake-up and a pass over an N × out tensor,
+    and at SmolLM2's widths those, not FLOPs, were most of the adapter's cost. Here x·Rᵀ is not
+    computed at all when the base has no bias (R holds rows of W, so x·Rᵀ is those columns of
+    x·Wᵀ: a gather); the adapter's output is accumulated into the base output inside its GEMM;
+    and its input gradient is accumulated inside the base's input-gradient GEMM. What remains
+    per step is two thin GEMMs and a few r-wide ones, with no separate add either way.
+    """
+
+    @staticmethod
+    def forward(ctx, x, U, weight, bias, C, R, rows, alpha):  # noqa: D102 - see the class
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        with torch.autocast(x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+            weight, C, R = weight.to(dtype), C.to(dtype), R.to(dtype)
+            y = F.linear(x2, weight, None if bias is None else bias.to(dtype))
+            h = F.linear(x2, R) if bias is not None else y.index_select(1, rows)
+            scaled_u = (alpha * U).to(dtype)
+            y.addmm_(h, (C @ scaled_u).t())
+        ctx.save_for_backward(h, scaled_u, weight, C, R)
+        ctx.alpha, ctx.x_shape, ctx.x_dtype = alpha, x.shape, x.dtype
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102 - see the class
+        h, scaled_u, weight, C, R = ctx.saved_tensors
+        grad = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
+        grad_z = grad @ C  # N × r: the gradient at C's input
+        grad_u = grad_x = None
+        if ctx.needs_input_grad[1]:
+            grad_u = (grad_z.t() @ h).float().mul_(ctx.alpha)
+        if ctx.needs_input_grad[0]:
+            grad_x = grad @ weight
+            grad_x.addmm_(grad_z, scaled_u @ R)
+            grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
+        return grad_x, grad_u, None, None, None, None, None, None
+
+
+def _fusable(base: nn.Module, adapter: CURAdapter) -> bool:
+    """Whether the fused path computes exactly what ``base(x) + adapter(x)`` would: a plain
+    frozen layer whose forward nobody hooks (accelerate's offloading, user hooks) and no
+    active dropout on the adapter path."""
+    if is_quantized_linear(base) or not isinstance(base, SUPPORTED_LAYERS):
+        return False
+    if any(p.requires_grad for p in base.parameters(recurse=False)):
+        return False
+    if base._forward_hooks or base._forward_pre_hooks or hasattr(base, "_hf_hook"):
+        return False
+    return not (adapter.training and isinstance(adapter.dropout, nn.Dropout))
+
+
 class CURLoRALayer(nn.Module):
     """Wraps an ``nn.Linear`` or GPT-2 ``Conv1D``; holds any number of named adapters."""
 
@@ -118,10 +171,16 @@ class CURLoRALayer(nn.Module):
             self.active_adapter = None
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         if self.disabled or self.merged_adapters or self.active_adapter is None:
-            return out
-        return out + self.adapters[self.active_adapter](x).to(out.dtype)
+            return self.base_layer(x, *args, **kwargs)
+        adapter = self.adapters[self.active_adapter]
+        if not args and not kwargs and _fusable(self.base_layer, adapter):
+            base = self.base_layer
+            return _FusedCURLinear.apply(
+                x, adapter.U, weight_out_in(base), base.bias, adapter.C, adapter.R, adapter.rows, adapter.alpha
+            )
+        out = self.base_layer(x, *args, **kwargs)
+        return out + adapter(x).to(out.dtype)
 
     def delta_weight(self, name: str | None = None) -> torch.Tensor:
         return self.adapters[name or self.active_adapter].delta_weight()
