@@ -3,6 +3,10 @@
 Only U (r × r, zero at start) trains. C and R are copies of sampled columns/rows of the base
 weight, kept as non-persistent buffers in the base weight's dtype: they are rebuilt from the base
 weight and the saved indices, so they never enter a state dict or an optimizer.
+
+Two forward paths compute the same thing: a fused autograd node for plain frozen layers (the
+fast path, see ``_FusedCURLinear``) and ``base(x) + adapter(x)`` op by op for everything else
+(quantized bases, adapter dropout, hooked base layers).
 """
 
 from __future__ import annotations
