@@ -42,7 +42,8 @@ def test_train_step_structure(train_step, tmp_path: Path) -> None:
         "floor", "curlora-r4", "curlora-r8", "reference-r4", "reference-r8", "lora-r4", "lora-r8",
     ]
     assert list(saved["infer"]) == ["base", "curlora-unmerged", "curlora-merged"]
-    assert saved["train"]["floor"]["ratio_to_floor"] == pytest.approx(1.0)
+    assert saved["train"]["floor"]["ratio"] == pytest.approx(1.0)
+    assert saved["train"]["floor"]["cpu_ratio"] == pytest.approx(1.0)
     assert saved["train"]["floor"]["trainable_params"] == 1
     # r × r per adapted layer: 2 layers × q/k/v × 8².
     assert saved["train"]["curlora-r8"]["trainable_params"] == 2 * 3 * 64
