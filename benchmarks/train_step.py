@@ -11,7 +11,10 @@ zero_grad):
   embedding output. Autograd must then carry the gradient back through every decoder layer
   (every attention, MLP, norm and the LM head's input gradient), and computes no weight
   gradient. That is what any adapter with trainable parameters in layer 0 must at least pay.
-* ``curlora-rN``: ``curlora.get_curlora_model`` at rank N on q/k/v (this library, factored).
+* ``curlora-rN``: ``curlora.get_curlora_model`` at rank N on q/k/v (this library, fused path).
+* ``unfused-rN`` (middle rank only): the same model with a no-op pre-hook on every base layer,
+  which sends the library down its op-by-op path ``base(x) + adapter(x)`` (the path before the
+  fused layer, still used for quantized bases and adapter dropout).
 * ``reference-rN``: the reference implementation's way, built here for comparison only: the
   same C, U, R, but every forward materialises C·U·R (out × in) and computes
   ``base(x) + alpha · x @ (C U R)ᵀ``.
@@ -57,13 +60,13 @@ from typing import Callable  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from curlora import CURLoRAConfig, get_curlora_model  # noqa: E402
+from curlora import CURLoRAConfig, curlora_layers, get_curlora_model  # noqa: E402
 from curlora.fileio import atomic_write_json  # noqa: E402
 from curlora.layer import weight_out_in  # noqa: E402
 from curlora.sampling import module_generator, sample_indices  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj"]
-TRAIN_KINDS = ("floor", "curlora", "reference", "lora")
+TRAIN_KINDS = ("floor", "curlora", "unfused", "reference", "lora")
 INFER_KINDS = ("base", "curlora-unmerged", "curlora-merged")
 
 
@@ -153,8 +156,11 @@ def build_train_variant(base: nn.Module, kind: str, rank: int | None, share: boo
         gate = nn.Parameter(torch.ones((), dtype=torch.float32))
         model.register_parameter("_floor_gate", gate)
         model.get_input_embeddings().register_forward_hook(lambda m, i, out: out * gate.to(out.dtype))
-    elif kind == "curlora":
+    elif kind in ("curlora", "unfused"):
         model = get_curlora_model(model, CURLoRAConfig(r=rank, target_modules=list(TARGETS)))
+        if kind == "unfused":  # a (no-op) hook on the base layer sends CURLoRA down its op-by-op path
+            for _, layer in curlora_layers(model):
+                layer.base_layer.register_forward_pre_hook(lambda module, args: None)
     elif kind == "reference":
         _install_reference(model, rank)
     elif kind == "lora":
@@ -353,7 +359,9 @@ def run_benchmark(
     mid = ranks[len(ranks) // 2]
 
     train = [build_train_variant(base, "floor", None)]
-    for kind in ("curlora", "reference", "lora"):
+    train += [build_train_variant(base, "curlora", r) for r in ranks]
+    train.append(build_train_variant(base, "unfused", mid))
+    for kind in ("reference", "lora"):
         train += [build_train_variant(base, kind, r) for r in ranks]
     inference = [build_infer_variant(base, k, mid) for k in INFER_KINDS] if infer else []
     if compile:
@@ -420,6 +428,9 @@ def run_benchmark(
         results["comparisons"][f"r{r}"] = comp
 
     cm = results["comparisons"][f"r{mid}"]
+    fused, unfused = tr[f"curlora-r{mid}"], tr[f"unfused-r{mid}"]
+    cm["fused_over_unfused"] = fused["median_s"] / unfused["median_s"]
+    cm["cpu_fused_over_unfused"] = fused["cpu_median_s"] / unfused["cpu_median_s"]
     tg = results["targets"]
     tg[f"curlora_r{mid}_train_vs_floor <= 1.05"] = {"value": cm["curlora_over_floor"], "met": cm["curlora_over_floor"] <= 1.05}
     tg[f"curlora_r{mid}_train_vs_lora < 1"] = {"value": cm["curlora_over_lora"], "met": cm["curlora_over_lora"] < 1.0}
@@ -469,6 +480,10 @@ def format_table(results: dict) -> str:
             f"{c['curlora_over_lora']:>6.3f} ({c['cpu_curlora_over_lora']:.3f})"
             f"{c['reference_over_curlora']:>11.3f} ({c['cpu_reference_over_curlora']:.3f}){mem:>18}"
         )
+    mid = f"r{meta['middle_rank']}"
+    c = results["comparisons"][mid]
+    lines += ["", f"fused / op-by-op CURLoRA layer at {mid}: {c['fused_over_unfused']:.3f}"
+                  f" (CPU time {c['cpu_fused_over_unfused']:.3f})"]
     lines += ["", "targets:"]
     for key, t in results["targets"].items():
         lines.append(f"  {'MET   ' if t['met'] else 'MISSED'} {key}: {t['value']:.3f}")

@@ -39,8 +39,9 @@ def test_train_step_structure(train_step, tmp_path: Path) -> None:
     saved = json.loads(out.read_text())
     assert set(saved) == {"meta", "train", "infer", "comparisons", "targets"}
     assert list(saved["train"]) == [
-        "floor", "curlora-r4", "curlora-r8", "reference-r4", "reference-r8", "lora-r4", "lora-r8",
+        "floor", "curlora-r4", "curlora-r8", "unfused-r8", "reference-r4", "reference-r8", "lora-r4", "lora-r8",
     ]
+    assert saved["comparisons"]["r8"]["fused_over_unfused"] > 0
     assert list(saved["infer"]) == ["base", "curlora-unmerged", "curlora-merged"]
     assert saved["train"]["floor"]["ratio"] == pytest.approx(1.0)
     assert saved["train"]["floor"]["cpu_ratio"] == pytest.approx(1.0)
@@ -101,3 +102,18 @@ def test_init_cost_structure(init_cost, tmp_path: Path) -> None:
     assert [r["dtype"] for r in saved["runs"]] == ["float32", "bfloat16"]
     assert all(r["layers"] == 6 and r["sample_s"] >= 0 and isinstance(r["met"], bool) for r in saved["runs"])
     assert "bfloat16" in init_cost.format_table(results)
+
+
+def test_layer_overhead_structure(tmp_path: Path) -> None:
+    layer_overhead = _load("layer_overhead")
+    out = tmp_path / "l.json"
+    results = layer_overhead.main([
+        "--tokens", "8", "--in-features", "12", "--out-features", "12,4", "--r", "2", "--repeats", "2",
+        "--json", str(out),
+    ])
+    saved = json.loads(out.read_text())
+    assert set(saved["layers"]) == {"12->12", "12->4"}
+    for rows in saved["layers"].values():
+        assert set(rows) == {"floor", "curlora-fused", "curlora-op-by-op", "reference", "tiny-matmul"}
+        assert rows["floor"]["added_ms"] == 0.0 and rows["tiny-matmul"]["added_ms"] is None
+    assert "curlora-fused" in layer_overhead.format_table(results)
