@@ -96,13 +96,13 @@ def format_table(results: dict) -> str:
     lines = [
         f"# layer_overhead  torch {m['torch']}  {m['dtype']}  {m['tokens']} tokens  r={m['r']}  "
         f"{m['repeats']} rounds  threads {m['threads']} OMP_WAIT_POLICY={m['OMP_WAIT_POLICY']}",
-        f"{'layer':<10}{'variant':<28}{'fwd+bwd ms':>12}{'added ms':>10}",
+        f"{'layer':<12}{'variant':<28}{'fwd+bwd ms':>12}{'added ms':>10}",
     ]
     for layer, rows in results["layers"].items():
         for name, row in rows.items():
             added = "" if row["added_ms"] is None else f"{row['added_ms']:>10.3f}"
             label = f"{name} ({layer.split('->')[1]}x{m['r']} @ {m['r']}x{m['r']})" if name == "tiny-matmul" else name
-            lines.append(f"{layer:<10}{label:<28}{row['median_ms']:>12.3f}{added}")
+            lines.append(f"{layer:<12}{label:<28}{row['median_ms']:>12.3f}{added}")
     return "\n".join(lines)
 
 

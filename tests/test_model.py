@@ -124,3 +124,16 @@ def test_plain_torch_model_with_explicit_targets():
     model = get_curlora_model(net, CURLoRAConfig(r=2, target_modules=["0", "2"]))
     assert len(list(curlora_layers(model))) == 2
     assert model(torch.randn(3, 8)).shape == (3, 4)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_adapted_model_traces_as_one_graph_for_torch_compile(build):
+    """The fused autograd node must not break torch.compile's graph (tracing only: compiling
+    the tiny model would take a minute; benchmarks/README.md has the compiled timings). No
+    labels: transformers' own GPT-2 loss function breaks the graph, with or without adapters."""
+    import torch._dynamo
+
+    model = get_curlora_model(build(), CURLoRAConfig(r=4))
+    ids = torch.randint(0, 128, (2, 16))
+    explanation = torch._dynamo.explain(model)(input_ids=ids)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

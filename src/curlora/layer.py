@@ -93,7 +93,7 @@ class _FusedCURLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, U, weight, bias, C, R, rows, alpha):  # noqa: D102 - see the class
+    def forward(ctx, x, U, weight, bias, C, R, rows, alpha):
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         with torch.autocast(x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
@@ -107,7 +107,7 @@ class _FusedCURLinear(torch.autograd.Function):
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    def backward(ctx, grad):  # noqa: D102 - see the class
+    def backward(ctx, grad):
         h, scaled_u, weight, C, R = ctx.saved_tensors
         grad = grad.reshape(-1, grad.shape[-1]).to(h.dtype)
         grad_z = grad @ C  # N × r: the gradient at C's input
