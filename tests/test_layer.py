@@ -156,6 +156,21 @@ def test_fused_path_without_input_gradient_and_under_no_grad():
         torch.testing.assert_close(layer(x), _unfused(layer, x))
 
 
+def test_subclass_with_its_own_forward_keeps_it():
+    """Quantization libraries subclass nn.Linear and override forward: that forward must run."""
+
+    class Doubling(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    base = Doubling(10, 12, bias=False)
+    layer = CURLoRALayer(base)
+    layer.add_adapter("x", torch.tensor([0, 1]), torch.tensor([2, 3]), alpha=1.0)
+    layer.active_adapter = "x"
+    x = torch.randn(2, 10)
+    torch.testing.assert_close(layer(x), 2 * nn.functional.linear(x, base.weight))
+
+
 def test_hooked_base_layer_is_still_called():
     """accelerate's offloading and user hooks live on the base layer: they must keep running."""
     linear = nn.Linear(10, 12, bias=False)

@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 from curlora.quantization import compute_dtype, dequantized_weight, is_quantized_linear
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
+_STOCK_FORWARDS = (nn.Linear.forward, Conv1D.forward)
 
 
 def weight_out_in(base: nn.Module) -> torch.Tensor:
@@ -123,9 +124,13 @@ class _FusedCURLinear(torch.autograd.Function):
 
 def _fusable(base: nn.Module, adapter: CURAdapter) -> bool:
     """Whether the fused path computes exactly what ``base(x) + adapter(x)`` would: a plain
-    frozen layer whose forward nobody hooks (accelerate's offloading, user hooks) and no
-    active dropout on the adapter path."""
-    if is_quantized_linear(base) or not isinstance(base, SUPPORTED_LAYERS):
+    frozen layer running the stock ``nn.Linear`` / ``Conv1D`` forward on a plain weight (not a
+    subclass that overrides it, nor a tensor-subclass weight, as quantization libraries use),
+    which nobody hooks (accelerate's offloading, user hooks), and no active dropout on the
+    adapter path."""
+    if is_quantized_linear(base) or type(base).forward not in _STOCK_FORWARDS:
+        return False
+    if type(base.weight) not in (nn.Parameter, torch.Tensor):
         return False
     if any(p.requires_grad for p in base.parameters(recurse=False)):
         return False
