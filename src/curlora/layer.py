@@ -90,7 +90,8 @@ class _FusedCURLinear(torch.autograd.Function):
     computed at all when the base has no bias (R holds rows of W, so x·Rᵀ is those columns of
     x·Wᵀ: a gather); the adapter's output is accumulated into the base output inside its GEMM;
     and its input gradient is accumulated inside the base's input-gradient GEMM. What remains
-    per step is two thin GEMMs and a few r-wide ones, with no separate add either way.
+    per step is three thin N × r GEMMs (one forward, two backward), the gradient of U and two
+    r × r products, with no separate add either way.
     """
 
     @staticmethod
