@@ -129,7 +129,7 @@ def _fusable(base: nn.Module, adapter: CURAdapter) -> bool:
     subclass that overrides it, nor a tensor-subclass weight, as quantization libraries use),
     which nobody hooks (accelerate's offloading, user hooks), and no active dropout on the
     adapter path."""
-    if is_quantized_linear(base) or type(base).forward not in _STOCK_FORWARDS:
+    if type(base).forward not in _STOCK_FORWARDS:  # bitsandbytes layers have their own forward
         return False
     if type(base.weight) not in (nn.Parameter, torch.Tensor):
         return False
