@@ -166,3 +166,34 @@ def test_two_process_data_parallel_matches_one_process(tmp_path, tiny_model_dir,
         assert b["perplexity"]["final"] == pytest.approx(a["perplexity"]["final"], rel=1e-4)
         for row_a, row_b in zip(a["accuracy_matrix"], b["accuracy_matrix"]):
             assert row_b == pytest.approx(row_a, abs=0.051)
+
+
+def test_a_late_rank_does_not_mistake_a_new_run_for_an_old_one(tmp_path, tiny_model_dir, data_dir):
+    """Rank 0 writes config.yaml; a rank that looks after that must still see a fresh run, not refuse it."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import os, sys, time\n"
+        "from curlora.continual import ContinualRunner, init_data_parallel\n"
+        "from curlora.experiment_config import ContinualConfig\n"
+        "init_data_parallel('cpu')  # the rendezvous; after it, rank 1 arrives late\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    time.sleep(2)\n"
+        "config = ContinualConfig(model=sys.argv[1], data_dir=sys.argv[2], tasks=['sst2'], progress=False)\n"
+        "ContinualRunner(config, sys.argv[3])\n"
+    )
+    port = str(free_port())
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, tiny_model_dir, str(data_dir), str(tmp_path / "run")],
+            env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": port, "OMP_NUM_THREADS": "1"},
+            stderr=subprocess.PIPE, text=True,
+        )
+        for rank in (0, 1)
+    ]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    assert (tmp_path / "run" / "config.yaml").is_file()

@@ -175,7 +175,10 @@ class ContinualRunner:
         saved = self.run_dir / "config.yaml"
         resolved = self.config.to_dict()
         comparable = {k: v for k, v in resolved.items() if k != "progress"}
-        if saved.is_file():
+        existed = saved.is_file()
+        # Every rank must look before rank 0 writes, or a slower rank mistakes this run for an old one.
+        self._barrier()
+        if existed:
             previous = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k != "progress"}
             if not resume:
                 raise FileExistsError(
