@@ -73,21 +73,37 @@ INFER_KINDS = ("base", "curlora-unmerged", "curlora-merged")
 # ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
-def tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A randomly initialised 2-layer Llama (hidden 48) for smoke tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+# Randomly initialised models with real architectures' shapes: timing depends on shapes, not on
+# trained values. ``mistral-7b-shape`` is Mistral-7B's layer (hidden 4096, MLP 14336, 32 query /
+# 8 key-value heads, vocabulary 32000); ``--layers`` keeps a few of its 32 layers so it fits here.
+RANDOM_SHAPES = {
+    "tiny-llama": dict(model_type="llama", vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256),
+    "mistral-7b-shape": dict(model_type="mistral", vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096),
+}
 
+
+def random_model(shape: str, dtype: torch.dtype = torch.float32, layers: int | None = None) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(RANDOM_SHAPES[shape])
+    if layers is not None:
+        settings["num_hidden_layers"] = layers
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=128, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return AutoModelForCausalLM.from_config(AutoConfig.for_model(**settings)).to(dtype).eval()
 
 
-def load_base(model: str, dtype: torch.dtype) -> nn.Module:
-    if model == "tiny-llama":
-        return tiny_llama(dtype)
+def tiny_llama(dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A randomly initialised 2-layer model (hidden 48) for smoke tests."""
+    return random_model("tiny-llama", dtype)
+
+
+def load_base(model: str, dtype: torch.dtype, layers: int | None = None) -> nn.Module:
+    if model in RANDOM_SHAPES:
+        return random_model(model, dtype, layers)
+    if layers is not None:
+        raise ValueError(f"--layers applies to the random shapes {sorted(RANDOM_SHAPES)}, not to {model!r}")
     from curlora.pretrained import load_model_and_tokenizer
 
     base, _ = load_model_and_tokenizer(None if model == "smollm2" else model, dtype=dtype)
@@ -275,9 +291,9 @@ def _trim() -> None:
 
 
 def memory_probe(model: str, dtype: torch.dtype, kind: str, rank: int | None,
-                 batch_size: int, seq_len: int) -> dict:
+                 batch_size: int, seq_len: int, layers: int | None = None) -> dict:
     """Peak RSS a variant adds on top of the loaded base model (see module docstring)."""
-    base = load_base(model, dtype)
+    base = load_base(model, dtype, layers)
     input_ids = make_batch(base.config.vocab_size, batch_size, seq_len)
     _trim()
     with open("/proc/self/clear_refs", "w") as f:
@@ -302,6 +318,8 @@ def run_memory_probe(args: argparse.Namespace, kind: str, rank: int | None) -> d
            "--threads", str(torch.get_num_threads()), "--bf16" if args.bf16 else "--no-bf16"]
     if rank is not None:
         cmd += ["--probe-rank", str(rank)]
+    if getattr(args, "layers", None) is not None:
+        cmd += ["--layers", str(args.layers)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -351,10 +369,11 @@ def run_benchmark(
     infer: bool = True,
     log: Callable[[str], None] = print,
     args: argparse.Namespace | None = None,
+    layers: int | None = None,
 ) -> dict:
     """Time every variant interleaved; optionally probe peak memory; return the results dict."""
     dtype = torch.bfloat16 if bf16 else torch.float32
-    base = load_base(model, dtype)
+    base = load_base(model, dtype, layers)
     input_ids = make_batch(base.config.vocab_size, batch_size, seq_len)
     mid = ranks[len(ranks) // 2]
 
@@ -377,7 +396,7 @@ def run_benchmark(
     results: dict = {
         "meta": {
             "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "model": model, "dtype": str(dtype).replace("torch.", ""),
+            "model": model, "layers": base.config.num_hidden_layers, "dtype": str(dtype).replace("torch.", ""),
             "batch_size": batch_size, "seq_len": seq_len, "ranks": list(ranks), "middle_rank": mid,
             "repeats": repeats, "infer_repeats": infer_repeats if inference else 0, "warmup": warmup,
             "compile": compile, "targets": TARGETS, "cpu_steal": steal,
@@ -406,7 +425,8 @@ def run_benchmark(
         results["infer"][v.name] = {"kind": v.kind, "rank": v.rank, **_summary(v, inference[0])}
 
     if memory:
-        probe_args = args or argparse.Namespace(model=model, batch_size=batch_size, seq_len=seq_len, bf16=bf16)
+        probe_args = args or argparse.Namespace(model=model, batch_size=batch_size, seq_len=seq_len, bf16=bf16,
+                                                layers=layers)
         for v in train + inference:
             log(f"memory probe: {v.name}")
             section = results["train"] if v in train else results["infer"]
@@ -448,7 +468,8 @@ def format_table(results: dict) -> str:
     meta = results["meta"]
     th = meta["threads"]
     lines = [
-        f"# train_step benchmark  {meta['date']}  torch {meta['torch']}  model {meta['model']} ({meta['dtype']})"
+        f"# train_step benchmark  {meta['date']}  torch {meta['torch']}  model {meta['model']}"
+        f" ({meta.get('layers', '?')} layers, {meta['dtype']})"
         f"  batch {meta['batch_size']}x{meta['seq_len']}  {meta['warmup']} warm-up + {meta['repeats']} rounds"
         f" ({meta['infer_repeats']} inference)  compile={meta['compile']}",
         f"# threads: torch {th['torch_num_threads']} (interop {th['torch_num_interop_threads']}),"
@@ -494,7 +515,10 @@ def format_table(results: dict) -> str:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="smollm2", help="smollm2 (default), tiny-llama, or a model path")
+    p.add_argument("--model", default="smollm2",
+                   help=f"smollm2 (default), a model path, or a randomly initialised shape: {', '.join(RANDOM_SHAPES)}")
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers of a random shape (mistral-7b-shape has 32; 4 fit this machine)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--ranks", default="8,16,24")
@@ -520,7 +544,8 @@ def main(argv: list[str] | None = None) -> dict | None:
         torch.set_num_threads(args.threads)
     if args.memory_probe:
         dtype = torch.bfloat16 if args.bf16 else torch.float32
-        res = memory_probe(args.model, dtype, args.memory_probe, args.probe_rank, args.batch_size, args.seq_len)
+        res = memory_probe(args.model, dtype, args.memory_probe, args.probe_rank, args.batch_size, args.seq_len,
+                           args.layers)
         print(json.dumps(res))
         return None
     print(f"threads: {thread_settings()}", flush=True)
@@ -528,6 +553,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     results = run_benchmark(
         args.model, args.batch_size, args.seq_len, ranks, args.repeats, args.warmup, args.infer_repeats, args.bf16,
         args.compile, not args.no_memory, not args.no_infer, log=lambda s: print(s, flush=True), args=args,
+        layers=args.layers,
     )
     print(format_table(results))
     if args.json:

@@ -33,7 +33,7 @@ def init_cost():
 def test_train_step_structure(train_step, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     results = train_step.main([
-        "--model", "tiny-llama", "--batch-size", "2", "--seq-len", "16", "--ranks", "4,8",
+        "--model", "tiny-llama", "--layers", "3", "--batch-size", "2", "--seq-len", "16", "--ranks", "4,8",
         "--repeats", "2", "--warmup", "1", "--infer-repeats", "3", "--no-memory", "--json", str(out),
     ])
     saved = json.loads(out.read_text())
@@ -46,10 +46,11 @@ def test_train_step_structure(train_step, tmp_path: Path) -> None:
     assert saved["train"]["floor"]["ratio"] == pytest.approx(1.0)
     assert saved["train"]["floor"]["cpu_ratio"] == pytest.approx(1.0)
     assert saved["train"]["floor"]["trainable_params"] == 1
-    # r × r per adapted layer: 2 layers × q/k/v × 8².
-    assert saved["train"]["curlora-r8"]["trainable_params"] == 2 * 3 * 64
-    assert saved["train"]["reference-r8"]["trainable_params"] == 2 * 3 * 64
-    assert saved["train"]["lora-r8"]["trainable_params"] > 2 * 3 * 64
+    # r × r per adapted layer: 3 layers (--layers) × q/k/v × 8².
+    assert saved["meta"]["layers"] == 3
+    assert saved["train"]["curlora-r8"]["trainable_params"] == 3 * 3 * 64
+    assert saved["train"]["reference-r8"]["trainable_params"] == 3 * 3 * 64
+    assert saved["train"]["lora-r8"]["trainable_params"] > 3 * 3 * 64
     for row in saved["train"].values():
         assert len(row["times_s"]) == 2 and row["median_s"] > 0
     assert all(len(row["times_s"]) == 3 for row in saved["infer"].values())
@@ -61,6 +62,14 @@ def test_train_step_structure(train_step, tmp_path: Path) -> None:
     table = train_step.format_table(results)
     for name in ("floor", "curlora-r8", "reference-r8", "lora-r8", "curlora-merged", "targets:"):
         assert name in table
+
+
+def test_layers_only_shortens_random_shapes(train_step) -> None:
+    import torch
+
+    assert train_step.load_base("tiny-llama", torch.float32, layers=1).config.num_hidden_layers == 1
+    with pytest.raises(ValueError, match="--layers applies to the random shapes"):
+        train_step.load_base("smollm2", torch.float32, layers=1)
 
 
 def test_floor_gradient_reaches_every_layer(train_step) -> None:

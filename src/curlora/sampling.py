@@ -46,7 +46,8 @@ def probabilities_from_norms(squared_norms: torch.Tensor, mode: str) -> torch.Te
 def _squared(weight: torch.Tensor) -> torch.Tensor:
     if weight.ndim != 2:
         raise ValueError(f"CUR sampling needs a 2-D weight, got shape {tuple(weight.shape)}.")
-    return weight.detach().float().pow(2)  # float32 whatever the weight's dtype
+    # float32 whatever the weight's dtype, squared in place: one out × in temporary, not two.
+    return weight.detach().to(torch.float32, copy=True).square_()
 
 
 def selection_probabilities(weight: torch.Tensor, dim: int, mode: str) -> torch.Tensor:
