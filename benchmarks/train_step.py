@@ -199,8 +199,10 @@ def build_infer_variant(base: nn.Module, kind: str, rank: int, share: bool = Tru
         model = base
     elif kind in ("curlora-unmerged", "curlora-merged"):
         merged = kind == "curlora-merged"
-        # The merged variant changes its weights, so it gets its own copy unless told not to.
-        model = (copy.deepcopy(base) if merged else shared_copy(base)) if share else base
+        model = shared_copy(base) if share else base
+        if merged and share:  # merging writes the adapted weights: this copy gets its own, only those
+            for _, module in _targets(model):
+                module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=False)
         model = get_curlora_model(model, CURLoRAConfig(r=rank, target_modules=list(TARGETS)))
         with torch.no_grad():  # a non-zero U so merging really changes the weights
             for p in model.parameters():

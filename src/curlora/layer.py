@@ -79,7 +79,7 @@ class CURAdapter(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         """alpha · C U R as an out × in float32 matrix (materialised only when asked for)."""
-        return self.alpha * (self.C.float() @ self.U.float() @ self.R.float())
+        return (self.C.float() @ self.U.float() @ self.R.float()).mul_(self.alpha)  # one out × in tensor
 
 
 class _FusedCURLinear(torch.autograd.Function):
@@ -218,7 +218,8 @@ class CURLoRALayer(nn.Module):
     def _add_to_weight(self, delta_out_in: torch.Tensor) -> None:
         weight = self.base_layer.weight
         delta = delta_out_in.t() if isinstance(self.base_layer, Conv1D) else delta_out_in
-        weight.data.copy_((weight.data.float() + delta).to(weight.dtype))
+        # Summed in float32 inside the (fresh) delta: no further out × in temporaries.
+        weight.data.copy_(delta.add_(weight.data))
 
     def extra_repr(self) -> str:
         ranks = {name: a.r for name, a in self.adapters.items()}
