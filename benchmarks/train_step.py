@@ -320,7 +320,7 @@ def run_memory_probe(args: argparse.Namespace, kind: str, rank: int | None) -> d
            "--threads", str(torch.get_num_threads()), "--bf16" if args.bf16 else "--no-bf16"]
     if rank is not None:
         cmd += ["--probe-rank", str(rank)]
-    if getattr(args, "layers", None) is not None:
+    if args.layers is not None:
         cmd += ["--layers", str(args.layers)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
@@ -370,7 +370,6 @@ def run_benchmark(
     memory: bool = True,
     infer: bool = True,
     log: Callable[[str], None] = print,
-    args: argparse.Namespace | None = None,
     layers: int | None = None,
 ) -> dict:
     """Time every variant interleaved; optionally probe peak memory; return the results dict."""
@@ -427,8 +426,7 @@ def run_benchmark(
         results["infer"][v.name] = {"kind": v.kind, "rank": v.rank, **_summary(v, inference[0])}
 
     if memory:
-        probe_args = args or argparse.Namespace(model=model, batch_size=batch_size, seq_len=seq_len, bf16=bf16,
-                                                layers=layers)
+        probe_args = argparse.Namespace(model=model, batch_size=batch_size, seq_len=seq_len, bf16=bf16, layers=layers)
         for v in train + inference:
             log(f"memory probe: {v.name}")
             section = results["train"] if v in train else results["infer"]
@@ -471,7 +469,7 @@ def format_table(results: dict) -> str:
     th = meta["threads"]
     lines = [
         f"# train_step benchmark  {meta['date']}  torch {meta['torch']}  model {meta['model']}"
-        f" ({meta.get('layers', '?')} layers, {meta['dtype']})"
+        f" ({meta['layers']} layers, {meta['dtype']})"
         f"  batch {meta['batch_size']}x{meta['seq_len']}  {meta['warmup']} warm-up + {meta['repeats']} rounds"
         f" ({meta['infer_repeats']} inference)  compile={meta['compile']}",
         f"# threads: torch {th['torch_num_threads']} (interop {th['torch_num_interop_threads']}),"
@@ -554,7 +552,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     ranks = tuple(int(r) for r in args.ranks.split(","))
     results = run_benchmark(
         args.model, args.batch_size, args.seq_len, ranks, args.repeats, args.warmup, args.infer_repeats, args.bf16,
-        args.compile, not args.no_memory, not args.no_infer, log=lambda s: print(s, flush=True), args=args,
+        args.compile, not args.no_memory, not args.no_infer, log=lambda s: print(s, flush=True),
         layers=args.layers,
     )
     print(format_table(results))
