@@ -38,7 +38,7 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 
 from curlora import CURLoRAConfig, curlora_layers, get_curlora_model  # noqa: E402
-from curlora.evaluation import perplexity  # noqa: E402
+from curlora.continual.evaluation import perplexity  # noqa: E402
 from curlora.layer import weight_out_in  # noqa: E402
 from curlora.pretrained import load_model_and_tokenizer  # noqa: E402
 from curlora.quantization import dequantize_model, quantize_model  # noqa: E402

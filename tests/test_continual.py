@@ -8,7 +8,7 @@ from conftest import free_port, save_tiny_llama
 
 from curlora.cli import main
 from curlora.continual import ContinualRunner, run_specs
-from curlora.experiment_config import ContinualConfig, load_config
+from curlora.continual.config import ContinualConfig, load_config
 
 
 @pytest.fixture(scope="module")
@@ -176,8 +176,8 @@ def test_a_late_rank_does_not_mistake_a_new_run_for_an_old_one(tmp_path, tiny_mo
 
     script = (
         "import os, sys, time\n"
-        "from curlora.continual import ContinualRunner, init_data_parallel\n"
-        "from curlora.experiment_config import ContinualConfig\n"
+        "from curlora.continual.runner import ContinualRunner, init_data_parallel\n"
+        "from curlora.continual.config import ContinualConfig\n"
         "init_data_parallel('cpu')  # the rendezvous; after it, rank 1 arrives late\n"
         "if os.environ['RANK'] == '1':\n"
         "    time.sleep(2)\n"

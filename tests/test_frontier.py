@@ -1,6 +1,6 @@
 import pytest
 
-from curlora.frontier import analyse, default_targets, matched_accuracy, pareto, select_learning_rates
+from curlora.continual.frontier import analyse, default_targets, matched_accuracy, pareto, select_learning_rates
 
 
 def _run(method, lr, seed, test_acc, val_acc, ppl_after, rank=16):
@@ -63,7 +63,7 @@ def test_dominated_rates_do_not_bend_the_frontier():
 
 
 def test_report_states_which_method_forgot_least_at_matched_accuracy():
-    from curlora.report import _matched_reading
+    from curlora.continual.report import _matched_reading
 
     rows = [{"target": 0.7, "method": "curlora", "rank": 16, "ppl_increase": 3.0},
             {"target": 0.7, "method": "lora", "rank": 16, "ppl_increase": 1.0}]

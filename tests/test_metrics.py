@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from curlora.metrics import (
+from curlora.continual.metrics import (
     aggregate_runs,
     average_forgetting,
     backward_transfer,

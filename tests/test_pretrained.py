@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from curlora import CURLoRAConfig, CURLoRAModel, get_curlora_model
-from curlora.evaluation import perplexity
+from curlora.continual.evaluation import perplexity
 
 pytestmark = pytest.mark.smollm2
 

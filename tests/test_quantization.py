@@ -192,7 +192,7 @@ def test_deepcopy_of_quantized_adapted_model(scheme):
 
 
 def test_continual_config_validates_quantize():
-    from curlora.experiment_config import ContinualConfig
+    from curlora.continual.config import ContinualConfig
 
     assert ContinualConfig(quantize="nf4", methods=["curlora"]).quantize == "nf4"
     with pytest.raises(ValueError, match="Unknown quantize scheme"):
@@ -206,7 +206,7 @@ def test_continual_benchmark_runs_on_a_quantized_base(tmp_path_factory, smol_tok
     import json
 
     from curlora.continual import ContinualRunner
-    from curlora.experiment_config import ContinualConfig
+    from curlora.continual.config import ContinualConfig
 
     model_dir = conftest.save_tiny_llama(tmp_path_factory.mktemp("tiny-llama-64"), smol_tokenizer, hidden=64)
     run_dir = tmp_path_factory.mktemp(f"continual-{scheme}")

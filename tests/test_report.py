@@ -2,7 +2,7 @@ import struct
 
 import pytest
 
-from curlora.report import format_table, write_report
+from curlora.continual.report import format_table, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

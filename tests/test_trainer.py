@@ -149,7 +149,7 @@ def test_trl_sft_trainer(smol_tokenizer, tmp_path):
     import trl
     from datasets import Dataset
 
-    from curlora.integrations import CURLoRASFTTrainer
+    from curlora.sft.trainer import CURLoRASFTTrainer
 
     data = Dataset.from_list([
         {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]}

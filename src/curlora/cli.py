@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from curlora.experiment_config import PRESETS, load_config
+from curlora.continual.config import PRESETS, load_config
 
 
 def _floats(text: str) -> list[float]:

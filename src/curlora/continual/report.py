@@ -19,8 +19,8 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from curlora.fileio import atomic_write_bytes
-from curlora.frontier import plot_frontier
-from curlora.metrics import summarize
+from curlora.continual.frontier import plot_frontier
+from curlora.continual.metrics import summarize
 
 SCHEMA_VERSION = 1
 HEAD_METHOD = "head"

@@ -28,15 +28,15 @@ from torch import nn
 
 from curlora import CURLoRAConfig, get_curlora_model, stability_diagnostics
 from curlora.data import ClassificationCollator, TaskSplits, load_corpus, load_task, load_task_file, make_validation_split
-from curlora.evaluation import perplexity
-from curlora.experiment_config import ContinualConfig
-from curlora.frontier import analyse
+from curlora.continual.evaluation import perplexity
+from curlora.continual.config import ContinualConfig
+from curlora.continual.frontier import analyse
 from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from curlora.metrics import summarize
+from curlora.continual.metrics import summarize
 from curlora.model import CURLoRAModel
 from curlora.pretrained import load_model_and_tokenizer
-from curlora.report import write_report
-from curlora.training import (
+from curlora.continual.report import write_report
+from curlora.continual.training import (
     NonFiniteLossError,
     TrainSettings,
     accuracy,

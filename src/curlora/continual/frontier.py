@@ -18,7 +18,7 @@ from typing import Any
 from matplotlib.figure import Figure
 
 from curlora.fileio import atomic_write_bytes
-from curlora.metrics import interpolate_at_accuracy, mean_std, run_metrics
+from curlora.continual.metrics import interpolate_at_accuracy, mean_std, run_metrics
 
 COSTS = ("ppl_increase", "forgetting", "bwt")
 MATCHED_COSTS = ("ppl_increase", "forgetting")  # lower is better; BWT (higher is better) is in the points table

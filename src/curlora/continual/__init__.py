@@ -1,0 +1,9 @@
+"""The continual-learning benchmark (``curlora continual``): tasks in sequence through every
+method, learning and forgetting measured, reported with intervals over seeds.
+
+Built on the library core (:mod:`curlora`), which imports nothing from here."""
+
+from curlora.continual.config import PRESETS, ContinualConfig, load_config
+from curlora.continual.runner import ContinualRunner, run_specs
+
+__all__ = ["PRESETS", "ContinualConfig", "ContinualRunner", "load_config", "run_specs"]
