@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from curlora.continual.config import PRESETS, load_config
+from curlora.continual.methods import describe
 
 
 def _floats(text: str) -> list[float]:
@@ -38,7 +39,7 @@ def _continual_parser(sub) -> None:
     p.add_argument("--model", help="hub id or local directory (default: SmolLM2-135M-Instruct, offline)")
     p.add_argument("--tasks", type=_strings, help="comma-separated task names, in training order")
     p.add_argument("--corpus", help="perplexity corpus name")
-    p.add_argument("--methods", type=_strings, help="curlora, curlora-standard, curlora-uniform, lora, head, full, peft:<type>")
+    p.add_argument("--methods", type=_strings, help="comma-separated: " + describe() + "; peft:<type> (any PEFT method); or a variant declared under method_variants in --config")
     p.add_argument("--ranks", type=_ints)
     p.add_argument("--seeds", type=_ints)
     p.add_argument("--examples-per-task", type=int)

@@ -8,9 +8,8 @@ from typing import Any
 
 import yaml
 
+from curlora.continual.methods import Method, resolve
 from curlora.data import OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS
-
-BUILTIN_METHODS = ("curlora", "curlora-standard", "curlora-uniform", "lora", "head", "full")
 
 
 @dataclass
@@ -25,6 +24,8 @@ class ContinualConfig:
     data_dir: str | None = None
     methods: list[str] = field(default_factory=lambda: ["curlora", "lora", "head"])
     peft_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # "peft:vera" -> VeraConfig kwargs
+    # Named variants run beside their base: {"lora-pissa": {"base": "lora", "init_lora_weights": "pissa"}}
+    method_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     ranks: list[int] = field(default_factory=lambda: [16])
     alpha: float = 1.0
     target_modules: list[str] | None = None  # None: the architecture's q/k/v (c_attn for GPT-2)
@@ -57,12 +58,7 @@ class ContinualConfig:
             value = getattr(self, name)
             if not value and not (name == "tasks" and self.task_files):
                 raise ValueError(f"Config field {name!r} must not be empty.")
-        for method in self.methods:
-            if method not in BUILTIN_METHODS and not method.startswith("peft:"):
-                raise ValueError(
-                    f"Unknown method {method!r}; choose from {BUILTIN_METHODS} or 'peft:<type>' "
-                    f"(e.g. peft:vera) with its keyword arguments in peft_kwargs."
-                )
+        methods = [self.method(name) for name in self.methods]  # unknown names fail here
         positive = ("examples_per_task", "eval_examples", "epochs", "batch_size", "eval_batch_size", "max_length")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -72,10 +68,18 @@ class ContinualConfig:
 
             if self.quantize not in SCHEMES:
                 raise ValueError(f"Unknown quantize scheme {self.quantize!r}; choose one of {SCHEMES}.")
-            if "full" in self.methods:
-                raise ValueError("Method 'full' cannot train a quantized base; drop it or unset quantize.")
+            for method in methods:
+                if method.trains_base_weights:
+                    raise ValueError(
+                        f"Method {method.name!r} trains the base weights, which a quantized base cannot; "
+                        f"drop it or unset quantize."
+                    )
         if not 0 < self.validation_fraction < 1:
             raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}.")
+
+    def method(self, name: str) -> Method:
+        """The registry entry (or declared variant) a method name in this config stands for."""
+        return resolve(name, self.method_variants)
 
     @property
     def learning_rates(self) -> list[float]:

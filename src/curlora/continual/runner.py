@@ -26,11 +26,12 @@ import yaml
 from safetensors.torch import load_file, save
 from torch import nn
 
-from curlora import CURLoRAConfig, get_curlora_model, stability_diagnostics
+from curlora import stability_diagnostics
 from curlora.data import ClassificationCollator, TaskSplits, load_corpus, load_task, load_task_file, make_validation_split
 from curlora.continual.evaluation import perplexity
 from curlora.continual.config import ContinualConfig
 from curlora.continual.frontier import analyse
+from curlora.continual.methods import Adapted, BuildContext
 from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from curlora.continual.metrics import summarize
 from curlora.model import CURLoRAModel
@@ -75,18 +76,18 @@ class RunSpec:
 
 
 def run_specs(config: ContinualConfig) -> list[RunSpec]:
+    """Every run of a config: each method at each of the sweep's values that apply to it."""
     specs = []
     for seed in config.seeds:
-        for method in config.methods:
-            if method == "head":
-                specs.append(RunSpec("head", None, None, 0.0, seed))
-                continue
-            ranks = [None] if method == "full" else config.ranks
-            penalties = config.u_penalties if method.startswith("curlora") else [0.0]
+        for name in config.methods:
+            method = config.method(name)
+            ranks = config.ranks if method.takes_rank else [None]
+            lrs = config.learning_rates if method.takes_lr else [None]
+            penalties = config.u_penalties if method.takes_u_penalty else [0.0]
             for rank in ranks:
-                for lr in config.learning_rates:
+                for lr in lrs:
                     for penalty in penalties:
-                        specs.append(RunSpec(method, rank, lr, penalty, seed))
+                        specs.append(RunSpec(name, rank, lr, penalty, seed))
     return specs
 
 
@@ -94,42 +95,10 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-# -- methods ------------------------------------------------------------------------------------
-def build_method(lm: nn.Module, spec: RunSpec, config: ContinualConfig) -> tuple[nn.Module, list[torch.Tensor]]:
-    """Wrap a fresh copy of the base LM for ``spec``; returns the model and its U tensors (if any)."""
-    if spec.method == "head":
-        for p in lm.parameters():
-            p.requires_grad_(False)
-        return lm, []
-    if spec.method == "full":
-        for p in lm.parameters():
-            p.requires_grad_(True)
-        return lm, []
-    if spec.method.startswith("curlora"):
-        sampling = spec.method.split("-", 1)[1] if "-" in spec.method else "inverse"
-        model = get_curlora_model(
-            lm,
-            CURLoRAConfig(
-                r=spec.rank, alpha=config.alpha, target_modules=config.target_modules,
-                sampling=sampling, seed=spec.seed,
-            ),
-        )
-        return model, [p for p in model.parameters() if p.requires_grad]
-    from peft import LoraConfig, get_peft_config, get_peft_model
-
-    targets = config.target_modules or CURLoRAConfig().resolved_targets(lm.config.model_type)
-    if spec.method == "lora":
-        # PEFT scales B·A by lora_alpha / r; the paper's LoRA adds alpha·x·A·B, so lora_alpha = alpha·r.
-        peft_config = LoraConfig(
-            r=spec.rank, lora_alpha=config.alpha * spec.rank, target_modules=targets, lora_dropout=0.0,
-            fan_in_fan_out=lm.config.model_type == "gpt2",
-        )
-    else:
-        peft_type = spec.method.split(":", 1)[1].upper()
-        kwargs = {"peft_type": peft_type, "target_modules": targets, "r": spec.rank}
-        kwargs.update(config.peft_kwargs.get(spec.method, {}))
-        peft_config = get_peft_config(kwargs)
-    return get_peft_model(lm, peft_config), []
+def build_method(lm: nn.Module, spec: RunSpec, config: ContinualConfig) -> Adapted:
+    """A fresh copy of the base LM, prepared by ``spec``'s method (see curlora.continual.methods)."""
+    context = BuildContext(rank=spec.rank, seed=spec.seed, alpha=config.alpha, target_modules=config.target_modules)
+    return config.method(spec.method).adapt(lm, context, config.peft_kwargs.get(spec.method))
 
 
 def init_data_parallel(device: str) -> torch.device:
@@ -179,7 +148,9 @@ class ContinualRunner:
         # Every rank must look before rank 0 writes, or a slower rank mistakes this run for an old one.
         self._barrier()
         if existed:
-            previous = {k: v for k, v in (yaml.safe_load(saved.read_text()) or {}).items() if k != "progress"}
+            # A field added since that run was made counts as its default.
+            loaded = {**ContinualConfig().to_dict(), **(yaml.safe_load(saved.read_text()) or {})}
+            previous = {k: v for k, v in loaded.items() if k != "progress"}
             if not resume:
                 raise FileExistsError(
                     f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
@@ -249,8 +220,9 @@ class ContinualRunner:
         cfg = self.config
         ckpt_dir = self.run_dir / "checkpoints" / spec.key
         torch.manual_seed(derived_seed(spec.seed, "init", spec.key))
-        model, u_params = build_method(copy.deepcopy(base_lm), spec, cfg)
-        model.to(self.device)
+        method = cfg.method(spec.method)
+        adapted = build_method(copy.deepcopy(base_lm), spec, cfg)
+        model = adapted.model.to(self.device)
         heads = self._heads(spec, base_lm.config.hidden_size)
         settings = TrainSettings(
             lr=spec.lr or 0.0, head_lr=cfg.head_lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
@@ -272,13 +244,15 @@ class ContinualRunner:
             task = self.tasks[i]
             torch.manual_seed(derived_seed(spec.seed, "task", i, spec.key))
             generator = torch.Generator().manual_seed(derived_seed(spec.seed, "shuffle", i))
+            adapted.start_task(i)
             losses = train_task(
-                model, heads[i], task.train, self.collator, settings, generator, u_params,
+                model, heads[i], task.train, self.collator, settings, generator, adapted.u_params,
                 progress=cfg.progress and self.is_main, description=f"{spec.key} · {task.name}",
             )
+            adapted.end_task(i)
             test_row = self._accuracies(model, heads, self.eval_splits, i)
             # A frozen backbone cannot change the LM: its perplexity is the base model's by construction.
-            ppl = self.ppl_before if spec.method == "head" else self._perplexity(model)
+            ppl = self.ppl_before if method.frozen_backbone else self._perplexity(model)
             state["accuracy_matrix"].append(test_row)
             state["ppl_after_task"].append(ppl)
             state["final_losses"].append(sum(losses[-10:]) / len(losses[-10:]))

@@ -1,0 +1,211 @@
+"""The benchmark's methods, in one registry: each entry says how it adapts a fresh copy of the
+base model and which of the sweep's axes (rank, learning rate, the paper's U penalty) apply to it.
+
+Config validation, run planning, the report and the CLI read this registry; nothing else tests
+method names. A method is named in a config as
+
+* a registered name (``curlora``, ``lora``, ``head``, ``full``, the variants below, ...);
+* ``peft:<type>``: any PEFT method (``peft:vera``), sized by the argument that type really has
+  (``r`` for most, ``effective_rank`` for OSF, ...), keyword arguments in ``peft_kwargs``;
+* a variant declared in the config's ``method_variants`` (``{"lora-pissa": {"base": "lora",
+  "init_lora_weights": "pissa"}}``): a registered method or ``peft:<type>`` with extra keyword
+  arguments for its config, run beside the plain one.
+
+Adding a method is one :func:`register` call (and its test).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from curlora import CURLoRAConfig, get_curlora_model
+
+PEFT_PREFIX = "peft:"
+
+# PEFT types whose size argument is not ``r`` (types with neither take no size at all).
+PEFT_SIZE_ARGUMENTS = {
+    "OSF": "effective_rank",
+    "BOFT": "boft_block_size",
+    "C3A": "block_size",
+    "FOURIERFT": "n_frequency",
+    "WAVEFT": "n_frequency",
+}
+
+
+@dataclass
+class Adapted:
+    """A model prepared by a method, and the tensors the paper's Eq. 11 penalises (CURLoRA's U).
+
+    Methods that act at task boundaries or add a loss term override the hooks; the runner calls
+    them for every method, and the defaults do nothing."""
+
+    model: nn.Module
+    u_params: list[torch.Tensor] = field(default_factory=list)
+
+    def start_task(self, task_index: int) -> None:
+        """Called before training task ``task_index``."""
+
+    def end_task(self, task_index: int) -> None:
+        """Called after training task ``task_index``, before it is evaluated."""
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """What a method may read from the run: rank, seed, alpha and target layers."""
+
+    rank: int | None
+    seed: int
+    alpha: float
+    target_modules: list[str] | None
+
+
+Builder = Callable[[nn.Module, BuildContext, Mapping[str, Any]], Adapted]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registry entry. ``kwargs`` are fixed keyword arguments for the builder (variants)."""
+
+    name: str
+    summary: str
+    build: Builder
+    takes_rank: bool = True
+    takes_lr: bool = True
+    takes_u_penalty: bool = False
+    frozen_backbone: bool = False  # the LM cannot change: its perplexity is the base model's
+    trains_base_weights: bool = False  # needs full-precision base weights (no quantized base)
+    kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def adapt(self, lm: nn.Module, context: BuildContext, extra: Mapping[str, Any] | None = None) -> Adapted:
+        return self.build(lm, context, {**self.kwargs, **(extra or {})})
+
+    def variant(self, name: str, summary: str, **kwargs: Any) -> "Method":
+        return dataclasses.replace(self, name=name, summary=summary, kwargs={**self.kwargs, **kwargs})
+
+
+REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    if method.name in REGISTRY:
+        raise ValueError(f"Method {method.name!r} is already registered.")
+    REGISTRY[method.name] = method
+    return method
+
+
+# -- builders ---------------------------------------------------------------------------------
+def _targets(lm: nn.Module, context: BuildContext) -> list[str] | str:
+    return context.target_modules or CURLoRAConfig().resolved_targets(getattr(lm.config, "model_type", None))
+
+
+def _build_head(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    for p in lm.parameters():
+        p.requires_grad_(False)
+    return Adapted(lm)
+
+
+def _build_full(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    for p in lm.parameters():
+        p.requires_grad_(True)
+    return Adapted(lm)
+
+
+def _build_curlora(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    config = CURLoRAConfig(
+        r=context.rank, alpha=context.alpha, target_modules=context.target_modules, seed=context.seed, **kwargs
+    )
+    model = get_curlora_model(lm, config)
+    return Adapted(model, [p for p in model.parameters() if p.requires_grad])
+
+
+def _peft_model(lm: nn.Module, peft_type: str, size: dict[str, Any], context: BuildContext,
+                kwargs: Mapping[str, Any]) -> Adapted:
+    from peft import get_peft_config, get_peft_model
+
+    settings = {"peft_type": peft_type, "target_modules": _targets(lm, context), **size, **kwargs}
+    return Adapted(get_peft_model(lm, get_peft_config(settings)))
+
+
+def _build_lora(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    # PEFT scales B·A by lora_alpha / r; the paper's LoRA adds alpha·x·A·B, so lora_alpha = alpha·r.
+    size = {
+        "r": context.rank, "lora_alpha": context.alpha * context.rank, "lora_dropout": 0.0,
+        "fan_in_fan_out": getattr(lm.config, "model_type", None) == "gpt2",
+    }
+    return _peft_model(lm, "LORA", size, context, kwargs)
+
+
+def peft_size_argument(peft_type: str) -> str | None:
+    """The argument that sizes a PEFT type's adapter (None: it has none), from its config class."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    config_class = PEFT_TYPE_TO_CONFIG_MAPPING[peft_type]
+    names = {f.name for f in dataclasses.fields(config_class)}
+    if peft_type in PEFT_SIZE_ARGUMENTS:
+        return PEFT_SIZE_ARGUMENTS[peft_type]
+    return "r" if "r" in names else None
+
+
+def peft_method(name: str) -> Method:
+    """The method for ``peft:<type>``; its size argument decides whether it takes a rank."""
+    peft_type = name[len(PEFT_PREFIX):].upper()
+    try:
+        size_argument = peft_size_argument(peft_type)
+    except KeyError:
+        from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+        known = sorted(str(t).lower() for t in PEFT_TYPE_TO_CONFIG_MAPPING)
+        raise ValueError(f"Unknown PEFT type in method {name!r}; PEFT knows {known}.") from None
+
+    def build(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+        size = {size_argument: context.rank} if size_argument else {}
+        return _peft_model(lm, peft_type, size, context, kwargs)
+
+    return Method(name, f"PEFT {peft_type}", build, takes_rank=size_argument is not None)
+
+
+register(Method("curlora", "CURLoRA (inverted-probability C and R, trained U)", _build_curlora,
+                takes_u_penalty=True))
+register(REGISTRY["curlora"].variant("curlora-standard", "CURLoRA, C/R sampled ∝ squared norm (classic CUR)",
+                                     sampling="standard"))
+register(REGISTRY["curlora"].variant("curlora-uniform", "CURLoRA, C/R sampled uniformly", sampling="uniform"))
+register(Method("lora", "PEFT LoRA on the same layers and rank", _build_lora))
+register(Method("head", "frozen backbone, task heads only (the zero-forgetting floor)", _build_head,
+                takes_rank=False, takes_lr=False, frozen_backbone=True))
+register(Method("full", "full fine-tuning", _build_full, takes_rank=False, trains_base_weights=True))
+
+
+# -- lookup -----------------------------------------------------------------------------------
+def resolve(name: str, variants: Mapping[str, Mapping[str, Any]] | None = None) -> Method:
+    """The method a config names: registered, ``peft:<type>``, or a declared variant of either."""
+    variants = variants or {}
+    if name in variants:
+        spec = dict(variants[name])
+        base_name = spec.pop("base", None)
+        if not isinstance(base_name, str):
+            raise ValueError(
+                f"method_variants[{name!r}] needs a 'base' method (e.g. base: lora), got {base_name!r}."
+            )
+        if base_name in variants:
+            raise ValueError(f"method_variants[{name!r}] is based on another variant {base_name!r}; "
+                             f"base it on a registered method.")
+        return resolve(base_name).variant(name, f"{base_name} with {spec}", **spec)
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if name.startswith(PEFT_PREFIX):
+        return peft_method(name)
+    raise ValueError(
+        f"Unknown method {name!r}; choose from {sorted(REGISTRY)}, 'peft:<type>' (e.g. peft:vera), "
+        f"or declare it under method_variants (e.g. {{{name}: {{base: lora, init_lora_weights: pissa}}}})."
+    )
+
+
+def describe() -> str:
+    """One line per registered method, for the CLI's help."""
+    return "; ".join(f"{m.name}: {m.summary}" for m in REGISTRY.values())
