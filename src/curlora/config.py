@@ -8,7 +8,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
+from torch import nn
+
 from curlora.fileio import atomic_write_bytes
+from curlora.targets import default_targets
 
 SamplingMode = Literal["inverse", "standard", "uniform"]
 SAMPLING_MODES: tuple[str, ...] = ("inverse", "standard", "uniform")
@@ -16,31 +19,13 @@ SAMPLING_MODES: tuple[str, ...] = ("inverse", "standard", "uniform")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 
-# Attention projections the paper adapts, by transformers ``model_type``.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "k_proj", "v_proj"],
-    "mistral": ["q_proj", "k_proj", "v_proj"],
-    "mixtral": ["q_proj", "k_proj", "v_proj"],
-    "qwen2": ["q_proj", "k_proj", "v_proj"],
-    "qwen3": ["q_proj", "k_proj", "v_proj"],
-    "gemma": ["q_proj", "k_proj", "v_proj"],
-    "gemma2": ["q_proj", "k_proj", "v_proj"],
-    "phi3": ["qkv_proj"],
-    "opt": ["q_proj", "k_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"],
-}
-
-
 @dataclass
 class CURLoRAConfig:
     """Everything that decides an adapter; saved next to its weights so it can be rebuilt.
 
     ``target_modules`` is either a list of module-name suffixes (``"q_proj"`` matches
     ``model.layers.0.self_attn.q_proj``) or a single regex matched with ``re.fullmatch``
-    against the full module name, as in PEFT. ``None`` picks the per-architecture default.
+    against the full module name, as in PEFT. ``None`` picks the architecture's q/k/v projections (:mod:`curlora.targets`).
     """
 
     r: int = 16
@@ -70,17 +55,11 @@ class CURLoRAConfig:
         if isinstance(self.modules_to_save, (tuple, set)):
             self.modules_to_save = sorted(self.modules_to_save)
 
-    def resolved_targets(self, model_type: str | None) -> list[str] | str:
-        """The target patterns to use, falling back to the architecture's attention projections."""
+    def resolved_targets(self, model: nn.Module) -> list[str] | str:
+        """The target patterns to use, falling back to the architecture's q/k/v projections."""
         if self.target_modules is not None:
             return self.target_modules
-        if model_type in DEFAULT_TARGET_MODULES:
-            return DEFAULT_TARGET_MODULES[model_type]
-        raise ValueError(
-            f"No default target modules for model_type {model_type!r}; pass "
-            f"CURLoRAConfig(target_modules=[...]) with the names of the Linear layers to adapt. "
-            f"Known defaults: {sorted(DEFAULT_TARGET_MODULES)}."
-        )
+        return default_targets(model)
 
     def to_dict(self) -> dict:
         return asdict(self)

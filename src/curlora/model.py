@@ -104,13 +104,9 @@ class CURLoRAModel(nn.Module):
     def get_base_model(self) -> nn.Module:
         return self.base_model
 
-    @property
-    def model_type(self) -> str | None:
-        return getattr(getattr(self.base_model, "config", None), "model_type", None)
-
     # -- adapters -----------------------------------------------------------------------------
     def _targets(self, config: CURLoRAConfig) -> list[tuple[str, nn.Module]]:
-        targets = config.resolved_targets(self.model_type)
+        targets = config.resolved_targets(self.base_model)
         matched = [(n, m) for n, m in _candidate_modules(self.base_model) if n and matches_target(n, targets)]
         if not matched:
             linear_names = sorted(

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from curlora import CURLoRAConfig, get_curlora_model
+from curlora.targets import default_targets
 
 PEFT_PREFIX = "peft:"
 
@@ -101,7 +102,7 @@ def register(method: Method) -> Method:
 
 # -- builders ---------------------------------------------------------------------------------
 def _targets(lm: nn.Module, context: BuildContext) -> list[str] | str:
-    return context.target_modules or CURLoRAConfig().resolved_targets(getattr(lm.config, "model_type", None))
+    return context.target_modules or default_targets(lm)
 
 
 def _build_head(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
