@@ -68,4 +68,35 @@ def test_report_states_which_method_forgot_least_at_matched_accuracy():
     rows = [{"target": 0.7, "method": "curlora", "rank": 16, "ppl_increase": 3.0},
             {"target": 0.7, "method": "lora", "rank": 16, "ppl_increase": 1.0}]
     (line,) = _matched_reading(rows)
-    assert "lora r16 +1.00, curlora r16 +3.00" in line and line.endswith("lora r16 forgot the language model least at that accuracy.")
+    assert "lora r16 +1.00, curlora r16 +3.00" in line
+    assert line.endswith("lora r16 raised it least at that accuracy (one seed: not resolved against curlora r16).")
+
+
+def _seed_run(method, lr, seed, plasticity, ppl_increase):
+    """A two-task run whose plasticity and perplexity increase are the given numbers."""
+    return {"method": method, "rank": 16, "lr": lr, "seed": seed, "status": "ok",
+            "accuracy_matrix": [[None, None], [plasticity, None], [plasticity, plasticity]],
+            "validation_accuracy": [plasticity, plasticity],
+            "perplexity": {"before": 10.0, "after_task": [10.0, 10.0 + ppl_increase],
+                           "final": 10.0 + ppl_increase}}
+
+
+def test_matched_costs_carry_intervals_over_the_seeds_own_curves():
+    from curlora.continual.report import _matched_reading
+
+    runs = []
+    for seed, jitter in enumerate((0.0, 0.02, -0.02)):
+        runs += [_seed_run("lora", 1e-3, seed, 0.6, 0.1 + jitter), _seed_run("lora", 1e-2, seed, 0.8, 0.3 + jitter),
+                 _seed_run("curlora", 1e-3, seed, 0.6, 2.0 + jitter), _seed_run("curlora", 1e-2, seed, 0.8, 4.0 + jitter)]
+    frontier = analyse(runs)
+    point = next(p for p in frontier["points"] if p["method"] == "lora" and p["lr"] == 1e-2)
+    assert point["n_seeds"] == 3 and point["ppl_increase"] == pytest.approx(0.3)
+    # 95 % t interval, 2 degrees of freedom: mean ± 4.303 · s / √3 with s = 0.02.
+    half = 4.303 * 0.02 / 3 ** 0.5
+    assert point["ppl_increase_ci95"] == pytest.approx([0.3 - half, 0.3 + half])
+    row = next(m for m in frontier["matched"] if m["method"] == "lora" and m["target"] == 0.7)
+    assert row["ppl_increase"] == pytest.approx(0.2)
+    assert row["ppl_increase_stat"]["n"] == 3
+    assert row["ppl_increase_stat"]["ci95"] == pytest.approx([0.2 - half, 0.2 + half])
+    (line, *_) = _matched_reading([m for m in frontier["matched"] if m["target"] == 0.7])
+    assert "lora r16 raised it least" in line and "resolved: intervals separate" in line

@@ -111,7 +111,7 @@ def test_aggregate_runs_groups_and_skips_failed():
     assert lora["bwt"]["std"] == pytest.approx(math.sqrt(0.005))
     assert lora["forgetting"]["mean"] == pytest.approx(0.15)
     assert [s["mean"] for s in lora["task_accuracy"]] == pytest.approx([0.7, 0.8])
-    assert lora["ppl_increase"] == {"mean": 2.0, "std": 0.0, "n": 2}
+    assert lora["ppl_increase"] == {"mean": 2.0, "std": 0.0, "n": 2, "ci95": [2.0, 2.0]}
     assert lora["wall_time_s"]["mean"] == pytest.approx(10.5)
     assert lora["accuracy_matrix"][0][1] is None  # unseen in every run
     assert head["n_runs"] == 1 and head["acc"]["std"] == 0.0 and head["acc"]["n"] == 1
@@ -160,3 +160,19 @@ def test_interpolate_at_accuracy():
     assert interpolate_at_accuracy([(0.5, 10.0), (0.5, 4.0), (0.7, 8.0)], 0.5) == 4.0
     with pytest.raises(ValueError):
         interpolate_at_accuracy([(math.nan, 1.0)], 0.5)
+
+
+def test_t_interval_matches_tables_and_separation_needs_two_seeds():
+    from curlora.continual.metrics import constant, interval95, seed_stat, separated, t_quantile_975
+
+    assert t_quantile_975(1) == 12.706 and t_quantile_975(2) == 4.303 and t_quantile_975(30) == 2.042
+    assert t_quantile_975(60) == pytest.approx(2.000, abs=1e-3)  # tabulated t(0.975, 60) = 2.000
+    assert t_quantile_975(120) == pytest.approx(1.980, abs=1e-3)
+    assert interval95(1.0, 0.5, 1) is None
+    lo, hi = interval95(1.0, 0.5, 4)
+    assert (lo, hi) == pytest.approx((1.0 - 3.182 * 0.25, 1.0 + 3.182 * 0.25))
+    a, b = seed_stat([0.50, 0.51, 0.52]), seed_stat([0.60, 0.61, 0.62])
+    assert separated(a, b) is True
+    assert separated(a, seed_stat([0.40, 0.55, 0.70])) is False
+    assert separated(seed_stat([0.5]), b) is None  # one seed: nothing is resolved
+    assert separated(a, constant(0.3)) is True and separated(a, constant(0.51)) is False

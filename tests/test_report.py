@@ -53,14 +53,17 @@ def test_write_report(results, tmp_path):
                     "## Accuracy matrices per run", "## Reading"):
         assert section in md
     # Table 1: seed means over the two ok curlora runs only (failed run's zeros excluded).
-    assert "| curlora | 8 | 0.00025 | 2 | 0.890 ± 0.014 | 0.810 ± 0.014 | 0.850 ± 0.014 |" in md
+    assert ("| curlora | 8 | 0.00025 | 2 | 0.890 ± 0.014 [0.763, 1.017] | 0.810 ± 0.014 [0.683, 0.937] "
+            "| 0.850 ± 0.014 [0.723, 0.977] |") in md
     assert "| majority class | — | — | — | 0.510 | 0.250 | 0.380 |" in md
-    assert "| head | — | 0.00025 | 2 | 0.810 ± 0.014 | 0.710 ± 0.014 | 0.760 ± 0.014 |" in md
+    assert ("| head | — | 0.00025 | 2 | 0.810 ± 0.014 [0.683, 0.937] | 0.710 ± 0.014 [0.583, 0.837] "
+            "| 0.760 ± 0.014 [0.633, 0.887] |") in md
     # Table 2: before -> after each task -> final, increase.
-    assert "| lora | 8 | 0.00025 | 2 | 30.20 ± 0.00 | 31.90 ± 0.14 | 33.50 ± 0.14 | 33.50 ± 0.14 " \
-           "| +3.30 ± 0.14 |" in md
+    assert "| lora | 8 | 0.00025 | 2 | 30.20 ± 0.00 [30.20, 30.20] | 31.90 ± 0.14 [30.63, 33.17] " \
+           "| 33.50 ± 0.14 [32.23, 34.77] | 33.50 ± 0.14 [32.23, 34.77] | +3.30 ± 0.14 [2.03, 4.57] |" in md
     # Metrics: lora BWT = mean(0.60-0.93, 0.64-0.91) = -0.30; params; memory.
-    assert "| lora | 8 | 0.00025 | 2 | 0.755 ± 0.007 | -0.300 ± 0.042 | +0.300 ± 0.042 |" in md
+    assert ("| lora | 8 | 0.00025 | 2 | 0.755 ± 0.007 [0.691, 0.819] | -0.300 ± 0.042 [-0.681, 0.081] "
+            "| +0.300 ± 0.042 [-0.081, 0.681] |") in md
     assert "69,120" in md and "1,730" in md
 
     # Failed run is reported with its (escaped) error and not aggregated.
@@ -69,14 +72,15 @@ def test_write_report(results, tmp_path):
     assert "99.00" not in md
 
     # Reading states facts either way.
-    assert ("- curlora r8 (lr 0.00025): ACC 0.850 ± 0.014; vs head-only (head) 0.760 ± 0.014 "
-            "(+0.090, beyond seed spread), higher on 2/2 tasks (sst2 +0.080, agnews +0.100)") in md
-    assert "vs majority class 0.380 (+0.470" in md
-    assert "lora r8 (lr 0.00025): ACC 0.755 ± 0.007; vs head-only (head) 0.760 ± 0.014 " \
-           "(-0.005, within seed spread), higher on 1/2 tasks (sst2 -0.190, agnews +0.180)" in md
-    assert "BWT -0.300 ± 0.042 (earlier tasks lost accuracy)" in md
+    assert ("- curlora r8 (lr 0.00025): ACC 0.850 ± 0.014 [0.723, 0.977]; vs head-only (head) 0.760 ± 0.014 "
+            "[0.633, 0.887] (+0.090, not resolved: intervals overlap), higher on 2/2 tasks (sst2 +0.080, "
+            "agnews +0.100)") in md
+    assert "vs majority class 0.380 (+0.470, resolved: intervals separate)" in md
+    assert "lora r8 (lr 0.00025): ACC 0.755 ± 0.007 [0.691, 0.819]; vs head-only (head) 0.760 ± 0.014 " \
+           "[0.633, 0.887] (-0.005, not resolved: intervals overlap), higher on 1/2 tasks (sst2 -0.190, agnews +0.180)" in md
+    assert "BWT -0.300 ± 0.042 [-0.681, 0.081] (earlier tasks lost accuracy)" in md
     assert "perplexity +3.30 (30.20 → 33.50)" in md
-    assert "BWT +0.000 ± 0.000 (no net change on earlier tasks)" in md
+    assert "BWT +0.000 ± 0.000 [0.000, 0.000] (no net change on earlier tasks)" in md
     assert "head (lr 0.00025) [head-only floor]" in md and "perplexity +0.00 (30.20 → 30.20)" in md
 
     pngs = ["perplexity.png", "accuracy_matrix_curlora_r8.png", "accuracy_matrix_lora_r8.png",

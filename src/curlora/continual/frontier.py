@@ -10,15 +10,10 @@ forgetting), and reads the cost at matched accuracy.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
-from curlora.fileio import atomic_write_bytes
-from curlora.continual.metrics import interpolate_at_accuracy, mean_std, run_metrics
+from curlora.continual.metrics import seed_stat, interpolate_at_accuracy, mean_std, run_metrics
 
 COSTS = ("ppl_increase", "forgetting", "bwt")
 MATCHED_COSTS = ("ppl_increase", "forgetting")  # lower is better; BWT (higher is better) is in the points table
@@ -57,17 +52,20 @@ def mark_selected(runs: list[dict[str, Any]], selection: Sequence[Mapping[str, A
 
 
 def frontier_points(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One point per (method, rank, lr): seed means of plasticity and of each cost."""
-    grouped: dict[tuple, list[dict[str, Any]]] = {}
+    """One point per (method, rank, lr): seed means, std and 95 % interval of plasticity and of
+    each cost, and the per-seed values (matched-plasticity intervals are read per seed)."""
+    grouped: dict[tuple, list[tuple[Any, dict[str, Any]]]] = {}
     for run in _ok(runs):
-        grouped.setdefault((*_group_key(run), run.get("lr")), []).append(run_metrics(run))
+        grouped.setdefault((*_group_key(run), run.get("lr")), []).append((run.get("seed"), run_metrics(run)))
     points = []
-    for (method, rank, lr), metrics in grouped.items():
-        point = {"method": method, "rank": rank, "lr": lr, "n_seeds": len(metrics)}
+    for (method, rank, lr), members in grouped.items():
+        point = {"method": method, "rank": rank, "lr": lr, "n_seeds": len(members)}
         for name in ("plasticity", "acc", *COSTS):
-            values = [m[name] for m in metrics if m[name] is not None]
-            point[name] = mean_std(values)[0] if values else None
-            point[f"{name}_std"] = mean_std(values)[1] if values else None
+            stat = seed_stat(m[name] for _, m in members)
+            point[name] = None if stat is None else stat["mean"]
+            point[f"{name}_std"] = None if stat is None else stat["std"]
+            point[f"{name}_ci95"] = None if stat is None else stat["ci95"]
+        point["per_seed"] = {str(seed): {name: m[name] for name in ("plasticity", *COSTS)} for seed, m in members}
         points.append(point)
     return points
 
@@ -93,9 +91,15 @@ def cost_at(frontier: Sequence[tuple[float, float]], target: float) -> float | N
     return interpolate_at_accuracy(frontier, target)
 
 
+def _curve_cost(pts: Sequence[Mapping[str, Any]], cost: str, target: float) -> float | None:
+    pairs = pareto((p["plasticity"], p[cost]) for p in pts if p["plasticity"] is not None and p[cost] is not None)
+    return cost_at(pairs, target)
+
+
 def matched_accuracy(points: Sequence[Mapping[str, Any]], targets: Sequence[float]) -> list[dict[str, Any]]:
     """At each target plasticity, every adapter's cost interpolated along its Pareto frontier
-    (None outside the range its rates reached)."""
+    (None outside the range its rates reached): on the seed-mean curve, and per seed on that
+    seed's own curve, whose spread gives the cost's 95 % interval."""
     curves: dict[tuple, list[Mapping[str, Any]]] = {}
     for p in points:
         if p["plasticity"] is not None and p["lr"] is not None:
@@ -103,10 +107,14 @@ def matched_accuracy(points: Sequence[Mapping[str, Any]], targets: Sequence[floa
     rows = []
     for target in targets:
         for (method, rank), pts in curves.items():
-            row = {"target": target, "method": method, "rank": rank}
+            row: dict[str, Any] = {"target": target, "method": method, "rank": rank}
+            seeds = sorted({seed for p in pts for seed in p.get("per_seed", {})})
             for cost in MATCHED_COSTS:
-                pairs = pareto((p["plasticity"], p[cost]) for p in pts if p[cost] is not None)
-                row[cost] = cost_at(pairs, target)
+                row[cost] = _curve_cost(pts, cost, target)
+                per_seed = [_curve_cost([p["per_seed"][seed] for p in pts if seed in p.get("per_seed", {})],
+                                        cost, target) for seed in seeds]
+                # Only when every seed's curve reaches the target is the spread over seeds meaningful.
+                row[f"{cost}_stat"] = seed_stat(per_seed) if per_seed and None not in per_seed else None
             rows.append(row)
     return rows
 
@@ -127,37 +135,6 @@ def default_targets(points: Sequence[Mapping[str, Any]], n: int = 3) -> list[flo
     if n == 1 or low == high:
         return [round(low, 3)]
     return [round(low + (high - low) * i / (n - 1), 3) for i in range(n)]
-
-
-def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Plasticity (x) against perplexity increase and forgetting (y), one curve per method × rank."""
-    fig = Figure(figsize=(11, 4.2))
-    axes = fig.subplots(1, 2)
-    curves: dict[tuple, list[Mapping[str, Any]]] = {}
-    for p in points:
-        curves.setdefault((p["method"], p["rank"]), []).append(p)
-    for (method, rank), pts in curves.items():
-        pts = sorted((p for p in pts if p["plasticity"] is not None), key=lambda p: p["plasticity"])
-        label = method if rank is None else f"{method} r{rank}"
-        for ax, cost in zip(axes, ("ppl_increase", "forgetting")):
-            xs = [p["plasticity"] for p in pts if p[cost] is not None]
-            ys = [p[cost] for p in pts if p[cost] is not None]
-            marker = "*" if pts and pts[0]["lr"] is None else "o"
-            ax.plot(xs, ys, marker=marker, label=label, markersize=9 if marker == "*" else 5)
-            for p in pts:
-                if p["lr"] is not None and p[cost] is not None:
-                    ax.annotate(f"{p['lr']:g}", (p["plasticity"], p[cost]), fontsize=7,
-                                xytext=(3, 3), textcoords="offset points")
-    for ax, title in zip(axes, ("Perplexity increase", "Average forgetting")):
-        ax.set_xlabel("plasticity (mean accuracy right after learning each task)")
-        ax.set_ylabel(title.lower())
-        ax.set_title(f"{title} vs plasticity (labels: learning rate)")
-        ax.grid(alpha=0.3)
-    axes[0].set_yscale("symlog", linthresh=1.0)  # a diverged rate would flatten every other point
-    axes[0].legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:

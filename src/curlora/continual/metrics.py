@@ -19,6 +19,14 @@ from typing import Any
 
 Matrix = Sequence[Sequence[Any]]
 
+# The results.json layout that the runner writes and the report reads.
+SCHEMA_VERSION = 1
+
+# Two-sided 95 % Student-t quantiles t(0.975, df) for df = 1..30 (beyond: Cornish-Fisher).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042)
+
 # Scalar metrics aggregated per group, in report order.
 SCALAR_METRICS = (
     "acc",
@@ -122,13 +130,50 @@ def mean_std(values: Iterable[float]) -> tuple[float, float]:
     return mean, math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (len(xs) - 1))
 
 
-def _stat(values: Iterable[Any]) -> dict[str, float] | None:
-    """mean/std/n over the available (non-None) values; None when there are none."""
+def t_quantile_975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (3 decimals)."""
+    if df < 1:
+        raise ValueError(f"degrees of freedom must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z**3 + z) / (4 * df) + (5 * z**5 + 16 * z**3 + 3 * z) / (96 * df**2)
+
+
+def interval95(mean: float, std: float, n: int) -> list[float] | None:
+    """The 95 % Student-t interval of the mean over ``n`` seeds; None for one seed (no spread)."""
+    if n < 2:
+        return None
+    half = t_quantile_975(n - 1) * std / math.sqrt(n)
+    return [mean - half, mean + half]
+
+
+def seed_stat(values: Iterable[Any]) -> dict[str, Any] | None:
+    """mean/std/n and the 95 % interval over the available (non-None) values; None when none."""
     xs = [v for v in values if v is not None]
     if not xs:
         return None
     mean, std = mean_std(xs)
-    return {"mean": mean, "std": std, "n": len(xs)}
+    return {"mean": mean, "std": std, "n": len(xs), "ci95": interval95(mean, std, len(xs))}
+
+
+def separated(a: Mapping[str, Any] | None, b: Mapping[str, Any] | None) -> bool | None:
+    """Whether two seed statistics' 95 % intervals do not overlap (a constant, ``n`` = 0, counts
+    as its own point interval); None when either side has no interval (one seed)."""
+    def bounds(s: Mapping[str, Any]) -> list[float] | None:
+        return [s["mean"], s["mean"]] if s.get("n") == 0 else s.get("ci95")
+
+    if a is None or b is None:
+        return None
+    ia, ib = bounds(a), bounds(b)
+    if ia is None or ib is None:
+        return None
+    return ia[1] < ib[0] or ib[1] < ia[0]
+
+
+def constant(value: float) -> dict[str, Any]:
+    """A fixed reference (e.g. majority-class accuracy) in the shape of a seed statistic."""
+    return {"mean": value, "std": 0.0, "n": 0, "ci95": None}
 
 
 def run_metrics(run: Mapping[str, Any]) -> dict[str, Any]:
@@ -171,7 +216,7 @@ def run_metrics(run: Mapping[str, Any]) -> dict[str, Any]:
 
 def _elementwise(lists: Iterable[Sequence[Any]]) -> list[dict[str, float] | None]:
     """Per-position stats; shorter lists (e.g. perplexity not measured) count as missing."""
-    return [_stat(col) for col in zip_longest(*lists)]
+    return [seed_stat(col) for col in zip_longest(*lists)]
 
 
 def aggregate_runs(
@@ -198,7 +243,7 @@ def aggregate_runs(
         agg["n_runs"] = len(members)
         agg["seeds"] = [r.get("seed") for r in members]
         for name in SCALAR_METRICS:
-            agg[name] = _stat(m[name] for m in per_run)
+            agg[name] = seed_stat(m[name] for m in per_run)
         agg["task_accuracy"] = _elementwise(m["task_accuracy"] for m in per_run)
         agg["ppl_after_task"] = _elementwise(m["ppl_after_task"] for m in per_run)
         agg["accuracy_matrix"] = [

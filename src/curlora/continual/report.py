@@ -8,23 +8,23 @@ they fall. Aggregates are recomputed from the runs so the report never disagrees
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
+from curlora.continual.frontier import analyse
+from curlora.continual.metrics import SCHEMA_VERSION, constant, separated, summarize
+from curlora.continual.plots import DASH, plot_accuracy_matrix, plot_frontier, plot_perplexity
 from curlora.fileio import atomic_write_bytes
-from curlora.continual.frontier import plot_frontier
-from curlora.continual.metrics import summarize
 
-SCHEMA_VERSION = 1
 HEAD_METHOD = "head"
-DASH = "—"
+INTERVAL_NOTE = ("Values are mean ± sample std over seeds, with the 95 % Student-t interval of the mean "
+                 "in brackets, where more than one seed finished. A difference is called resolved only "
+                 "when the two 95 % intervals do not overlap; with one seed nothing is resolved.")
 
 Stat = Mapping[str, float] | None
 
@@ -53,11 +53,15 @@ def _num(x: float | None, digits: int, signed: bool = False) -> str:
 
 
 def _ms(s: Stat, digits: int = 3, signed: bool = False) -> str:
-    """mean ± std when several seeds contributed, plain mean otherwise."""
+    """mean ± std [95 % interval] when several seeds contributed, plain mean otherwise."""
     if s is None:
         return DASH
     text = _num(s["mean"], digits, signed)
-    return f"{text} ± {s['std']:.{digits}f}" if s["n"] > 1 else text
+    if s["n"] < 2:
+        return text
+    ci = s.get("ci95")
+    bracket = f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else ""
+    return f"{text} ± {s['std']:.{digits}f}{bracket}"
 
 
 def _mean(s: Stat) -> float | None:
@@ -72,54 +76,10 @@ def _label(g: Mapping[str, Any]) -> str:
     return g["method"] if g.get("rank") is None else f"{g['method']} r{g['rank']}"
 
 
-def _save_figure(fig: Figure, path: Path) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
-
-
 def _plot_accuracy_matrix(g: Mapping[str, Any], task_names: list[str], path: Path) -> None:
-    """Heatmap of the seed-mean accuracy matrix; missing entries (unseen tasks) are blank."""
-    grid = [[math.nan if s is None else s["mean"] for s in row] for row in g["accuracy_matrix"]]
-    finite = [x for row in grid for x in row if not math.isnan(x)]
-    fig = Figure(figsize=(1.6 + 1.1 * len(task_names), 1.2 + 0.55 * len(grid)))
-    ax = fig.add_subplot()
-    im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=max([1.0, *finite]), aspect="auto")
-    for i, row in enumerate(grid):
-        for j, x in enumerate(row):
-            ax.text(j, i, DASH if math.isnan(x) else f"{x:.3f}", ha="center", va="center",
-                    color="white" if not math.isnan(x) and x < 0.6 else "black", fontsize=8)
-    ax.set_xticks(range(len(task_names)), task_names)
-    ax.set_yticks(range(len(grid)), ["before"] + [f"after {t}" for t in task_names])
-    ax.set_xlabel("evaluated task")
+    grid = [[math.nan if x is None else x["mean"] for x in row] for row in g["accuracy_matrix"]]
     seeds = g["n_runs"]
-    ax.set_title(f"{_label(g)} accuracy (mean of {seeds} seed{'s' * (seeds > 1)})")
-    fig.colorbar(im, ax=ax)
-    _save_figure(fig, path)
-
-
-def _plot_perplexity(groups: list[Mapping[str, Any]], task_names: list[str], path: Path) -> bool:
-    """Perplexity across the sequence, one line per group; False if nothing was measured."""
-    fig = Figure(figsize=(2.5 + 1.0 * len(task_names), 4))
-    ax = fig.add_subplot()
-    xs = ["before"] + [f"after {t}" for t in task_names]
-    drawn = False
-    for g in groups:
-        stats = [g["ppl_before"], *g["ppl_after_task"]]
-        pts = [(i, s) for i, s in enumerate(stats) if s is not None]
-        if not pts:
-            continue
-        ax.errorbar([i for i, _ in pts], [s["mean"] for _, s in pts],
-                    yerr=[s["std"] for _, s in pts], marker="o", capsize=3, label=_label(g))
-        drawn = True
-    if not drawn:
-        return False
-    ax.set_xticks(range(len(xs)), xs)
-    ax.set_ylabel("perplexity")
-    ax.set_title("LM perplexity across the task sequence")
-    ax.legend(fontsize=8)
-    _save_figure(fig, path)
-    return True
+    plot_accuracy_matrix(grid, task_names, f"{_label(g)} accuracy (mean of {seeds} seed{'s' * (seeds > 1)})", path)
 
 
 def _matrix_filenames(groups: list[Mapping[str, Any]]) -> list[str]:
@@ -136,13 +96,11 @@ def _matrix_filenames(groups: list[Mapping[str, Any]]) -> list[str]:
     return names
 
 
-def _within(diff: float, *stats: Stat) -> bool:
-    """A difference is within seed spread when |diff| <= the sum of the seed stds."""
-    return abs(diff) <= sum(s["std"] for s in stats if s is not None and s["n"] > 1)
-
-
-def _has_spread(*stats: Stat) -> bool:
-    return any(s is not None and s["n"] > 1 for s in stats)
+def _resolution(a: Stat, b: Stat) -> str:
+    verdict = separated(a, b)
+    if verdict is None:
+        return "one seed: not resolved"
+    return "resolved: intervals separate" if verdict else "not resolved: intervals overlap"
 
 
 def _compare(g: Mapping[str, Any], ref_acc: Stat, ref_tasks: list[Stat],
@@ -155,14 +113,10 @@ def _compare(g: Mapping[str, Any], ref_acc: Stat, ref_tasks: list[Stat],
         if s is None or r is None:
             continue
         d = s["mean"] - r["mean"]
-        parts.append(f"{name} {d:+.3f}" + (" (within seed spread)"
-                                           if _has_spread(s, r) and _within(d, s, r) else ""))
+        parts.append(f"{name} {d:+.3f}")
     wins = sum(1 for s, r in zip(g["task_accuracy"], ref_tasks)
                if s is not None and r is not None and s["mean"] > r["mean"])
-    spread = ""
-    if _has_spread(acc, ref_acc):
-        spread = ", within seed spread" if _within(diff, acc, ref_acc) else ", beyond seed spread"
-    return (f"vs {ref_name} {_ms(ref_acc)} ({diff:+.3f}{spread}), "
+    return (f"vs {ref_name} {_ms(ref_acc)} ({diff:+.3f}, {_resolution(acc, ref_acc)}), "
             f"higher on {wins}/{len(parts)} tasks ({', '.join(parts)})")
 
 
@@ -181,9 +135,8 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
     heads = [g for g in groups if g["method"] == HEAD_METHOD]
     head = max(heads, key=lambda g: g["acc"]["mean"]) if heads else None
     maj = [t.get("majority_accuracy") for t in tasks]
-    maj_stats = [None if m is None else {"mean": m, "std": 0.0, "n": 1} for m in maj]
-    maj_acc = ({"mean": sum(maj) / len(maj), "std": 0.0, "n": 1}
-               if maj and all(m is not None for m in maj) else None)
+    maj_stats = [None if m is None else constant(m) for m in maj]
+    maj_acc = constant(sum(maj) / len(maj)) if maj and all(m is not None for m in maj) else None
     if head is None:
         lines.append(f"- No successful head-only ({HEAD_METHOD}) run: no frozen-backbone floor.")
     for g in groups:
@@ -210,9 +163,7 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
         name = f"{_label(g)} (lr {_lr(g.get('lr'))})" if g.get("lr") is not None else _label(g)
         lines.append(f"- {name}{' [head-only floor]' if is_head else ''}: " + "; ".join(clauses)
                      + ".")
-    lines.append("- A difference is called within seed spread when its magnitude is at most the "
-                 "sum of the seed standard deviations involved; single-seed numbers have no "
-                 "spread estimate.")
+    lines.append(f"- {INTERVAL_NOTE}")
     return lines
 
 
@@ -232,7 +183,8 @@ def _run_matrix_table(R: Sequence[Sequence[Any]], task_names: list[str]) -> str:
 
 
 def _matched_reading(matched: Sequence[Mapping[str, Any]]) -> list[str]:
-    """One sentence per target plasticity: which method paid the least perplexity for it."""
+    """One sentence per target plasticity: which method paid the least perplexity for it, and
+    whether the seeds resolve that against the runner-up."""
     lines = []
     for target in sorted({m["target"] for m in matched}):
         rows = [m for m in matched if m["target"] == target and m["ppl_increase"] is not None]
@@ -240,9 +192,17 @@ def _matched_reading(matched: Sequence[Mapping[str, Any]]) -> list[str]:
             continue
         rows.sort(key=lambda m: m["ppl_increase"])
         costs = ", ".join(f"{_label(m)} {m['ppl_increase']:+.2f}" for m in rows)
+        verdict = _resolution(rows[0].get("ppl_increase_stat"), rows[1].get("ppl_increase_stat"))
         lines.append(f"- At plasticity {target:.3f} the perplexity increase was {costs}: "
-                     f"{_label(rows[0])} forgot the language model least at that accuracy.")
+                     f"{_label(rows[0])} raised it least at that accuracy ({verdict} against "
+                     f"{_label(rows[1])}).")
     return lines
+
+
+def _cost(m: Mapping[str, Any], cost: str, digits: int, signed: bool = True) -> str:
+    """A matched cost: its seed statistic where every seed reached the target, else the mean curve's."""
+    stat = m.get(f"{cost}_stat")
+    return _ms(stat, digits, signed) if stat is not None else _num(m[cost], digits, signed)
 
 
 def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list[str]:
@@ -250,33 +210,119 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list
     if not frontier or not any(len(c["validation_accuracy"]) > 1 for c in frontier["selection"]):
         return []
     md = ["## Learning-rate selection (validation split only)", "",
-          "Each method × rank ran at every rate; the headline tables above use the rate with the "
-          "best mean final accuracy on validation rows carved from the training data.", "",
+          ("Each method × rank ran at every rate; the headline tables above use the rate with the "
+           "best mean final accuracy on validation rows carved from the training data."), "",
           format_table([[c["method"], c["rank"], _lr(c["lr"]),
                          ", ".join(f"{_lr(lr)}: {acc:.3f}" for lr, acc in c["validation_accuracy"].items())]
                         for c in frontier["selection"]],
                        ["Method", "Rank", "Chosen LR", "Validation ACC by LR"]), ""]
     plot_frontier(frontier["points"], run_dir / "frontier.png")
+
+    def point_stat(p: Mapping[str, Any], name: str) -> Stat:
+        if p[name] is None:
+            return None
+        return {"mean": p[name], "std": p.get(f"{name}_std") or 0.0, "n": p["n_seeds"],
+                "ci95": p.get(f"{name}_ci95")}
+
     md += ["## Stability–plasticity frontier", "",
-           "Every method at every rate: plasticity (mean accuracy right after learning each task, "
-           "on evaluation data) against its cost.", "", "![frontier](frontier.png)", "",
-           format_table([[p["method"], p["rank"], _lr(p["lr"]), p["n_seeds"], _num(p["plasticity"], 3),
-                          _num(p["acc"], 3), _num(p["ppl_increase"], 2, signed=True),
-                          _num(p["forgetting"], 3, signed=True), _num(p["bwt"], 3, signed=True)]
+           ("Every method at every rate: plasticity (mean accuracy right after learning each task, "
+            "on evaluation data) against its cost; error bars: 95 % intervals over seeds."), "",
+           "![frontier](frontier.png)", "",
+           format_table([[p["method"], p["rank"], _lr(p["lr"]), p["n_seeds"], _ms(point_stat(p, "plasticity")),
+                          _ms(point_stat(p, "acc")), _ms(point_stat(p, "ppl_increase"), 2, signed=True),
+                          _ms(point_stat(p, "forgetting"), signed=True), _ms(point_stat(p, "bwt"), signed=True)]
                          for p in frontier["points"]],
                         ["Method", "Rank", "LR", "Seeds", "Plasticity", "ACC", "Perplexity increase",
                          "Forgetting", "BWT"]), ""]
-    if frontier["matched"]:
-        md += ["### Cost at matched plasticity", "", *_matched_reading(frontier["matched"]), "",
-               format_table([[f"{m['target']:.3f}", m["method"], m["rank"],
-                              _num(m["ppl_increase"], 2, signed=True), _num(m["forgetting"], 3, signed=True)]
-                             for m in frontier["matched"]],
-                            ["Plasticity", "Method", "Rank", "Perplexity increase", "Forgetting"]),
-               "", "Read along each method's Pareto frontier (rates that learned less at a higher cost are "
-               "dropped): the least cost at which its rates reached that plasticity. A dash: no rate of "
-               "that method reached it.", ""]
-    else:
-        md += ["The methods' plasticity ranges do not overlap, so no matched-accuracy reading exists.", ""]
+    if not frontier["matched"]:
+        return md + ["The methods' plasticity ranges do not overlap, so no matched-accuracy reading exists.", ""]
+    return md + [
+        "### Cost at matched plasticity", "", *_matched_reading(frontier["matched"]), "",
+        format_table([[f"{m['target']:.3f}", m["method"], m["rank"], _cost(m, "ppl_increase", 2),
+                       _cost(m, "forgetting", 3)] for m in frontier["matched"]],
+                     ["Plasticity", "Method", "Rank", "Perplexity increase", "Forgetting"]),
+        "", ("Read along each method's Pareto frontier (rates that learned less at a higher cost are "
+             "dropped): the least cost at which its rates reached that plasticity, on the seed-mean "
+             "curve, with its spread over the seeds' own curves where every seed reached it. A dash: "
+             "no rate of that method reached it."), ""]
+
+
+Keys = list[list[Any]]
+
+
+def _header(results: Mapping[str, Any], runs: list[Mapping[str, Any]]) -> list[str]:
+    n_ok = sum(r.get("status") == "ok" for r in runs)
+    corpus = results.get("corpus") or {}
+    source = f", file {corpus['file']}" if corpus.get("file") else ""
+    return ["# Continual-learning report", "",
+            f"Model: {results.get('model', DASH)}. Runs: {n_ok} ok, {len(runs) - n_ok} not ok. "
+            f"Perplexity corpus: {corpus.get('name', DASH)}{source} ({corpus.get('tokens_scored', DASH)} "
+            f"tokens, window {corpus.get('window', DASH)}, stride {corpus.get('stride', DASH)}).",
+            INTERVAL_NOTE, ""]
+
+
+def _tasks_section(tasks: list[Mapping[str, Any]]) -> list[str]:
+    return ["## Tasks (in training order)", "",
+            format_table([[t["name"], ", ".join(t.get("label_names") or []), t.get("n_train"),
+                           t.get("n_eval"), _num(t.get("majority_accuracy"), 3)] for t in tasks],
+                         ["Task", "Labels", "Train", "Eval", "Majority acc"]), ""]
+
+
+def _accuracy_section(keys: Keys, groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]]) -> list[str]:
+    task_names = [t["name"] for t in tasks]
+    maj = [t.get("majority_accuracy") for t in tasks]
+    maj_mean = sum(maj) / len(maj) if maj and None not in maj else None
+    return ["## Table 1: accuracy per task after the full sequence", "", format_table(
+        [[*k, *(_ms(s) for s in g["task_accuracy"]), _ms(g["acc"])] for k, g in zip(keys, groups)]
+        + [["majority class", None, None, None, *(_num(m, 3) for m in maj), _num(maj_mean, 3)]],
+        ["Method", "Rank", "LR", "Seeds", *task_names, "ACC"]), ""]
+
+
+def _perplexity_section(keys: Keys, groups: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
+    return ["## Table 2: perplexity before → after each task → final", "", format_table(
+        [[*k, _ms(g["ppl_before"], 2), *(_ms(s, 2) for s in _pad(g["ppl_after_task"], len(task_names))),
+          _ms(g["ppl_final"], 2), _ms(g["ppl_increase"], 2, signed=True)] for k, g in zip(keys, groups)],
+        ["Method", "Rank", "LR", "Seeds", "Before", *(f"after {t}" for t in task_names), "Final", "Increase"]), ""]
+
+
+def _metrics_section(keys: Keys, groups: list[Mapping[str, Any]]) -> list[str]:
+    return ["## Continual-learning metrics", "",
+            ("ACC: mean final accuracy. BWT: mean change on earlier tasks since each was learned "
+             "(negative = forgetting). Forgetting: mean drop from each earlier task's best "
+             "accuracy (positive = forgetting). Plasticity: mean accuracy right after learning "
+             "each task."), "", format_table(
+                [[*k, _ms(g["acc"]), _ms(g["bwt"], signed=True), _ms(g["forgetting"], signed=True),
+                  _ms(g["plasticity"]), _int(g["adapter_params"]), _int(g["head_params"]),
+                  _ms(g["wall_time_s"], 1), _ms(g["peak_memory_mb"], 0)] for k, g in zip(keys, groups)],
+                ["Method", "Rank", "LR", "Seeds", "ACC", "BWT", "Forgetting", "Plasticity",
+                 "Adapter params", "Head params", "Wall time (s)", "Peak memory (MB)"]), ""]
+
+
+def _runs_section(runs: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
+    md = ["## Runs", "", format_table(
+        [[r.get("method"), r.get("rank"), r.get("seed"), _lr(r.get("lr")), _lr(r.get("head_lr")),
+          r.get("status"), _num(r.get("wall_time_s"), 1),
+          None if r.get("status") == "ok" else str(r.get("error") or "no error message")[:300]]
+         for r in runs],
+        ["Method", "Rank", "Seed", "LR", "Head LR", "Status", "Wall time (s)", "Error"]), ""]
+    md += ["## Accuracy matrices per run", "",
+           ("Row 'before' is measured before any training (heads untrained; unseen tasks may be "
+            "missing); row 'after X' after training through task X."), ""]
+    for r in runs:
+        if r.get("status") == "ok":
+            md += [f"### {_label(r)}, seed {r.get('seed')}, lr {_lr(r.get('lr'))}", "",
+                   _run_matrix_table(r["accuracy_matrix"], task_names), ""]
+    return md
+
+
+def _plots_section(groups: list[Mapping[str, Any]], task_names: list[str], run_dir: Path) -> list[str]:
+    md = ["## Plots", ""]
+    series = [(_label(g), [g["ppl_before"], *g["ppl_after_task"]]) for g in groups]
+    if plot_perplexity(series, task_names, run_dir / "perplexity.png"):
+        md += ["![perplexity](perplexity.png)", ""]
+    for g, name in zip(groups, _matrix_filenames(groups)):
+        _plot_accuracy_matrix(g, task_names, run_dir / name)
+        md += [f"![{_label(g)} accuracy matrix]({name})", ""]
     return md
 
 
@@ -284,98 +330,28 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     """Write ``report.md`` and PNG plots into ``run_dir``; return the report path.
 
     Runs whose status is not "ok" are listed with their error and left out of every
-    aggregate. All files are written atomically.
+    aggregate; aggregates, intervals and the frontier are recomputed from the runs, so files
+    written by earlier versions get them too. All files are written atomically.
     """
     version = results.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise ValueError(f"unsupported results schema_version {version!r}, "
-                         f"expected {SCHEMA_VERSION}")
+        raise ValueError(f"unsupported results schema_version {version!r}, expected {SCHEMA_VERSION}")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tasks = list(results.get("tasks") or [])
     task_names = [t["name"] for t in tasks]
-    runs = list(results.get("runs") or [])
+    runs = deepcopy(list(results.get("runs") or []))
+    frontier = analyse(runs) if results.get("frontier") is not None else None
     # With a learning-rate sweep the headline shows each method at its validation-selected rate.
     summary = summarize({"runs": [r for r in runs if r.get("selected", True)]})
     groups = ([g for g in summary if g["method"] != HEAD_METHOD]
               + [g for g in summary if g["method"] == HEAD_METHOD])
-    key_cells = [[g["method"], g.get("rank"), _lr(g.get("lr")), g["n_runs"]] for g in groups]
-    n_ok = sum(r.get("status") == "ok" for r in runs)
-    corpus = results.get("corpus") or {}
-
-    md = [
-        "# Continual-learning report",
-        "",
-        f"Model: {results.get('model', DASH)}. Runs: {n_ok} ok, {len(runs) - n_ok} not ok. "
-        f"Perplexity corpus: {corpus.get('name', DASH)} ({corpus.get('tokens_scored', DASH)} "
-        f"tokens, window {corpus.get('window', DASH)}, stride {corpus.get('stride', DASH)}).",
-        "Values are mean ± sample std over seeds where more than one seed finished.",
-        "",
-        "## Tasks (in training order)",
-        "",
-        format_table([[t["name"], ", ".join(t.get("label_names") or []), t.get("n_train"),
-                       t.get("n_eval"), _num(t.get("majority_accuracy"), 3)] for t in tasks],
-                     ["Task", "Labels", "Train", "Eval", "Majority acc"]),
-        "",
-        "## Reading",
-        "",
-        *_reading(groups, tasks, runs),
-        "",
-        "## Table 1: accuracy per task after the full sequence",
-        "",
-    ]
-    maj = [t.get("majority_accuracy") for t in tasks]
-    maj_mean = sum(maj) / len(maj) if maj and None not in maj else None
-    md += [format_table(
-        [[*k, *(_ms(s) for s in g["task_accuracy"]), _ms(g["acc"])]
-         for k, g in zip(key_cells, groups)]
-        + [["majority class", None, None, None, *(_num(m, 3) for m in maj), _num(maj_mean, 3)]],
-        ["Method", "Rank", "LR", "Seeds", *task_names, "ACC"]), ""]
-
-    md += ["## Table 2: perplexity before → after each task → final", "", format_table(
-        [[*k, _ms(g["ppl_before"], 2),
-          *(_ms(s, 2) for s in _pad(g["ppl_after_task"], len(task_names))),
-          _ms(g["ppl_final"], 2), _ms(g["ppl_increase"], 2, signed=True)]
-         for k, g in zip(key_cells, groups)],
-        ["Method", "Rank", "LR", "Seeds", "Before", *(f"after {t}" for t in task_names),
-         "Final", "Increase"]), ""]
-
-    md += ["## Continual-learning metrics", "",
-           "ACC: mean final accuracy. BWT: mean change on earlier tasks since each was learned "
-           "(negative = forgetting). Forgetting: mean drop from each earlier task's best "
-           "accuracy (positive = forgetting). Plasticity: mean accuracy right after learning "
-           "each task.", "", format_table(
-               [[*k, _ms(g["acc"]), _ms(g["bwt"], signed=True), _ms(g["forgetting"], signed=True),
-                 _ms(g["plasticity"]), _int(g["adapter_params"]), _int(g["head_params"]),
-                 _ms(g["wall_time_s"], 1), _ms(g["peak_memory_mb"], 0)]
-                for k, g in zip(key_cells, groups)],
-               ["Method", "Rank", "LR", "Seeds", "ACC", "BWT", "Forgetting", "Plasticity",
-                "Adapter params", "Head params", "Wall time (s)", "Peak memory (MB)"]), ""]
-
-    md += _frontier_section(results.get("frontier"), run_dir)
-
-    md += ["## Runs", "", format_table(
-        [[r.get("method"), r.get("rank"), r.get("seed"), _lr(r.get("lr")), _lr(r.get("head_lr")),
-          r.get("status"), _num(r.get("wall_time_s"), 1),
-          None if r.get("status") == "ok" else str(r.get("error") or "no error message")[:300]]
-         for r in runs],
-        ["Method", "Rank", "Seed", "LR", "Head LR", "Status", "Wall time (s)", "Error"]), ""]
-
-    md += ["## Accuracy matrices per run", "",
-           "Row 'before' is measured before any training (heads untrained; unseen tasks may be "
-           "missing); row 'after X' after training through task X.", ""]
-    for r in runs:
-        if r.get("status") == "ok":
-            md += [f"### {_label(r)}, seed {r.get('seed')}, lr {_lr(r.get('lr'))}", "",
-                   _run_matrix_table(r["accuracy_matrix"], task_names), ""]
-
-    md += ["## Plots", ""]
-    if _plot_perplexity(groups, task_names, run_dir / "perplexity.png"):
-        md += ["![perplexity](perplexity.png)", ""]
-    for g, name in zip(groups, _matrix_filenames(groups)):
-        _plot_accuracy_matrix(g, task_names, run_dir / name)
-        md += [f"![{_label(g)} accuracy matrix]({name})", ""]
-
+    keys = [[g["method"], g.get("rank"), _lr(g.get("lr")), g["n_runs"]] for g in groups]
+    md = [*_header(results, runs), *_tasks_section(tasks),
+          "## Reading", "", *_reading(groups, tasks, runs), "",
+          *_accuracy_section(keys, groups, tasks), *_perplexity_section(keys, groups, task_names),
+          *_metrics_section(keys, groups), *_frontier_section(frontier, run_dir),
+          *_runs_section(runs, task_names), *_plots_section(groups, task_names, run_dir)]
     path = run_dir / "report.md"
     atomic_write_bytes(path, "\n".join(md).encode("utf-8"))
     return path

@@ -33,7 +33,7 @@ from curlora.continual.config import ContinualConfig
 from curlora.continual.frontier import analyse
 from curlora.continual.methods import Adapted, BuildContext
 from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
-from curlora.continual.metrics import summarize
+from curlora.continual.metrics import SCHEMA_VERSION, summarize
 from curlora.model import CURLoRAModel
 from curlora.pretrained import load_model_and_tokenizer
 from curlora.continual.report import write_report
@@ -46,9 +46,6 @@ from curlora.continual.training import (
     data_parallel_rank,
     train_task,
 )
-
-SCHEMA_VERSION = 1
-
 
 @dataclass(frozen=True)
 class RunSpec:

@@ -1,0 +1,163 @@
+"""The report's PNG plots: accuracy matrices, perplexity across the sequence, the frontier.
+
+Every plot is meant to be read at the size it is written: long task names are wrapped, tick
+labels that would collide are rotated, and the frontier's learning-rate labels are moved apart
+until no two overlap (:func:`declutter`). PNGs are written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+
+from curlora.fileio import atomic_write_bytes
+
+DASH = "—"
+
+
+def new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure on the Agg canvas (no pyplot state), so text extents can be measured."""
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def wrap(label: str, width: int = 14) -> str:
+    """A long name over several lines, broken after spaces and underscores, never inside a word."""
+    lines: list[str] = []
+    for token in re.split(r"(?<=[_ ])", label):
+        if lines and len(lines[-1]) + len(token) <= width:
+            lines[-1] += token
+        else:
+            lines.append(token)
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def stage_labels(task_names: Sequence[str]) -> list[str]:
+    """'before', then 'after <task>' for each task, wrapped for a tick label."""
+    return ["before"] + [wrap(f"after {t}") for t in task_names]
+
+
+def _overlap(a, b, pad: float = 1.0) -> bool:
+    return not (a.x1 + pad <= b.x0 or b.x1 + pad <= a.x0 or a.y1 + pad <= b.y0 or b.y1 + pad <= a.y0)
+
+
+def declutter(fig: Figure, texts: Sequence[Text], max_steps: int = 40) -> None:
+    """Move annotation labels (offset in points) upward/downward, alternately, until none overlaps
+    an earlier one."""
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for text in texts:
+        x0, y0 = text.get_position()
+        for step in range(max_steps):
+            box = Text.get_window_extent(text, renderer)  # the label itself, not its leader line
+            if not any(_overlap(box, other) for other in placed):
+                break
+            shift = (step // 2 + 1) * 8 * (1 if step % 2 == 0 else -1)
+            text.set_position((x0, y0 + shift))
+        placed.append(Text.get_window_extent(text, renderer))
+
+
+def plot_accuracy_matrix(grid: list[list[float]], task_names: list[str], title: str, path: Path) -> None:
+    """Heatmap of a seed-mean accuracy matrix; NaN entries (unseen tasks) are blank."""
+    finite = [x for row in grid for x in row if not math.isnan(x)]
+    fig = new_figure((2.2 + 1.3 * len(task_names), 1.4 + 0.6 * len(grid)))
+    ax = fig.add_subplot()
+    im = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=max([1.0, *finite]), aspect="auto")
+    for i, row in enumerate(grid):
+        for j, x in enumerate(row):
+            ax.text(j, i, DASH if math.isnan(x) else f"{x:.3f}", ha="center", va="center",
+                    color="white" if not math.isnan(x) and x < 0.6 else "black", fontsize=8)
+    ax.set_xticks(range(len(task_names)), [wrap(t) for t in task_names], fontsize=8)
+    ax.set_yticks(range(len(grid)), ["before"] + [f"after {t}" for t in task_names], fontsize=8)
+    ax.set_xlabel("evaluated task")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax)
+    save_figure(fig, path)
+
+
+def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]], task_names: list[str],
+                    path: Path) -> bool:
+    """Perplexity across the sequence, one line per (label, stats); error bars: 95 % interval
+    where several seeds ran. False if nothing was measured."""
+    fig = new_figure((3.0 + 1.4 * len(task_names), 4.2))
+    ax = fig.add_subplot()
+    drawn = False
+    for label, stats in series:
+        pts = [(i, s) for i, s in enumerate(stats) if s is not None]
+        if not pts:
+            continue
+        errors = [[s["mean"] - s["ci95"][0] if s.get("ci95") else 0.0 for _, s in pts],
+                  [s["ci95"][1] - s["mean"] if s.get("ci95") else 0.0 for _, s in pts]]
+        ax.errorbar([i for i, _ in pts], [s["mean"] for _, s in pts], yerr=errors, marker="o",
+                    capsize=3, label=label)
+        drawn = True
+    if not drawn:
+        return False
+    ax.set_xticks(range(len(task_names) + 1), stage_labels(task_names), fontsize=8)
+    ax.set_ylabel("perplexity")
+    ax.set_title("LM perplexity across the task sequence (bars: 95 % interval over seeds)", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    save_figure(fig, path)
+    return True
+
+
+def _half_widths(points: Sequence[Mapping[str, Any]], name: str) -> list[list[float]] | None:
+    intervals = [p.get(f"{name}_ci95") for p in points]
+    if not any(intervals):
+        return None
+    return [[p[name] - ci[0] if ci else 0.0 for p, ci in zip(points, intervals)],
+            [ci[1] - p[name] if ci else 0.0 for p, ci in zip(points, intervals)]]
+
+
+def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Plasticity (x) against perplexity increase and forgetting (y), one curve per method × rank,
+    each point labelled with its learning rate; error bars: 95 % intervals over seeds."""
+    fig = new_figure((12, 4.8))
+    axes = fig.subplots(1, 2)
+    curves: dict[tuple, list[Mapping[str, Any]]] = {}
+    for p in points:
+        curves.setdefault((p["method"], p["rank"]), []).append(p)
+    labels: list[list[Text]] = [[], []]
+    for (method, rank), pts in curves.items():
+        pts = sorted((p for p in pts if p["plasticity"] is not None), key=lambda p: p["plasticity"])
+        label = method if rank is None else f"{method} r{rank}"
+        for k, (ax, cost) in enumerate(zip(axes, ("ppl_increase", "forgetting"))):
+            shown = [p for p in pts if p[cost] is not None]
+            if not shown:
+                continue
+            marker = "*" if shown[0]["lr"] is None else "o"
+            ax.errorbar([p["plasticity"] for p in shown], [p[cost] for p in shown],
+                        xerr=_half_widths(shown, "plasticity"), yerr=_half_widths(shown, cost),
+                        marker=marker, label=label, markersize=10 if marker == "*" else 5, capsize=2)
+            for p in shown:
+                if p["lr"] is not None:
+                    labels[k].append(ax.annotate(
+                        f"{p['lr']:g}", (p["plasticity"], p[cost]), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"}))
+    for ax, title in zip(axes, ("Perplexity increase", "Average forgetting")):
+        ax.set_xlabel("plasticity (mean accuracy right after learning each task)", fontsize=8)
+        ax.set_ylabel(title.lower(), fontsize=8)
+        ax.set_title(f"{title} vs plasticity (labels: learning rate)", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("symlog", linthresh=1.0)  # a diverged rate would flatten every other point
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
+    for texts in labels:
+        declutter(fig, texts)
+    save_figure(fig, path)

@@ -1,0 +1,75 @@
+"""The report's plots are readable at the size they are written: no two labels overlap."""
+
+import itertools
+
+import matplotlib.figure
+from matplotlib.text import Text
+import pytest
+
+from curlora.continual import plots
+
+TASKS = ["rotten_tomatoes", "vader_tweets", "a_task_with_a_rather_long_descriptive_name"]
+
+
+@pytest.fixture
+def captured(monkeypatch):
+    """Every figure a plot function saves, drawn, instead of only its PNG bytes."""
+    figures = []
+    real_save = plots.save_figure
+
+    def keep(fig, path):
+        real_save(fig, path)
+        figures.append(fig)
+
+    monkeypatch.setattr(plots, "save_figure", keep)
+    return figures
+
+
+def text_boxes(fig: matplotlib.figure.Figure):
+    renderer = fig.canvas.get_renderer()
+    boxes = []
+    for ax in fig.axes:
+        labels = [*ax.get_xticklabels(), *ax.get_yticklabels(), *ax.texts]
+        boxes += [(t.get_text(), Text.get_window_extent(t, renderer)) for t in labels if t.get_text() and t.get_visible()]
+    return boxes
+
+
+def assert_no_overlap(fig):
+    fig.canvas.draw()
+    for (a, box_a), (b, box_b) in itertools.combinations(text_boxes(fig), 2):
+        overlaps = box_a.x0 < box_b.x1 and box_b.x0 < box_a.x1 and box_a.y0 < box_b.y1 and box_b.y0 < box_a.y1
+        assert not overlaps, f"labels {a!r} and {b!r} overlap"
+
+
+def stat(mean, half=0.5):
+    return {"mean": mean, "std": half, "n": 3, "ci95": [mean - half, mean + half]}
+
+
+def test_perplexity_and_matrix_labels_do_not_collide(tmp_path, captured):
+    series = [("curlora r16", [stat(14.5), stat(14.6), stat(14.8), stat(15.0)]),
+              ("lora r16", [stat(14.5), stat(15.5), stat(17.0), stat(19.2)])]
+    assert plots.plot_perplexity(series, TASKS, tmp_path / "perplexity.png")
+    grid = [[0.5, 0.4, 0.3], [0.7, float("nan"), float("nan")], [0.69, 0.55, float("nan")], [0.68, 0.52, 0.6]]
+    plots.plot_accuracy_matrix(grid, TASKS, "curlora r16 accuracy", tmp_path / "matrix.png")
+    for fig in captured:
+        assert_no_overlap(fig)
+    assert (tmp_path / "perplexity.png").stat().st_size > 1000
+
+
+def test_frontier_learning_rate_labels_are_moved_apart(tmp_path, captured):
+    points = []
+    # Rates that land almost on top of each other and of the head-only point, and one diverged rate.
+    for method, xs in (("curlora", (0.573, 0.575, 0.58, 0.604)), ("lora", (0.574, 0.59, 0.651, 0.40))):
+        for lr, x in zip((3e-4, 1e-3, 3e-3, 1e-2), xs):
+            points.append({"method": method, "rank": 16, "lr": lr, "n_seeds": 1, "plasticity": x,
+                           "ppl_increase": 7757.0 if x == 0.40 else (x - 0.57) * 100, "forgetting": (x - 0.57) / 5})
+    points.append({"method": "head", "rank": None, "lr": None, "n_seeds": 1, "plasticity": 0.573,
+                   "ppl_increase": 0.0, "forgetting": 0.0})
+    plots.plot_frontier(points, tmp_path / "frontier.png")
+    (fig,) = captured
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes[:2]:
+        boxes = [Text.get_window_extent(t, renderer) for t in ax.texts]  # labels, not leader lines
+        assert len(boxes) == 8
+        for a, b in itertools.combinations(boxes, 2):
+            assert not (a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1)
