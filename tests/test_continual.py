@@ -87,7 +87,7 @@ def test_resume_refuses_a_changed_config(tmp_path, tiny_model_dir, data_dir):
 
 
 def test_diverging_method_fails_alone(tmp_path, tiny_model_dir, data_dir):
-    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lr=float("inf"), tasks=["sst2"])
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lr=1e30, tasks=["sst2"])
     results = ContinualRunner(config, tmp_path).run()
     status = {run["method"]: run["status"] for run in results["runs"]}
     assert status == {"curlora": "failed", "head": "ok"}
@@ -182,7 +182,7 @@ def test_a_late_rank_does_not_mistake_a_new_run_for_an_old_one(tmp_path, tiny_mo
         "if os.environ['RANK'] == '1':\n"
         "    time.sleep(2)\n"
         "config = ContinualConfig(model=sys.argv[1], data_dir=sys.argv[2], tasks=['sst2'], progress=False)\n"
-        "ContinualRunner(config, sys.argv[3])\n"
+        "ContinualRunner(config, sys.argv[3])._create_run_dir()  # what run() does once the data loaded\n"
     )
     port = str(free_port())
     procs = [
