@@ -95,6 +95,7 @@ def test_continual_flags_are_refused_before_any_work(flags, message, tmp_path, c
 
 YAML_CASES = [
     ({"seeds": [0.5]}, "seeds must be an integer"),
+    ({"ranks": 8}, "'ranks' must be a list, e.g. [8]"),
     ({"validation_fraction": 1.5}, "validation_fraction must be in (0, 1)"),
     ({"lr": "1e-3"}, "YAML needs a dot"),
     ({"max_warmup_fraction": -0.1}, "max_warmup_fraction"),
@@ -223,3 +224,20 @@ def test_generate_refuses_before_the_model_loads(tmp_path, capsys, no_model):
     assert "adapter_config.json" in refused(["generate", "--adapter", str(tmp_path), "--prompt", "Hi"], capsys)
     assert "--max-new-tokens must be at least 1" in refused(
         ["generate", "--adapter", str(tmp_path), "--prompt", "Hi", "--max-new-tokens", "0"], capsys)
+
+
+def test_the_real_command_prints_one_line(tmp_path):
+    """As a user sees it: a fresh process (imports and all) prints exactly the one error line."""
+    import os
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "curlora.cli", "continual", "--lr", "-1", "--methods", "head",
+         "--output-dir", str(run_dir)],
+        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["curlora: error: lr must be a finite number > 0, got -1.0."]
+    assert not run_dir.exists()

@@ -58,6 +58,10 @@ class ContinualConfig:
     quantize: str | None = None  # quantize the base's linear layers (curlora.quantization.SCHEMES)
 
     def __post_init__(self) -> None:
+        for name in ("tasks", "task_files", "methods", "ranks", "seeds", "u_penalties", "lrs"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ValueError(f"Config field {name!r} must be a list, e.g. [{value!r}], got {value!r}.")
         for name in ("tasks", "methods", "ranks", "seeds", "u_penalties"):
             value = getattr(self, name)
             if not value and not (name == "tasks" and self.task_files):
