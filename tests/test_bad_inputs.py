@@ -165,7 +165,7 @@ def test_a_rank_larger_than_the_layers_is_refused_before_the_data(tmp_path, caps
     run_dir = tmp_path / "run"
     error = refused(["continual", "--config", str(config), "--ranks", "4,17", "--methods", "lora",
                      "--output-dir", str(run_dir)], capsys)
-    assert "ranks" in error and "choose r ≤ 16" in error
+    assert "ranks" in error and "k_proj' (16 × 32); choose r ≤ 16" in error  # the narrowest layer named
     assert not run_dir.exists()
 
 

@@ -69,12 +69,15 @@ def target_layers(model: nn.Module, config: CURLoRAConfig) -> list[tuple[str, nn
                 f"nn.Linear, transformers Conv1D and bitsandbytes quantized linear layers. "
                 f"Narrow target_modules to those."
             )
-        weight = weight_out_in(module.base_layer if isinstance(module, CURLoRALayer) else module)
-        if config.r > min(weight.shape):
-            raise ValueError(
-                f"Rank r={config.r} is larger than the smaller side of {name!r} "
-                f"({weight.shape[0]} × {weight.shape[1]}); choose r ≤ {min(weight.shape)}."
-            )
+    # The narrowest layer bounds the rank: name it, so the user's next choice fits every layer.
+    shapes = {name: weight_out_in(m.base_layer if isinstance(m, CURLoRALayer) else m).shape for name, m in matched}
+    narrowest = min(shapes, key=lambda name: min(shapes[name]))
+    if config.r > min(shapes[narrowest]):
+        out_features, in_features = shapes[narrowest]
+        raise ValueError(
+            f"Rank r={config.r} is larger than the smaller side of {narrowest!r} "
+            f"({out_features} × {in_features}); choose r ≤ {min(out_features, in_features)}."
+        )
     return matched
 
 
