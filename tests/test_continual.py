@@ -81,13 +81,13 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, data_d
 
 
 def test_resume_refuses_a_changed_config(tmp_path, tiny_model_dir, data_dir):
-    ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"]), tmp_path)
+    ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"]), tmp_path)._create_run_dir()
     with pytest.raises(ValueError, match="epochs"):
         ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"], epochs=2), tmp_path, resume=True)
 
 
 def test_diverging_method_fails_alone(tmp_path, tiny_model_dir, data_dir):
-    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lr=float("inf"), tasks=["sst2"])
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lr=1e30, tasks=["sst2"])
     results = ContinualRunner(config, tmp_path).run()
     status = {run["method"]: run["status"] for run in results["runs"]}
     assert status == {"curlora": "failed", "head": "ok"}
@@ -182,7 +182,7 @@ def test_a_late_rank_does_not_mistake_a_new_run_for_an_old_one(tmp_path, tiny_mo
         "if os.environ['RANK'] == '1':\n"
         "    time.sleep(2)\n"
         "config = ContinualConfig(model=sys.argv[1], data_dir=sys.argv[2], tasks=['sst2'], progress=False)\n"
-        "ContinualRunner(config, sys.argv[3])\n"
+        "ContinualRunner(config, sys.argv[3])._create_run_dir()  # what run() does once the data loaded\n"
     )
     port = str(free_port())
     procs = [
@@ -197,3 +197,23 @@ def test_a_late_rank_does_not_mistake_a_new_run_for_an_old_one(tmp_path, tiny_mo
     errors = [proc.communicate(timeout=120)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], errors
     assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_own_corpus_file_is_scored_and_named(tmp_path, tiny_model_dir, data_dir, capsys):
+    corpus = tmp_path / "style-guide.txt"
+    corpus.write_text("Write short sentences. Prefer the active voice.\n\nCut every word you can.\n" * 8)
+    config = tiny_config(tiny_model_dir, data_dir, methods=["head"], tasks=["sst2"], corpus_file=str(corpus))
+    results = ContinualRunner(config, tmp_path / "run").run()
+    entry = results["corpus"]
+    assert entry["name"] == "style-guide.txt" and entry["file"] == str(corpus.resolve())
+    assert entry["bytes"] == corpus.stat().st_size and entry["tokens_scored"] == 95  # ppl_max_tokens 96
+    assert "style-guide.txt" in (tmp_path / "run" / "report.md").read_text()
+    # The same file through the flag gives the same base perplexity.
+    args = ["continual", "--model", tiny_model_dir, "--data-dir", str(data_dir), "--tasks", "sst2", "--methods",
+            "head", "--ranks", "4", "--examples-per-task", "24", "--eval-examples", "20", "--max-length", "32",
+            "--head-lr", "1e-2", "--ppl-max-tokens", "96", "--ppl-window", "64", "--ppl-stride", "32",
+            "--corpus-file", str(corpus), "--no-progress", "--output-dir", str(tmp_path / "flag")]
+    assert main(args) == 0
+    saved = json.loads((tmp_path / "flag" / "results.json").read_text())
+    assert saved["corpus"]["name"] == "style-guide.txt"
+    assert saved["runs"][0]["perplexity"]["before"] == pytest.approx(results["runs"][0]["perplexity"]["before"])

@@ -101,7 +101,7 @@ def test_user_file_errors(tmp_path):
         ("empty.csv", "text,label\n", r"empty\.csv"),
         ("one.csv", "text,label\nhello,pos\n", "fewer than 2 distinct labels"),
         ("blank.csv", "text,label\n,pos\nbye,neg\n", r"blank\.csv, line 2: empty"),
-        ("bad.jsonl", '{"text": "a", "label": 1}\nnot json\n', r"bad\.jsonl, line 2: not valid JSON"),
+        ("bad.jsonl", '{"text": "a", "label": 1}\nnot json\n', r"bad\.jsonl, line 2, column 1: not valid JSON"),
         ("a.xlsx", "", "unsupported file type"),
     ]
     for name, content, message in bad_files:
@@ -114,3 +114,13 @@ def test_user_file_errors(tmp_path):
     with pytest.raises(DataError, match=r"ev\.csv, line 2: label 'maybe'"):
         load_task_file(p, "text", "label", eval_path=ev)
     assert issubclass(DataError, ValueError)
+
+
+def test_a_split_that_cannot_be_made_says_why():
+    # Two distinct texts per label, each repeated: the eval split takes one of each, leaving nothing to validate on.
+    texts = [Example("good one", 1), Example("fine one", 1), Example("bad one", 0), Example("poor one", 0)]
+    train, _ = stratified_split(texts * 5, 0.5, seed=0)
+    with pytest.raises(DataError, match=r"task 'x': cannot make the validation split \(fraction 0.15\): 10 rows, "
+                                        r"8 of them repeating an earlier text; 2 distinct texts remain "
+                                        r"\(label 0: 1, label 1: 1\)"):
+        make_validation_split(train, 0.15, origin="task 'x'")

@@ -11,12 +11,19 @@ from curlora.continual.config import PRESETS, load_config
 from curlora.continual.methods import describe
 
 
+def _numbers(kind: type, text: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+
 def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x]
+    return _numbers(float, text)
 
 
 def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x]
+    return _numbers(int, text)
 
 
 def _strings(text: str) -> list[str]:
@@ -38,7 +45,8 @@ def _continual_parser(sub) -> None:
     p.add_argument("--source", choices=["offline", "local", "hub"], help="where task data comes from")
     p.add_argument("--model", help="hub id or local directory (default: SmolLM2-135M-Instruct, offline)")
     p.add_argument("--tasks", type=_strings, help="comma-separated task names, in training order")
-    p.add_argument("--corpus", help="perplexity corpus name")
+    p.add_argument("--corpus", help="perplexity corpus name (wiki_summaries, wikitext2)")
+    p.add_argument("--corpus-file", help="your own plain UTF-8 text file as the perplexity corpus (replaces --corpus)")
     p.add_argument("--methods", type=_strings, help="comma-separated: " + describe() + "; peft:<type> (any PEFT method); or a variant declared under method_variants in --config")
     p.add_argument("--ranks", type=_ints)
     p.add_argument("--seeds", type=_ints)
@@ -53,6 +61,8 @@ def _continual_parser(sub) -> None:
     p.add_argument("--alpha", type=float)
     p.add_argument("--max-length", type=int)
     p.add_argument("--ppl-max-tokens", type=int, help="score only the corpus's first N tokens (0: all)")
+    p.add_argument("--ppl-window", type=int, help="tokens per perplexity window")
+    p.add_argument("--ppl-stride", type=int, help="tokens between window starts (less than --ppl-window)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for training and accuracy (default: where the CPU/GPU supports it); "
                    "perplexity is always computed in float32")
@@ -68,9 +78,9 @@ def _run_continual(args: argparse.Namespace) -> int:
     overrides = {
         key: getattr(args, key)
         for key in (
-            "data_dir", "source", "model", "tasks", "corpus", "methods", "ranks", "seeds", "examples_per_task",
+            "data_dir", "source", "model", "tasks", "corpus", "corpus_file", "methods", "ranks", "seeds", "examples_per_task",
             "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "alpha",
-            "max_length", "ppl_max_tokens", "bf16", "device", "progress", "quantize",
+            "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "bf16", "device", "progress", "quantize",
         )
     }
     if overrides["ppl_max_tokens"] == 0:
@@ -147,8 +157,11 @@ def _generate_parser(sub) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    from curlora import checks
     from curlora.sft import generate, load_for_generation
 
+    checks.integer("--max-new-tokens", args.max_new_tokens, minimum=1)
+    checks.model_path(args.model)
     model, tokenizer = load_for_generation(args.adapter, args.model)
     for prompt in args.prompt:
         answer = generate(model, tokenizer, prompt, args.max_new_tokens, args.system)

@@ -48,6 +48,39 @@ def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
 
+def target_layers(model: nn.Module, config: CURLoRAConfig) -> list[tuple[str, nn.Module]]:
+    """The layers ``config`` adapts in ``model``, checked (type, r ≤ the smaller side) without changing it:
+    callers can refuse a rank that is too large before loading data or writing anything."""
+    targets = config.resolved_targets(model)
+    matched = [(n, m) for n, m in _candidate_modules(model) if n and matches_target(n, targets)]
+    if not matched:
+        linear_names = sorted(
+            {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+             if isinstance(m, SUPPORTED_LAYERS) or is_quantized_linear(m)}
+        )
+        raise ValueError(
+            f"Target modules {targets!r} matched no module of {type(model).__name__}. "
+            f"Adaptable layer names in this model: {linear_names[:20]}."
+        )
+    for name, module in matched:
+        if not isinstance(module, (CURLoRALayer, *SUPPORTED_LAYERS)) and not is_quantized_linear(module):
+            raise TypeError(
+                f"Target module {name!r} is a {type(module).__name__}; CURLoRA adapts only "
+                f"nn.Linear, transformers Conv1D and bitsandbytes quantized linear layers. "
+                f"Narrow target_modules to those."
+            )
+    # The narrowest layer bounds the rank: name it, so the user's next choice fits every layer.
+    shapes = {name: weight_out_in(m.base_layer if isinstance(m, CURLoRALayer) else m).shape for name, m in matched}
+    narrowest = min(shapes, key=lambda name: min(shapes[name]))
+    if config.r > min(shapes[narrowest]):
+        out_features, in_features = shapes[narrowest]
+        raise ValueError(
+            f"Rank r={config.r} is larger than the smaller side of {narrowest!r} "
+            f"({out_features} × {in_features}); choose r ≤ {min(out_features, in_features)}."
+        )
+    return matched
+
+
 class CURLoRAModel(nn.Module):
     """A model with CURLoRA adapters; behaves like the wrapped model everywhere else.
 
@@ -106,31 +139,7 @@ class CURLoRAModel(nn.Module):
 
     # -- adapters -----------------------------------------------------------------------------
     def _targets(self, config: CURLoRAConfig) -> list[tuple[str, nn.Module]]:
-        targets = config.resolved_targets(self.base_model)
-        matched = [(n, m) for n, m in _candidate_modules(self.base_model) if n and matches_target(n, targets)]
-        if not matched:
-            linear_names = sorted(
-                {n.rsplit(".", 1)[-1] for n, m in self.base_model.named_modules()
-                 if isinstance(m, SUPPORTED_LAYERS) or is_quantized_linear(m)}
-            )
-            raise ValueError(
-                f"Target modules {targets!r} matched no module of {type(self.base_model).__name__}. "
-                f"Adaptable layer names in this model: {linear_names[:20]}."
-            )
-        for name, module in matched:
-            if not isinstance(module, (CURLoRALayer, *SUPPORTED_LAYERS)) and not is_quantized_linear(module):
-                raise TypeError(
-                    f"Target module {name!r} is a {type(module).__name__}; CURLoRA adapts only "
-                    f"nn.Linear, transformers Conv1D and bitsandbytes quantized linear layers. "
-                    f"Narrow target_modules to those."
-                )
-            weight = weight_out_in(module.base_layer if isinstance(module, CURLoRALayer) else module)
-            if config.r > min(weight.shape):
-                raise ValueError(
-                    f"Rank r={config.r} is larger than the smaller side of {name!r} "
-                    f"({weight.shape[0]} × {weight.shape[1]}); choose r ≤ {min(weight.shape)}."
-                )
-        return matched
+        return target_layers(self.base_model, config)
 
     def _layer_for(self, name: str, module: nn.Module) -> CURLoRALayer:
         if isinstance(module, CURLoRALayer):

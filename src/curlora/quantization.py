@@ -42,6 +42,18 @@ class _DropFp16CastNotice(logging.Filter):
         return "inputs will be cast from" not in record.getMessage()
 
 
+class _DropKernelsNotice(logging.Filter):
+    """bitsandbytes warns on import, on AVX512-BF16 CPUs, that the optional ``kernels`` package is missing
+    and falls back to its own 4-bit kernel: noise on every command (peft imports it), quantizing or not."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "from kernels-community" not in record.getMessage()
+
+
+# Installed before anything imports bitsandbytes (importing curlora imports this module first).
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropKernelsNotice())
+
+
 def _import_bnb():
     try:
         import bitsandbytes

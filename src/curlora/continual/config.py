@@ -8,8 +8,11 @@ from typing import Any
 
 import yaml
 
+from curlora import checks
 from curlora.continual.methods import Method, resolve
-from curlora.data import OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS
+from curlora.data import CORPORA, OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS, TASKS
+
+SOURCES = ("offline", "local", "hub")
 
 
 @dataclass
@@ -20,6 +23,7 @@ class ContinualConfig:
     tasks: list[str] = field(default_factory=lambda: list(OFFLINE_SUITE))
     task_files: list[dict[str, Any]] = field(default_factory=list)  # kwargs of data.load_task_file
     corpus: str = OFFLINE_CORPUS
+    corpus_file: str | None = None  # a plain UTF-8 text file as the perplexity corpus (replaces corpus)
     source: str | None = None  # "offline" | "local" | "hub"; None picks per task
     data_dir: str | None = None
     methods: list[str] = field(default_factory=lambda: ["curlora", "lora", "head"])
@@ -54,15 +58,15 @@ class ContinualConfig:
     quantize: str | None = None  # quantize the base's linear layers (curlora.quantization.SCHEMES)
 
     def __post_init__(self) -> None:
+        for name in ("tasks", "task_files", "methods", "ranks", "seeds", "u_penalties", "lrs"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise ValueError(f"Config field {name!r} must be a list, e.g. [{value!r}], got {value!r}.")
         for name in ("tasks", "methods", "ranks", "seeds", "u_penalties"):
             value = getattr(self, name)
             if not value and not (name == "tasks" and self.task_files):
                 raise ValueError(f"Config field {name!r} must not be empty.")
         methods = [self.method(name) for name in self.methods]  # unknown names fail here
-        positive = ("examples_per_task", "eval_examples", "epochs", "batch_size", "eval_batch_size", "max_length")
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise ValueError(f"Config field {name!r} must be positive, got {getattr(self, name)}.")
         if self.quantize is not None:
             from curlora.quantization import SCHEMES
 
@@ -74,8 +78,56 @@ class ContinualConfig:
                         f"Method {method.name!r} trains the base weights, which a quantized base cannot; "
                         f"drop it or unset quantize."
                     )
-        if not 0 < self.validation_fraction < 1:
-            raise ValueError(f"validation_fraction must be in (0, 1), got {self.validation_fraction}.")
+        self._check_values()
+
+    def _check_values(self) -> None:
+        """Every setting that can be judged without the model or the data: refused here, before any work."""
+        for name in ("lr", "head_lr"):
+            checks.positive(name, getattr(self, name))
+        for value in self.lrs or []:
+            checks.positive("every value of lrs", value)
+        checks.integers("ranks", self.ranks, minimum=1)
+        checks.integers("seeds", self.seeds)
+        checks.integer("data_seed", self.data_seed)
+        checks.finite("alpha", self.alpha)
+        for name in ("examples_per_task", "eval_examples", "epochs", "batch_size", "eval_batch_size", "max_length"):
+            checks.integer(name, getattr(self, name), minimum=1)
+        for value in self.u_penalties:
+            checks.non_negative("every value of u_penalties", value)
+        checks.non_negative("weight_decay", self.weight_decay)
+        checks.integer("warmup_steps", self.warmup_steps, minimum=0)
+        checks.fraction("validation_fraction", self.validation_fraction)
+        checks.fraction("max_warmup_fraction", self.max_warmup_fraction, low_open=False, high_open=False)
+        if self.ppl_max_tokens is not None:
+            checks.integer("ppl_max_tokens", self.ppl_max_tokens, minimum=2)
+        checks.integer("ppl_stride", self.ppl_stride, minimum=1)
+        checks.integer("ppl_window", self.ppl_window, minimum=2)
+        if self.ppl_window <= self.ppl_stride:
+            raise ValueError(
+                f"ppl_window ({self.ppl_window}) must be larger than ppl_stride ({self.ppl_stride}): "
+                f"each window scores the tokens past the previous one's stride."
+            )
+        checks.device(self.device)
+        checks.model_path(self.model)
+        if self.source is not None and self.source not in SOURCES:
+            raise ValueError(f"Unknown source {self.source!r}; choose one of {SOURCES}.")
+        for task in self.tasks:
+            if task not in TASKS:
+                raise ValueError(f"Unknown task {task!r}; known tasks: {sorted(TASKS)}; "
+                                 f"use task_files for your own data.")
+        if self.corpus_file is not None:
+            checks.existing_file("corpus_file", self.corpus_file)
+        elif self.corpus not in CORPORA:
+            raise ValueError(f"Unknown corpus {self.corpus!r}; known corpora: {sorted(CORPORA)}; "
+                             f"or pass corpus_file / --corpus-file with a text file of your own.")
+        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
+            raise FileNotFoundError(f"data_dir {self.data_dir} does not exist or is not a directory.")
+        for spec in self.task_files:
+            if not isinstance(spec, dict) or "path" not in spec:
+                raise ValueError(f"Every task_files entry must be a mapping with a 'path' key, got {spec!r}.")
+            checks.existing_file("task file", spec["path"])
+            if spec.get("eval_path") is not None:
+                checks.existing_file("task eval file", spec["eval_path"])
 
     def method(self, name: str) -> Method:
         """The registry entry (or declared variant) a method name in this config stands for."""

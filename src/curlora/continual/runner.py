@@ -26,15 +26,15 @@ import yaml
 from safetensors.torch import load_file, save
 from torch import nn
 
-from curlora import stability_diagnostics
-from curlora.data import ClassificationCollator, TaskSplits, load_corpus, load_task, load_task_file, make_validation_split
+from curlora import CURLoRAConfig, stability_diagnostics
+from curlora.data import ClassificationCollator, TaskSplits, load_corpus, load_corpus_file, load_task, load_task_file, make_validation_split
 from curlora.continual.evaluation import perplexity
 from curlora.continual.config import ContinualConfig
 from curlora.continual.frontier import analyse
 from curlora.continual.methods import Adapted, BuildContext
 from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from curlora.continual.metrics import SCHEMA_VERSION, summarize
-from curlora.model import CURLoRAModel
+from curlora.model import CURLoRAModel, target_layers
 from curlora.pretrained import load_model_and_tokenizer
 from curlora.continual.report import write_report
 from curlora.continual.training import (
@@ -133,35 +133,51 @@ class ContinualRunner:
         # Under torchrun every process trains its share of each batch; only rank 0 writes files.
         self.rank, self.world = data_parallel_rank()
         self.is_main = self.rank == 0
-        self._prepare_run_dir(resume)
+        self._check_run_dir(resume)
         self.bf16 = bf16_supported(self.device) if config.bf16 is None else config.bf16
 
     # setup ------------------------------------------------------------------------------------
-    def _prepare_run_dir(self, resume: bool) -> None:
+    def _check_run_dir(self, resume: bool) -> None:
+        """Refuse a run directory that cannot take this run. It only reads: a refused command leaves an
+        existing directory byte-identical, and nothing is created until every check has passed."""
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise FileExistsError(f"--output-dir {self.run_dir} is a file; choose a directory.")
         saved = self.run_dir / "config.yaml"
-        resolved = self.config.to_dict()
-        comparable = {k: v for k, v in resolved.items() if k != "progress"}
-        existed = saved.is_file()
-        # Every rank must look before rank 0 writes, or a slower rank mistakes this run for an old one.
+        self._fresh = not saved.is_file()
+        if self._fresh:
+            return
+        if not resume:
+            raise FileExistsError(
+                f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
+                f"another --output-dir."
+            )
+        # A field added since that run was made counts as its default.
+        loaded = {**ContinualConfig().to_dict(), **(yaml.safe_load(saved.read_text()) or {})}
+        previous = {k: v for k, v in loaded.items() if k != "progress"}
+        comparable = {k: v for k, v in self.config.to_dict().items() if k != "progress"}
+        if previous != comparable:
+            changed = sorted(k for k in set(previous) | set(comparable) if previous.get(k) != comparable.get(k))
+            raise ValueError(
+                f"Cannot resume {self.run_dir}: its config differs in {changed}. Resume with the "
+                f"same settings, or start a new --output-dir."
+            )
+
+    def _create_run_dir(self) -> None:
+        """Write ``config.yaml`` of a fresh run, once the model and the data have passed their checks."""
+        # Every rank looked (in __init__) before this barrier, so none mistakes this run for an old one.
         self._barrier()
-        if existed:
-            # A field added since that run was made counts as its default.
-            loaded = {**ContinualConfig().to_dict(), **(yaml.safe_load(saved.read_text()) or {})}
-            previous = {k: v for k, v in loaded.items() if k != "progress"}
-            if not resume:
-                raise FileExistsError(
-                    f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
-                    f"another --output-dir."
-                )
-            if previous != comparable:
-                changed = sorted(k for k in set(previous) | set(comparable) if previous.get(k) != comparable.get(k))
-                raise ValueError(
-                    f"Cannot resume {self.run_dir}: its config differs in {changed}. Resume with the "
-                    f"same settings, or start a new --output-dir."
-                )
-        elif self.is_main:
-            atomic_write_text(saved, yaml.safe_dump(resolved, sort_keys=False))
+        if self._fresh and self.is_main:
+            atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         self._barrier()
+
+    def _check_ranks(self, lm: nn.Module) -> None:
+        """Every rank fits the adapted layers (r ≤ their smaller side), judged from their shapes alone."""
+        cfg = self.config
+        if any(cfg.method(name).takes_rank for name in cfg.methods):
+            try:
+                target_layers(lm, CURLoRAConfig(r=max(cfg.ranks), target_modules=cfg.target_modules))
+            except ValueError as error:
+                raise ValueError(f"ranks / target_modules do not fit the model: {error}") from error
 
     def _say(self, message: str) -> None:
         if self.is_main:
@@ -181,15 +197,30 @@ class ContinualRunner:
         loaded += [load_task_file(**spec, **common) for spec in cfg.task_files]
         self.tasks, self.validation = [], []
         for task in loaded:
-            train, validation = make_validation_split(task.train, cfg.validation_fraction, cfg.data_seed)
+            train, validation = make_validation_split(
+                task.train, cfg.validation_fraction, cfg.data_seed, origin=f"task {task.name!r} training data"
+            )
             self.tasks.append(TaskSplits(task.name, task.label_names, train, task.eval, notes=task.notes))
             self.validation.append(validation)
         self.eval_splits = [task.eval for task in self.tasks]
         # Tokenize only what will be scored (no tokenizer packs more than 10 characters a token).
         max_chars = 10 * cfg.ppl_max_tokens if cfg.ppl_max_tokens else None
-        text = load_corpus(cfg.corpus, cfg.source, cfg.data_dir, max_chars=max_chars)
+        if cfg.corpus_file is not None:
+            text = load_corpus_file(cfg.corpus_file, max_chars=max_chars)
+        else:
+            text = load_corpus(cfg.corpus, cfg.source, cfg.data_dir, max_chars=max_chars)
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         self.corpus_ids = ids[: cfg.ppl_max_tokens] if cfg.ppl_max_tokens else ids
+
+    def _corpus_entry(self) -> dict[str, Any]:
+        """What results.json says about the perplexity corpus; a user's file is named with its size."""
+        cfg = self.config
+        entry: dict[str, Any] = {"name": cfg.corpus}
+        if cfg.corpus_file is not None:
+            path = Path(cfg.corpus_file).expanduser()
+            entry = {"name": path.name, "file": str(path.resolve()), "bytes": path.stat().st_size}
+        return {**entry, "tokens_scored": int(self.corpus_ids.numel() - 1),
+                "window": cfg.ppl_window, "stride": cfg.ppl_stride}
 
     def _perplexity(self, model: nn.Module) -> float:
         cfg = self.config
@@ -336,12 +367,14 @@ class ContinualRunner:
         """Every run of the config; the results (None on processes other than rank 0)."""
         cfg = self.config
         base_lm, tokenizer = load_model_and_tokenizer(cfg.model, device=self.device)
+        self._check_ranks(base_lm)
         if cfg.quantize:  # every run deep-copies this quantized base (bitsandbytes layers copy fine)
             from curlora.quantization import quantize_model
 
             quantize_model(base_lm, cfg.quantize)
         self.model_name = getattr(base_lm.config, "_name_or_path", cfg.model)
         self._load_data(tokenizer)
+        self._create_run_dir()
         for task in self.tasks:
             self._say(f"task {task.name}: train {len(task.train)}, validation "
                   f"{len(self.validation[self.tasks.index(task)])}, eval {len(task.eval)}, "
@@ -396,8 +429,7 @@ class ContinualRunner:
                  "notes": t.notes}
                 for t, v in zip(self.tasks, self.validation)
             ],
-            "corpus": {"name": cfg.corpus, "tokens_scored": int(self.corpus_ids.numel() - 1),
-                       "window": cfg.ppl_window, "stride": cfg.ppl_stride},
+            "corpus": self._corpus_entry(),
             "runs": runs,
             "frontier": analyse(runs),
         }

@@ -21,6 +21,7 @@ from .tasks import (
     CorpusSpec,
     TaskSpec,
     load_corpus,
+    load_corpus_file,
     load_task,
     load_task_file,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "fetch_archive",
     "last_token_index",
     "load_corpus",
+    "load_corpus_file",
     "load_task",
     "load_task_file",
     "make_validation_split",

@@ -8,6 +8,7 @@ exactly the bytes users download themselves (see ``../shared/data/README.md``).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = [
     "read_wikitext_raw",
     "hub_load",
     "read_table",
+    "read_text",
     "examples_from_rows",
 ]
 
@@ -39,6 +41,23 @@ HUB_IDS: dict[str, tuple[str, str | None]] = {
 
 
 # --------------------------------------------------------------------------- local files
+
+
+def read_text(path: str | Path) -> str:
+    """A UTF-8 file's text (a leading BOM dropped); a file that is not UTF-8 is refused with the
+    line and column of its first bad byte, so the user can find it."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        start = exc.start + (3 if data.startswith(b"\xef\xbb\xbf") else 0)
+        line = data.count(b"\n", 0, start) + 1
+        column = start - (data.rfind(b"\n", 0, start) + 1) + 1
+        raise DataError(
+            f"{path}, line {line}, column {column}: not UTF-8 text (byte 0x{data[start]:02x}); "
+            f"re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)"
+        ) from None
 
 
 def resolve_file(data_dir: str | Path | None, subdir: str, filename: str) -> Path:
@@ -57,9 +76,8 @@ def resolve_file(data_dir: str | Path | None, subdir: str, filename: str) -> Pat
 
 
 def _tsv_rows(path: Path) -> tuple[list[str], list[list[str]]]:
-    # utf-8-sig strips MRPC's BOM; QUOTE_NONE because MRPC/GLUE strings hold bare quotes
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    # read_text strips MRPC's BOM; QUOTE_NONE because MRPC/GLUE strings hold bare quotes
+    rows = list(csv.reader(io.StringIO(read_text(path), newline=""), delimiter="\t", quoting=csv.QUOTE_NONE))
     if not rows:
         raise DataError(f"{path}: file is empty")
     return rows[0], [r for r in rows[1:] if r and any(c.strip() for c in r)]
@@ -134,7 +152,7 @@ def read_sentiment140(path: str | Path) -> list[Example]:
 def read_wikitext_raw(path: str | Path) -> str:
     """A raw WikiText file as one string with ``\\n`` line endings (headings kept)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    text = read_text(path).replace("\r\n", "\n")
     if not text.strip():
         raise DataError(f"{path}: corpus file is empty")
     return text
@@ -187,44 +205,62 @@ def read_table(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"missing file {path}")
-    suffix = "".join(path.suffixes[-1:]).lower()
-    rows: list[dict[str, Any]] = []
+    suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
-        columns: list[str] = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}, line {i}: not valid JSON ({exc.msg})") from None
-                if not isinstance(obj, dict):
-                    raise DataError(f"{path}, line {i}: expected a JSON object per line")
-                for k in obj:
-                    if k not in columns:
-                        columns.append(k)
-                obj["__line__"] = i
-                rows.append(obj)
-        return columns, rows
-    if suffix in (".csv", ".tsv", ".txt"):
-        kw: dict[str, Any] = (
-            {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix != ".csv" else {}
-        )
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.reader(f, **kw)
-            try:
-                header = [h.strip() for h in next(reader)]
-            except StopIteration:
-                raise DataError(f"{path}: file is empty") from None
-            for r in reader:
-                if not r or not any(c.strip() for c in r):
-                    continue
-                row: dict[str, Any] = dict(zip(header, r))
-                row["__line__"] = reader.line_num
-                rows.append(row)
-        return header, rows
-    raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
+        columns, rows = _json_lines(path, read_text(path))
+    elif suffix in (".csv", ".tsv", ".txt"):
+        columns, rows = _delimited_rows(path, read_text(path), suffix)
+    else:
+        raise DataError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
+    return columns, rows
+
+
+def _json_lines(path: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
+    columns: list[str] = []
+    rows: list[dict[str, Any]] = []
+    for i, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {i}, column {exc.colno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}, line {i}: expected a JSON object per line, got {type(obj).__name__}")
+        columns += [k for k in obj if k not in columns]
+        obj["__line__"] = i
+        rows.append(obj)
+    if not rows:
+        raise DataError(f"{path}: file is empty (no JSON lines); put one JSON object per line")
+    return columns, rows
+
+
+def _delimited_rows(path: Path, text: str, suffix: str) -> tuple[list[str], list[dict[str, Any]]]:
+    """CSV (quoted fields allowed) or TSV (GLUE-style, no quoting); every row must have the header's
+    number of fields, since a stray delimiter silently shifts a text into the label."""
+    kw: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix != ".csv" else {}
+    reader = csv.reader(io.StringIO(text, newline=""), **kw)
+    header = next((r for r in reader if any(c.strip() for c in r)), None)
+    if header is None:
+        raise DataError(f"{path}: file is empty; the first line must name the columns")
+    header = [h.strip() for h in header]
+    rows: list[dict[str, Any]] = []
+    what = "comma" if suffix == ".csv" else "tab"
+    for r in reader:
+        if not r or not any(c.strip() for c in r):
+            continue
+        if len(r) != len(header):
+            raise DataError(
+                f"{path}, line {reader.line_num}: {len(r)} {what}-separated fields, but the header has "
+                f"{len(header)} ({', '.join(header)}); "
+                + ("quote fields that contain commas" if suffix == ".csv" else "remove the stray tabs")
+            )
+        row: dict[str, Any] = dict(zip(header, r))
+        row["__line__"] = reader.line_num
+        rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: only a header line ({', '.join(header)}), no data rows")
+    return header, rows
 
 
 def examples_from_rows(

@@ -22,6 +22,7 @@ __all__ = [
     "stratified_split",
     "stratified_subsample",
     "make_validation_split",
+    "split_refusal",
     "label_counts",
 ]
 
@@ -160,8 +161,26 @@ def stratified_split(
     return rest, held
 
 
+def split_refusal(origin: str, examples: Sequence[Example], purpose: str, fraction: float) -> DataError:
+    """Why ``examples`` cannot be split: how many rows there are, how many only repeat a text (identical
+    texts must stay on one side, so they count once), and what each side needs."""
+    kept, repeats, conflicts = deduplicate(examples)
+    per_label = Counter(e.label for e in kept)
+    counts = ", ".join(f"label {lab}: {per_label[lab]}" for lab in sorted(per_label)) or "none"
+    what = f"{len(examples)} rows"
+    if repeats:
+        what += f", {repeats} of them repeating an earlier text"
+    if conflicts:
+        what += f", {conflicts} texts with conflicting labels dropped"
+    return DataError(
+        f"{origin}: cannot make the {purpose} split (fraction {fraction}): {what}; {len(kept)} distinct "
+        f"texts remain ({counts}), and a split needs a label with at least 2 distinct texts so each side "
+        f"gets one; add more distinct rows" + (" or remove the duplicates" if repeats else "")
+    )
+
+
 def make_validation_split(
-    examples: Sequence[Example], fraction: float = 0.1, seed: int = 0
+    examples: Sequence[Example], fraction: float = 0.1, seed: int = 0, origin: str = "training data"
 ) -> tuple[list[Example], list[Example]]:
     """Carve a stratified, text-disjoint validation set out of training data.
 
@@ -170,10 +189,7 @@ def make_validation_split(
     """
     train, val = stratified_split(examples, fraction, seed)
     if not train or not val:
-        raise DataError(
-            f"validation split of {len(examples)} examples with fraction {fraction} "
-            "left an empty part"
-        )
+        raise split_refusal(origin, examples, "validation", fraction)
     return train, val
 
 

@@ -19,6 +19,7 @@ from .splits import (
     Example,
     TaskSplits,
     stratified_split,
+    split_refusal,
     stratified_subsample,
     text_key,
 )
@@ -34,6 +35,7 @@ __all__ = [
     "OFFLINE_CORPUS",
     "load_task",
     "load_corpus",
+    "load_corpus_file",
     "load_task_file",
 ]
 
@@ -227,7 +229,10 @@ def _finish(
     if eval_ is None:
         if not train:
             raise DataError(f"{origin}: no examples")
-        train, eval_ = stratified_split(train, eval_fraction, seed)
+        rows = train
+        train, eval_ = stratified_split(rows, eval_fraction, seed)
+        if not train or not eval_:
+            raise split_refusal(origin, rows, "train/eval", eval_fraction)
         notes.append(f"train/eval: seeded (seed={seed}) stratified split, eval_fraction={eval_fraction}")
     k = len(label_names)
     for split, xs in (("train", train), ("eval", eval_)):
@@ -272,6 +277,14 @@ def load_task(
                    max_train, max_eval, f"task {name!r} ({src})")
 
 
+def _cut(text: str, max_chars: int | None) -> str:
+    """The text up to a line boundary at or before ``max_chars`` characters (for quick runs)."""
+    if max_chars is not None and len(text) > max_chars:
+        cut = text.rfind("\n", 0, max_chars + 1)
+        text = text[: cut if cut > 0 else max_chars]
+    return text
+
+
 def load_corpus(
     name: str, source: str | None = None, data_dir: DataDir = None, max_chars: int | None = None
 ) -> str:
@@ -281,12 +294,21 @@ def load_corpus(
         raise DataError(f"unknown corpus {name!r}; known corpora: {sorted(CORPORA)}")
     spec = CORPORA[name]
     src = _pick_source(name, spec.sources, source, data_dir)
-    text = spec.loaders[src](data_dir)
-    if max_chars is not None and len(text) > max_chars:
-        cut = text.rfind("\n", 0, max_chars + 1)
-        text = text[: cut if cut > 0 else max_chars]
+    text = _cut(spec.loaders[src](data_dir), max_chars)
     if not text.strip():
         raise DataError(f"corpus {name!r} ({src}) is empty")
+    return text
+
+
+def load_corpus_file(path: str | Path, max_chars: int | None = None) -> str:
+    """A user's own plain UTF-8 text file as the perplexity corpus (a style guide, a domain corpus),
+    cut like the built-in corpora."""
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise DataError(f"corpus file {p} does not exist; pass the path of a UTF-8 text file")
+    text = _cut(sources.read_text(p).replace("\r\n", "\n"), max_chars)
+    if not text.strip():
+        raise DataError(f"corpus file {p} is empty; it needs some text to score")
     return text
 
 

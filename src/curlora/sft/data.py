@@ -10,18 +10,30 @@ from typing import Any, Sequence
 
 import torch
 
+from curlora.checks import looks_like_path
 from curlora.data.sources import read_table
 from curlora.data.splits import DataError
 
 IGNORE_INDEX = -100
 Messages = list[dict[str, str]]
 
+TABLE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".csv", ".tsv")
+
+
+def check_data_source(source: str) -> None:
+    """A ``--data`` value that names a file must be one; anything else is taken for a hub dataset id."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        raise FileNotFoundError(f"--data {path} is a directory; pass a .jsonl/.csv/.tsv file or a hub dataset id.")
+    if not path.is_file() and (path.suffix.lower() in TABLE_SUFFIXES or looks_like_path(source)):
+        raise FileNotFoundError(f"--data file {path} does not exist; pass an existing .jsonl/.csv/.tsv file.")
+
+
 def _read_rows(source: str, split: str) -> list[dict[str, Any]]:
+    check_data_source(source)
     path = Path(source).expanduser()
     if path.is_file():
         return read_table(path)[1]
-    if path.suffix.lower() in (".jsonl", ".ndjson", ".json", ".csv", ".tsv") or path.parent != Path("."):
-        raise FileNotFoundError(f"No such data file: {path}")
     try:
         import datasets
 
@@ -47,6 +59,7 @@ def load_conversations(
     rows = _read_rows(source, split)
     conversations: list[Messages] = []
     for i, row in enumerate(rows):
+        where = f"line {row['__line__']}" if "__line__" in row else f"row {i}"
         if row.get(messages_field):
             messages = [{"role": str(m["role"]), "content": str(m["content"])} for m in row[messages_field]]
         elif row.get(prompt_field) is not None and row.get(response_field) is not None:
@@ -56,14 +69,14 @@ def load_conversations(
             ]
         else:
             raise DataError(
-                f"{source}: row {i} has neither a {messages_field!r} list nor {prompt_field!r} and "
-                f"{response_field!r} fields (columns: {sorted(row)}); set --prompt-field/--response-field "
+                f"{source}, {where}: neither a {messages_field!r} list nor {prompt_field!r} and "
+                f"{response_field!r} fields (columns: {sorted(k for k in row if k != '__line__')}); set --prompt-field/--response-field "
                 f"or --messages-field."
             )
         if system and messages[0]["role"] != "system":
             messages.insert(0, {"role": "system", "content": system})
         if not any(m["role"] == "assistant" for m in messages):
-            raise DataError(f"{source}: row {i} has no assistant turn to learn from.")
+            raise DataError(f"{source}, {where}: no assistant turn to learn from.")
         conversations.append(messages)
         if limit is not None and len(conversations) >= limit:
             break

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from curlora.config import CURLoRAConfig
 from curlora.sft.data import prompt_text
 from curlora.sft.train import SUMMARY_NAME
 
@@ -20,6 +21,7 @@ def load_for_generation(adapter: str | Path, model: str | None = None):
     from curlora.pretrained import load_model_and_tokenizer
 
     adapter = Path(adapter)
+    CURLoRAConfig.load(adapter)  # not an adapter directory: refused before the model loads
     if model is None and (adapter / SUMMARY_NAME).is_file():
         model = json.loads((adapter / SUMMARY_NAME).read_text())["settings"].get("model")
     base, tokenizer = load_model_and_tokenizer(model)

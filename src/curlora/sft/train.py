@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from curlora import checks
 from curlora.config import CURLoRAConfig
-from curlora.sft.data import IGNORE_INDEX, SFTCollator, build_dataset, load_conversations
+from curlora.sft.data import IGNORE_INDEX, SFTCollator, build_dataset, check_data_source, load_conversations
 
 SUMMARY_NAME = "sft_summary.json"
 
@@ -63,6 +64,25 @@ class SFTSettings:
     resume: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Refuse a bad setting before the model or the data is loaded (flag names, as the user typed them)."""
+        checks.positive("--lr", self.lr)
+        checks.positive("--epochs", self.epochs)
+        checks.integer("--r", self.r, minimum=1)
+        checks.finite("--alpha", self.alpha)
+        for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
+            checks.integer(f"--{name.replace('_', '-')}", getattr(self, name), minimum=1)
+        checks.integer("--seed", self.seed)
+        checks.integer("--max-steps", self.max_steps, minimum=-1)
+        checks.integer("--save-steps", self.save_steps, minimum=0)
+        if self.max_examples is not None:
+            checks.integer("--max-examples", self.max_examples, minimum=1)
+        checks.fraction("--eval-fraction", self.eval_fraction, low_open=False)
+        checks.fraction("--warmup-ratio", self.warmup_ratio, low_open=False)
+        checks.non_negative("weight_decay", self.weight_decay)
+        checks.model_path(self.model)
+        check_data_source(self.data)
+
 
 def run_sft(settings: SFTSettings) -> dict[str, Any]:
     """Train a CURLoRA adapter on the responses and save it to ``settings.output_dir``."""
@@ -73,22 +93,23 @@ def run_sft(settings: SFTSettings) -> dict[str, Any]:
 
     out = Path(settings.output_dir)
     set_seed(settings.seed)
-    base, tokenizer = load_model_and_tokenizer(settings.model)
+    # Cheapest first: the data file's errors, then the model's (the rank must fit its layers).
     conversations = load_conversations(
         settings.data, settings.prompt_field, settings.response_field, settings.messages_field,
         settings.system, settings.split, settings.max_examples,
     )
+    base, tokenizer = load_model_and_tokenizer(settings.model)
+    config = CURLoRAConfig(
+        r=settings.r, alpha=settings.alpha, target_modules=settings.target_modules,
+        sampling=settings.sampling, seed=settings.seed,
+    )
+    model = get_curlora_model(base, config)
     dataset, dropped = build_dataset(tokenizer, conversations, settings.max_length)
     eval_dataset = None
     if settings.eval_fraction > 0 and len(dataset) > 1:
         parts = dataset.train_test_split(test_size=settings.eval_fraction, seed=settings.seed)
         dataset, eval_dataset = parts["train"], parts["test"]
 
-    config = CURLoRAConfig(
-        r=settings.r, alpha=settings.alpha, target_modules=settings.target_modules,
-        sampling=settings.sampling, seed=settings.seed,
-    )
-    model = get_curlora_model(base, config)
     model.train()
     use_cpu = not torch.cuda.is_available()
     args = TrainingArguments(
