@@ -23,7 +23,6 @@ __all__ = [
     "stratified_subsample",
     "make_validation_split",
     "split_refusal",
-    "label_counts",
 ]
 
 
@@ -70,24 +69,6 @@ class TaskSplits:
         counts = Counter(e.label for e in self.train)
         best = max(sorted(counts), key=lambda lab: counts[lab])
         return sum(e.label == best for e in self.eval) / len(self.eval)
-
-    def summary(self) -> str:
-        """One line with sizes and label balance, for logs and reports."""
-
-        def fmt(xs: Sequence[Example]) -> str:
-            c = label_counts(xs, self.num_labels)
-            return "/".join(str(n) for n in c)
-
-        return (
-            f"{self.name}: train {len(self.train)} ({fmt(self.train)}), "
-            f"eval {len(self.eval)} ({fmt(self.eval)}), labels {self.label_names}"
-        )
-
-
-def label_counts(examples: Iterable[Example], num_labels: int) -> list[int]:
-    """Count of each label id 0..num_labels-1."""
-    c = Counter(e.label for e in examples)
-    return [c.get(i, 0) for i in range(num_labels)]
 
 
 def text_key(example: Example) -> tuple[str, str | None]:

@@ -46,17 +46,11 @@ Loader = Callable[[DataDir], tuple[list[Example], list[Example] | None]]
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a classification task is: label set, text fields, splits, metric, loaders."""
+    """What a classification task is: its label set and a loader per source."""
 
     name: str
     label_names: tuple[str, ...]
-    pair: bool
-    text_fields: tuple[str, ...]
-    train_split: str
-    eval_split: str
     loaders: dict[str, Loader] = field(repr=False)
-    metric: str = "accuracy"
-    description: str = ""
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -68,9 +62,7 @@ class CorpusSpec:
     """A perplexity corpus: one text per source."""
 
     name: str
-    split: str
     loaders: dict[str, Callable[[DataDir], str]] = field(repr=False)
-    description: str = ""
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -134,61 +126,30 @@ def _wikitext_hub(d: DataDir) -> str:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "mrpc": TaskSpec(
-        "mrpc", ("not_paraphrase", "paraphrase"), True, ("sentence1", "sentence2"),
-        "msr_paraphrase_train.txt (GLUE train+validation)", "msr_paraphrase_test.txt (GLUE test)",
-        {"local": _mrpc_local, "hub": _mrpc_hub},
-        description="MRPC paraphrase detection (sentence pairs)",
-    ),
-    "sst2": TaskSpec(
-        "sst2", ("negative", "positive"), False, ("sentence",),
-        "train.tsv", "dev.tsv (GLUE validation)",
-        {"local": _sst2_local, "hub": _sst2_hub},
-        description="SST-2 binary sentiment",
-    ),
-    "sentiment140": TaskSpec(
-        "sentiment140", ("negative", "neutral", "positive"), False, ("text",),
-        "seeded stratified part of the 498-row manual test file",
-        "seeded stratified part of the 498-row manual test file",
-        {"local": _s140_local, "hub": _s140_hub},
-        description="Sentiment140 3-class (polarity 0/2/4 -> 0/1/2)",
-    ),
-    "rotten_tomatoes": TaskSpec(
-        "rotten_tomatoes", ("negative", "positive"), False, ("text",),
-        "seeded stratified part", "seeded stratified part",
-        {"offline": _offline(offline.read_rotten_tomatoes)},
-        description="Rotten Tomatoes review snippets, rotten/fresh (offline suite)",
-    ),
-    "vader_tweets": TaskSpec(
-        "vader_tweets", ("negative", "neutral", "positive"), False, ("text",),
-        "seeded stratified part", "seeded stratified part",
-        {"offline": _offline(offline.read_vader_tweets)},
-        description="VADER tweets, 3-class by mean human rating (offline suite)",
-    ),
-    "bbc_news": TaskSpec(
-        "bbc_news", tuple(offline.BBC_TOPICS), False, ("text",),
-        "seeded stratified part", "seeded stratified part",
-        {"offline": _offline(offline.read_bbc_news)},
-        description="BBC News 5-topic classification (offline suite)",
-    ),
+    # MRPC paraphrase pairs: train = msr_paraphrase_train.txt (GLUE train + validation), eval = its test file.
+    "mrpc": TaskSpec("mrpc", ("not_paraphrase", "paraphrase"), {"local": _mrpc_local, "hub": _mrpc_hub}),
+    # SST-2 binary sentiment: train.tsv, eval = dev.tsv (GLUE validation).
+    "sst2": TaskSpec("sst2", ("negative", "positive"), {"local": _sst2_local, "hub": _sst2_hub}),
+    # Sentiment140, polarity 0/2/4 -> 0/1/2: seeded stratified parts of the 498-row manual test file.
+    "sentiment140": TaskSpec("sentiment140", ("negative", "neutral", "positive"),
+                             {"local": _s140_local, "hub": _s140_hub}),
+    # The offline suite (seeded stratified parts of each file): Rotten Tomatoes snippets (rotten/fresh),
+    # VADER tweets (3-class by mean human rating), BBC News topics.
+    "rotten_tomatoes": TaskSpec("rotten_tomatoes", ("negative", "positive"),
+                                {"offline": _offline(offline.read_rotten_tomatoes)}),
+    "vader_tweets": TaskSpec("vader_tweets", ("negative", "neutral", "positive"),
+                             {"offline": _offline(offline.read_vader_tweets)}),
+    "bbc_news": TaskSpec("bbc_news", tuple(offline.BBC_TOPICS), {"offline": _offline(offline.read_bbc_news)}),
 }
 
 CORPORA: dict[str, CorpusSpec] = {
-    "wikitext2": CorpusSpec(
-        "wikitext2", "test",
-        {
-            "local": lambda d: sources.read_wikitext_raw(
-                sources.resolve_file(d, "wikitext2", "wiki.test.raw")
-            ),
-            "hub": _wikitext_hub,
-        },
-        description="WikiText-2 raw test split",
-    ),
-    "wiki_summaries": CorpusSpec(
-        "wiki_summaries", "all",
-        {"offline": lambda d: offline.read_wiki_summaries()},
-        description="Wikipedia lead summaries of ~10k vital articles (offline suite)",
-    ),
+    # WikiText-2 raw, test split.
+    "wikitext2": CorpusSpec("wikitext2", {
+        "local": lambda d: sources.read_wikitext_raw(sources.resolve_file(d, "wikitext2", "wiki.test.raw")),
+        "hub": _wikitext_hub,
+    }),
+    # Wikipedia lead summaries of ~10k vital articles (offline suite).
+    "wiki_summaries": CorpusSpec("wiki_summaries", {"offline": lambda d: offline.read_wiki_summaries()}),
 }
 
 PAPER_TASKS: tuple[str, ...] = ("mrpc", "sst2", "sentiment140")
