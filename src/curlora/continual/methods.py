@@ -30,8 +30,10 @@ from curlora.targets import default_targets
 PEFT_PREFIX = "peft:"
 
 # PEFT types whose size argument is not ``r`` (types with neither take no size at all).
+# OSF's ``effective_rank`` is the size it *freezes* (it trains the rest), so the rank axis does not
+# map onto it: the ``osf`` entry below takes it as its own knob.
 PEFT_SIZE_ARGUMENTS = {
-    "OSF": "effective_rank",
+    "OSF": None,
     "BOFT": "boft_block_size",
     "C3A": "block_size",
     "FOURIERFT": "n_frequency",
@@ -177,6 +179,21 @@ register(REGISTRY["curlora"].variant("curlora-standard", "CURLoRA, C/R sampled â
                                      sampling="standard"))
 register(REGISTRY["curlora"].variant("curlora-uniform", "CURLoRA, C/R sampled uniformly", sampling="uniform"))
 register(Method("lora", "PEFT LoRA on the same layers and rank", _build_lora))
+register(REGISTRY["lora"].variant(
+    "lora-pissa", "LoRA on the principal singular directions (PiSSA; base keeps the residual)",
+    init_lora_weights="pissa"))
+register(REGISTRY["lora"].variant(
+    "lora-mica", "LoRA whose frozen B spans the minor singular directions (MiCA; only A trains)",
+    init_lora_weights="mica"))
+
+
+def _build_osf(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    return _peft_model(lm, "OSF", {}, context, kwargs)
+
+
+register(Method("osf", "PEFT OSF: top singular directions frozen, the orthogonal rest trains "
+                "(size: peft_kwargs osf.effective_rank, default half of each layer)", _build_osf,
+                takes_rank=False))
 register(Method("head", "frozen backbone, task heads only (the zero-forgetting floor)", _build_head,
                 takes_rank=False, takes_lr=False, frozen_backbone=True))
 register(Method("full", "full fine-tuning", _build_full, takes_rank=False, trains_base_weights=True))
