@@ -59,8 +59,9 @@ def test_tiny_end_to_end_writes_everything(tmp_path, tiny_model_dir, data_dir):
     assert (tmp_path / "config.yaml").is_file()
 
 
-def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, data_dir, monkeypatch):
-    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"])
+@pytest.mark.parametrize("methods", [["curlora", "head"], ["curlora-bank"]])
+def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, data_dir, monkeypatch, methods):
+    config = tiny_config(tiny_model_dir, data_dir, methods=methods)
     uninterrupted = ContinualRunner(config, tmp_path / "a").run()
 
     original = ContinualRunner._checkpoint
@@ -78,6 +79,21 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, data_d
         ContinualRunner(config, tmp_path / "b")
     resumed = ContinualRunner(config, tmp_path / "b", resume=True).run()
     assert _comparable(resumed) == _comparable(uninterrupted)
+
+
+def test_bank_of_u_leaves_earlier_tasks_exactly_as_they_were(tmp_path, tiny_model_dir, data_dir):
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "curlora-bank"])
+    runs = {run["method"]: run for run in ContinualRunner(config, tmp_path).run()["runs"]}
+    bank, shared = runs["curlora-bank"], runs["curlora"]
+    R = bank["accuracy_matrix"]
+    assert R[1][0] == R[2][0]  # task 0 evaluated with its own U after task 1 trained U_1
+    assert bank["validation_accuracy"][0] is not None
+    assert bank["needs_task_identity"] and not shared["needs_task_identity"]
+    assert bank["stored_per_task"] == bank["trainable_params"]["adapter"] == 2 * 3 * 16
+    assert shared["stored_per_task"] == 0
+    # The first task trained the same way in both (same seed, same C and R, U from zero).
+    assert bank["accuracy_matrix"][1] == shared["accuracy_matrix"][1]
+    assert "needs the task's identity at inference" in (tmp_path / "report.md").read_text()
 
 
 def test_resume_refuses_a_changed_config(tmp_path, tiny_model_dir, data_dir):

@@ -17,7 +17,8 @@ Adding a method is one :func:`register` call (and its test).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from curlora import CURLoRAConfig, get_curlora_model
+from curlora.model import DEFAULT_ADAPTER
 from curlora.targets import default_targets
 
 PEFT_PREFIX = "peft:"
@@ -45,17 +47,74 @@ PEFT_SIZE_ARGUMENTS = {
 class Adapted:
     """A model prepared by a method, and the tensors the paper's Eq. 11 penalises (CURLoRA's U).
 
-    Methods that act at task boundaries or add a loss term override the hooks; the runner calls
-    them for every method, and the defaults do nothing."""
+    Methods that keep per-task state override the hooks; the runner calls them for every method,
+    and the defaults suit a method that trains one set of parameters through the whole sequence."""
 
     model: nn.Module
     u_params: list[torch.Tensor] = field(default_factory=list)
+    needs_task_identity: bool = False  # whether evaluating a task needs to know which task it is
 
     def start_task(self, task_index: int) -> None:
         """Called before training task ``task_index``."""
 
     def end_task(self, task_index: int) -> None:
         """Called after training task ``task_index``, before it is evaluated."""
+
+    def evaluating(self, task_index: int) -> AbstractContextManager:
+        """The state in which task ``task_index`` is evaluated (for most methods: as it is)."""
+        return nullcontext()
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold to resume: here every trainable parameter."""
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def resume(self, tasks_done: int) -> None:
+        """Rebuild the per-task structure of ``tasks_done`` finished tasks before a checkpoint loads."""
+
+    def stored_per_task(self) -> int:
+        """Numbers kept for each task beyond its head (0: one shared set for all tasks)."""
+        return 0
+
+
+@dataclass
+class CURBank(Adapted):
+    """One CURLoRA U per task on shared C and R (``curlora-bank``): task t trains its own U from zero
+    while earlier tasks' U stay frozen, and evaluating task j switches to U_j, so earlier tasks are
+    exactly as they were. It needs the task's identity at inference; per task it stores r² numbers
+    per adapted layer. Perplexity is measured with the latest task's U active."""
+
+    config: CURLoRAConfig | None = None
+    needs_task_identity: bool = True
+
+    @staticmethod
+    def adapter_name(task_index: int) -> str:
+        return DEFAULT_ADAPTER if task_index == 0 else f"task{task_index}"
+
+    def start_task(self, task_index: int) -> None:
+        name = self.adapter_name(task_index)
+        if name not in self.model.peft_config:  # same config and seed: the same C and R for every task
+            self.model.add_adapter(name, self.config)
+        self.model.set_adapter(name)
+        self.u_params = [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextmanager
+    def evaluating(self, task_index: int) -> Iterator[None]:
+        active = self.model.active_adapter
+        self.model.set_adapter(self.adapter_name(task_index))
+        try:
+            yield
+        finally:
+            self.model.set_adapter(active)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if n.endswith(".U")}
+
+    def resume(self, tasks_done: int) -> None:
+        for i in range(tasks_done):
+            self.start_task(i)
+
+    def stored_per_task(self) -> int:
+        return sum(p.numel() for p in self.u_params)
 
 
 @dataclass(frozen=True)
@@ -119,12 +178,20 @@ def _build_full(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any])
     return Adapted(lm)
 
 
+def _curlora_config(context: BuildContext, kwargs: Mapping[str, Any]) -> CURLoRAConfig:
+    return CURLoRAConfig(r=context.rank, alpha=context.alpha, target_modules=context.target_modules,
+                         seed=context.seed, **kwargs)
+
+
 def _build_curlora(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
-    config = CURLoRAConfig(
-        r=context.rank, alpha=context.alpha, target_modules=context.target_modules, seed=context.seed, **kwargs
-    )
-    model = get_curlora_model(lm, config)
+    model = get_curlora_model(lm, _curlora_config(context, kwargs))
     return Adapted(model, [p for p in model.parameters() if p.requires_grad])
+
+
+def _build_curlora_bank(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    config = _curlora_config(context, kwargs)
+    model = get_curlora_model(lm, config)
+    return CURBank(model, [p for p in model.parameters() if p.requires_grad], config=config)
 
 
 def _peft_model(lm: nn.Module, peft_type: str, size: dict[str, Any], context: BuildContext,
@@ -178,6 +245,9 @@ register(Method("curlora", "CURLoRA (inverted-probability C and R, trained U)", 
 register(REGISTRY["curlora"].variant("curlora-standard", "CURLoRA, C/R sampled ∝ squared norm (classic CUR)",
                                      sampling="standard"))
 register(REGISTRY["curlora"].variant("curlora-uniform", "CURLoRA, C/R sampled uniformly", sampling="uniform"))
+register(Method("curlora-bank", "one CURLoRA U per task on shared C, R; evaluation uses the task's own U "
+                "(needs the task identity at inference; stores r² per layer per task)", _build_curlora_bank,
+                takes_u_penalty=True))
 register(Method("lora", "PEFT LoRA on the same layers and rank", _build_lora))
 register(REGISTRY["lora"].variant(
     "lora-pissa", "LoRA on the principal singular directions (PiSSA; base keeps the residual)",

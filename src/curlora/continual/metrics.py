@@ -38,6 +38,7 @@ SCALAR_METRICS = (
     "ppl_increase",
     "adapter_params",
     "head_params",
+    "stored_per_task",
     "wall_time_s",
     "peak_memory_mb",
 )
@@ -206,6 +207,7 @@ def run_metrics(run: Mapping[str, Any]) -> dict[str, Any]:
         "ppl_increase": final - before if final is not None and before is not None else None,
         "adapter_params": params.get("adapter"),
         "head_params": params.get("heads"),
+        "stored_per_task": run.get("stored_per_task", 0),
         "wall_time_s": run.get("wall_time_s"),
         "peak_memory_mb": run.get("peak_memory_mb"),
         "task_accuracy": [float(x) for x in R[T]],

@@ -137,6 +137,7 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
     maj = [t.get("majority_accuracy") for t in tasks]
     maj_stats = [None if m is None else constant(m) for m in maj]
     maj_acc = constant(sum(maj) / len(maj)) if maj and all(m is not None for m in maj) else None
+    task_aware = {r.get("method") for r in runs if r.get("needs_task_identity")}
     if head is None:
         lines.append(f"- No successful head-only ({HEAD_METHOD}) run: no frozen-backbone floor.")
     for g in groups:
@@ -160,6 +161,9 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
             clauses.append("perplexity not measured")
         else:
             clauses.append(f"perplexity {final - before:+.2f} ({before:.2f} → {final:.2f})")
+        if g["method"] in task_aware:
+            clauses.append("needs the task's identity at inference (evaluates each task with its own U), "
+                           f"storing {_int(g['stored_per_task'])} numbers per task")
         name = f"{_label(g)} (lr {_lr(g.get('lr'))})" if g.get("lr") is not None else _label(g)
         lines.append(f"- {name}{' [head-only floor]' if is_head else ''}: " + "; ".join(clauses)
                      + ".")
@@ -292,10 +296,12 @@ def _metrics_section(keys: Keys, groups: list[Mapping[str, Any]]) -> list[str]:
              "accuracy (positive = forgetting). Plasticity: mean accuracy right after learning "
              "each task."), "", format_table(
                 [[*k, _ms(g["acc"]), _ms(g["bwt"], signed=True), _ms(g["forgetting"], signed=True),
-                  _ms(g["plasticity"]), _int(g["adapter_params"]), _int(g["head_params"]),
+                  _ms(g["plasticity"]), _int(g["adapter_params"]), _int(g["head_params"]), _int(g["stored_per_task"]),
                   _ms(g["wall_time_s"], 1), _ms(g["peak_memory_mb"], 0)] for k, g in zip(keys, groups)],
                 ["Method", "Rank", "LR", "Seeds", "ACC", "BWT", "Forgetting", "Plasticity",
-                 "Adapter params", "Head params", "Wall time (s)", "Peak memory (MB)"]), ""]
+                 "Adapter params", "Head params", "Stored per task", "Wall time (s)", "Peak memory (MB)"]),
+            "", ("Stored per task: numbers a method keeps for each task beyond its head (a per-task bank "
+                 "of U); such a method needs to be told the task at inference."), ""]
 
 
 def _runs_section(runs: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:

@@ -118,10 +118,6 @@ def rank_divergence(tensors: list[torch.Tensor]) -> float:
     return float(difference)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
 # -- the runner ---------------------------------------------------------------------------------
 class ContinualRunner:
     """Runs every RunSpec of a config into ``run_dir``; finished work is never redone."""
@@ -237,12 +233,17 @@ class ContinualRunner:
             heads.append(nn.Linear(hidden, task.num_labels))
         return nn.ModuleList(heads).to(self.device)
 
-    def _accuracies(self, model, heads, splits, upto: int) -> list[float | None]:
-        """Accuracy of tasks 0..upto (inclusive) on ``splits``; None for tasks not yet seen."""
-        return [
-            accuracy(model, heads[j], split, self.collator, self.config.eval_batch_size, self.bf16) if j <= upto else None
-            for j, split in enumerate(splits)
-        ]
+    def _accuracies(self, adapted: Adapted, heads, splits, upto: int) -> list[float | None]:
+        """Accuracy of tasks 0..upto (inclusive) on ``splits``, each in the state its method
+        evaluates it in; None for tasks not yet seen."""
+        row: list[float | None] = []
+        for j, split in enumerate(splits):
+            if j > upto:
+                row.append(None)
+                continue
+            with adapted.evaluating(j):
+                row.append(accuracy(adapted.model, heads[j], split, self.collator, self.config.eval_batch_size, self.bf16))
+        return row
 
     def run_one(self, spec: RunSpec, base_lm: nn.Module) -> dict[str, Any]:
         cfg = self.config
@@ -257,7 +258,7 @@ class ContinualRunner:
             warmup_steps=cfg.warmup_steps, max_warmup_fraction=cfg.max_warmup_fraction,
             weight_decay=cfg.weight_decay, u_penalty=spec.u_penalty, bf16=self.bf16,
         )
-        state = self._resume_state(ckpt_dir, model, heads)
+        state = self._resume_state(ckpt_dir, adapted, heads)
         if state is None:
             state = {
                 "accuracy_matrix": [self.before_row],
@@ -278,7 +279,7 @@ class ContinualRunner:
                 progress=cfg.progress and self.is_main, description=f"{spec.key} · {task.name}",
             )
             adapted.end_task(i)
-            test_row = self._accuracies(model, heads, self.eval_splits, i)
+            test_row = self._accuracies(adapted, heads, self.eval_splits, i)
             # A frozen backbone cannot change the LM: its perplexity is the base model's by construction.
             ppl = self.ppl_before if method.frozen_backbone else self._perplexity(model)
             state["accuracy_matrix"].append(test_row)
@@ -286,11 +287,11 @@ class ContinualRunner:
             state["final_losses"].append(sum(losses[-10:]) / len(losses[-10:]))
             state["tasks_done"] = i + 1
             state["elapsed_s"] = time.perf_counter() - started
-            self._checkpoint(ckpt_dir, model, heads, state)
+            self._checkpoint(ckpt_dir, adapted, heads, state)
             seen = ", ".join(f"{self.tasks[j].name} {test_row[j]:.3f}" for j in range(i + 1))
             self._say(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {ppl:.2f}")
         # Validation rows (carved from training data) are only for choosing rates: the final state suffices.
-        validation = self._accuracies(model, heads, self.validation, len(self.tasks) - 1)
+        validation = self._accuracies(adapted, heads, self.validation, len(self.tasks) - 1)
         diagnostics = stability_diagnostics(model) if isinstance(model, CURLoRAModel) else []
         trained = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
         data_parallel = {"world_size": self.world}
@@ -308,6 +309,8 @@ class ContinualRunner:
                 "adapter": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "heads": sum(p.numel() for p in heads.parameters()),
             },
+            "stored_per_task": adapted.stored_per_task(),
+            "needs_task_identity": adapted.needs_task_identity,
             "diagnostics": diagnostics,
             "data_parallel": data_parallel,
             "wall_time_s": time.perf_counter() - started,
@@ -333,26 +336,27 @@ class ContinualRunner:
         except (OSError, IndexError):
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since process start
 
-    def _checkpoint(self, ckpt_dir: Path, model: nn.Module, heads: nn.ModuleList, state: dict) -> None:
+    def _checkpoint(self, ckpt_dir: Path, adapted: Adapted, heads: nn.ModuleList, state: dict) -> None:
         """Tensors first, then the state that points at them: a half-written task is never read back."""
         if not self.is_main:
             return
         i = state["tasks_done"]
-        tensors = {f"model.{k}": v for k, v in trainable_state(model).items()}
+        tensors = {f"model.{k}": v for k, v in adapted.checkpoint_tensors().items()}
         tensors.update({f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()})
         atomic_write_bytes(ckpt_dir / f"task{i}.safetensors", save(tensors))
         atomic_write_json(ckpt_dir / f"task{i}.json", state)
         for older in range(1, i):
             (ckpt_dir / f"task{older}.safetensors").unlink(missing_ok=True)
 
-    def _resume_state(self, ckpt_dir: Path, model: nn.Module, heads: nn.ModuleList) -> dict | None:
+    def _resume_state(self, ckpt_dir: Path, adapted: Adapted, heads: nn.ModuleList) -> dict | None:
         done = sorted(int(p.stem[4:]) for p in ckpt_dir.glob("task*.json")) if ckpt_dir.is_dir() else []
         for i in reversed(done):
             tensors_path = ckpt_dir / f"task{i}.safetensors"
             if not tensors_path.is_file():
                 continue
             tensors = load_file(str(tensors_path))
-            params = dict(model.named_parameters())
+            adapted.resume(i)
+            params = dict(adapted.model.named_parameters())
             with torch.no_grad():
                 for key, value in tensors.items():
                     if key.startswith("model."):
@@ -388,7 +392,7 @@ class ContinualRunner:
                 continue
             if spec.seed not in before_rows:
                 heads = self._heads(spec, base_lm.config.hidden_size)
-                before_rows[spec.seed] = self._accuracies(base_lm, heads, self.eval_splits, len(self.tasks) - 1)
+                before_rows[spec.seed] = self._accuracies(Adapted(base_lm), heads, self.eval_splits, len(self.tasks) - 1)
             self.before_row = before_rows[spec.seed]
             try:
                 result = self.run_one(spec, base_lm)
