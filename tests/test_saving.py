@@ -19,13 +19,14 @@ def _trained(factory, **config):
     return model
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
-def test_save_then_load_on_a_fresh_base_is_bit_exact(tmp_path, factory):
-    model = _trained(factory)
+@pytest.mark.parametrize("factory, normalize", [(tiny_llama, False), (tiny_gpt2, False), (tiny_llama, True)])
+def test_save_then_load_on_a_fresh_base_is_bit_exact(tmp_path, factory, normalize):
+    model = _trained(factory, normalize=normalize)
     expected = model(IDS).logits
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     loaded = CURLoRAModel.from_pretrained(factory(), tmp_path)
+    assert loaded.peft_config["default"].normalize is normalize
     assert torch.equal(loaded(IDS).logits, expected)
     assert not any(p.requires_grad for p in loaded.parameters())
     trainable = CURLoRAModel.from_pretrained(factory(), tmp_path, is_trainable=True)
@@ -82,3 +83,15 @@ def test_missing_directory_errors(tmp_path):
         CURLoRAModel.from_pretrained(tiny_llama(), tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         CURLoRAModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_adapter_configs_written_before_normalize_existed_still_load(tmp_path):
+    model = _trained(tiny_llama)
+    expected = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    old = json.loads(path.read_text())
+    del old["normalize"]
+    path.write_text(json.dumps(old))
+    loaded = CURLoRAModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].normalize is False and torch.equal(loaded(IDS).logits, expected)

@@ -34,6 +34,9 @@ class CURLoRAConfig:
     dropout: float = 0.0
     sampling: SamplingMode = "inverse"
     replacement: bool = True
+    # Scale C's columns and R's rows to unit norm (ΔW = alpha · C_n U R_n): U's steps then move every
+    # layer alike. Off in the paper; the benchmark's curlora-normalized variant turns it on.
+    normalize: bool = False
     seed: int = 0
     modules_to_save: list[str] | None = None
     base_model_name_or_path: str | None = None

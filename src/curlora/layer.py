@@ -55,17 +55,34 @@ class CURAdapter(nn.Module):
         rows: torch.Tensor,
         alpha: float,
         dropout: float,
+        normalize: bool = False,
     ) -> None:
         super().__init__()
         r = cols.numel()
         self.alpha = alpha
+        self.normalize = normalize
         self.register_buffer("cols", cols.to(device=weight.device, dtype=torch.long))
         self.register_buffer("rows", rows.to(device=weight.device, dtype=torch.long))
-        with torch.no_grad():
-            self.register_buffer("C", weight[:, self.cols].contiguous(), persistent=False)
-            self.register_buffer("R", weight[self.rows, :].contiguous(), persistent=False)
+        self.set_sources(weight)
         self.U = nn.Parameter(torch.zeros(r, r, device=weight.device, dtype=torch.float32))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @torch.no_grad()
+    def set_sources(self, weight: torch.Tensor) -> None:
+        """Cut C and R from ``weight`` (out × in) at the stored indices; with ``normalize``, also the
+        r × r factor that rescales C's columns and R's rows to unit norm."""
+        self.register_buffer("C", weight[:, self.cols].contiguous(), persistent=False)
+        self.register_buffer("R", weight[self.rows, :].contiguous(), persistent=False)
+        if self.normalize:
+            col = self.C.float().norm(dim=0).clamp_min(torch.finfo(torch.float32).tiny)
+            row = self.R.float().norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+            self.register_buffer("u_scale", torch.outer(col.reciprocal(), row.reciprocal()), persistent=False)
+
+    def effective_u(self) -> torch.Tensor:
+        """U as it multiplies C and R. With ``normalize`` (C, R with unit-norm columns/rows), the
+        update C_n U R_n = C (D_c U D_r) R: a step in U moves ΔW alike in every layer, however small
+        the norms of the sampled columns and rows (inverted sampling picks the smallest)."""
+        return self.U * self.u_scale if self.normalize else self.U
 
     @property
     def r(self) -> int:
@@ -74,12 +91,12 @@ class CURAdapter(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x → x·Rᵀ → ·(alpha·U)ᵀ → ·Cᵀ: two thin matmuls and an r × r one, never out × in.
         h = F.linear(self.dropout(x).to(self.R.dtype), self.R)
-        h = F.linear(h, (self.alpha * self.U).to(h.dtype))
+        h = F.linear(h, (self.alpha * self.effective_u()).to(h.dtype))
         return F.linear(h, self.C)
 
     def delta_weight(self) -> torch.Tensor:
         """alpha · C U R as an out × in float32 matrix (materialised only when asked for)."""
-        return (self.C.float() @ self.U.float() @ self.R.float()).mul_(self.alpha)  # one out × in tensor
+        return (self.C.float() @ self.effective_u().float() @ self.R.float()).mul_(self.alpha)  # one out × in tensor
 
 
 class _FusedCURLinear(torch.autograd.Function):
@@ -164,12 +181,13 @@ class CURLoRALayer(nn.Module):
         rows: torch.Tensor,
         alpha: float,
         dropout: float = 0.0,
+        normalize: bool = False,
     ) -> CURAdapter:
         if name in self.adapters:
             raise ValueError(f"Adapter {name!r} already exists on this layer.")
         if self.merged_adapters:
             raise RuntimeError("Unmerge the merged adapters before adding a new one.")
-        adapter = CURAdapter(cur_source_weight(self.base_layer), cols, rows, alpha, dropout)
+        adapter = CURAdapter(cur_source_weight(self.base_layer), cols, rows, alpha, dropout, normalize)
         self.adapters[name] = adapter
         return adapter
 
@@ -187,7 +205,8 @@ class CURLoRALayer(nn.Module):
         if not args and not kwargs and _fusable(self.base_layer, adapter):
             base = self.base_layer
             return _FusedCURLinear.apply(
-                x, adapter.U, weight_out_in(base), base.bias, adapter.C, adapter.R, adapter.rows, adapter.alpha
+                x, adapter.effective_u(), weight_out_in(base), base.bias, adapter.C, adapter.R, adapter.rows,
+                adapter.alpha,
             )
         out = self.base_layer(x, *args, **kwargs)
         return out + adapter(x).to(out.dtype)

@@ -158,7 +158,7 @@ class CURLoRAModel(nn.Module):
             weight = weight_out_in(layer.base_layer)
             generator = module_generator(config.seed, name, weight.device)
             cols, rows = sample_indices(weight, config.r, config.sampling, config.replacement, generator)
-            layer.add_adapter(adapter_name, cols, rows, config.alpha, config.dropout)
+            layer.add_adapter(adapter_name, cols, rows, config.alpha, config.dropout, config.normalize)
         self.peft_config[adapter_name] = config
         if self.active_adapter is None:
             self.set_adapter(adapter_name)
@@ -316,10 +316,7 @@ class CURLoRAModel(nn.Module):
             layer = layers[name.rsplit(".adapters.", 1)[0]]
             if layer.merged_adapters:
                 raise RuntimeError("Unmerge adapters (unmerge_adapter()) before loading a state dict.")
-            weight = cur_source_weight(layer.base_layer)
-            with torch.no_grad():
-                adapter.C = weight[:, adapter.cols].contiguous()
-                adapter.R = weight[adapter.rows, :].contiguous()
+            adapter.set_sources(cur_source_weight(layer.base_layer))
         return type(result)(missing, result.unexpected_keys)
 
     # -- saving and loading -------------------------------------------------------------------
@@ -373,7 +370,8 @@ class CURLoRAModel(nn.Module):
         for name, module in modules.items():
             layer = self._layer_for(name, module)
             state = states[name]
-            adapter = layer.add_adapter(adapter_name, state.cols, state.rows, config.alpha, config.dropout)
+            adapter = layer.add_adapter(adapter_name, state.cols, state.rows, config.alpha, config.dropout,
+                                        config.normalize)
             with torch.no_grad():
                 adapter.U.copy_(state.U)
         for module_name, module in to_save.items():

@@ -245,6 +245,11 @@ register(Method("curlora", "CURLoRA (inverted-probability C and R, trained U)", 
 register(REGISTRY["curlora"].variant("curlora-standard", "CURLoRA, C/R sampled ∝ squared norm (classic CUR)",
                                      sampling="standard"))
 register(REGISTRY["curlora"].variant("curlora-uniform", "CURLoRA, C/R sampled uniformly", sampling="uniform"))
+register(REGISTRY["curlora"].variant(
+    "curlora-normalized", "CURLoRA with C's columns and R's rows scaled to unit norm (U's step alike in every layer)",
+    normalize=True))
+register(REGISTRY["curlora"].variant(
+    "curlora-distinct", "CURLoRA with r distinct columns and rows (no sampling with replacement)", replacement=False))
 register(Method("curlora-bank", "one CURLoRA U per task on shared C, R; evaluation uses the task's own U "
                 "(needs the task identity at inference; stores r² per layer per task)", _build_curlora_bank,
                 takes_u_penalty=True))
