@@ -126,3 +126,58 @@ def test_osf_trains_only_the_low_singular_subspace_and_keeps_the_output():
     assert all(any(t in n for t in ("q_proj", "k_proj", "v_proj")) for n in trained)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def char_collator(examples):
+    """A tokenizer-free collator for tiny models: one id per character (vocab 128), left padded."""
+    width = max(len(e.text) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    mask = torch.zeros(len(examples), width, dtype=torch.long)
+    for i, e in enumerate(examples):
+        row = torch.tensor([ord(c) % 128 for c in e.text])
+        ids[i, width - len(row):], mask[i, width - len(row):] = row, 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([e.label for e in examples])}
+
+
+def test_ewc_fisher_is_the_mean_squared_per_example_gradient_and_the_penalty_pulls_back():
+    from curlora.continual.methods import EWC, FinishedTask
+    from curlora.continual.training import last_hidden
+    from curlora.data import Example
+
+    torch.manual_seed(0)
+    examples = [Example("a good film", 1), Example("dull and long", 0), Example("fine", 1)]
+    head = torch.nn.Linear(48, 2)
+    adapted = resolve("curlora+ewc").adapt(tiny_llama(), CONTEXT)
+    assert isinstance(adapted, EWC)
+    params = [p for p in adapted.model.parameters() if p.requires_grad]
+    with torch.no_grad():
+        for p in params:
+            p.normal_(0, 0.3)
+    # By hand: one backward per example, squared gradients averaged.
+    expected = [torch.zeros_like(p) for p in params]
+    for e in examples:
+        inputs = char_collator([e])
+        for p in params:
+            p.grad = None
+        logits = head(last_hidden(adapted.model, inputs["input_ids"], inputs["attention_mask"]))
+        torch.nn.functional.cross_entropy(logits, inputs["labels"]).backward()
+        for acc, p in zip(expected, params):
+            acc += p.grad.pow(2) / len(examples)
+    assert adapted.penalty() is None  # nothing to hold on to before the first task ends
+    adapted.end_task(0, FinishedTask(examples, head, char_collator, bf16=False))
+    (fisher, anchor), = adapted.anchors
+    for got, want in zip(fisher, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)
+    assert float(adapted.penalty()) == 0.0  # at the anchor
+    with torch.no_grad():
+        params[0].add_(0.1)
+    want = 0.5 * CONTEXT.knobs.get("ewc_lambda", 1.0) * (fisher[0] * 0.01).sum()
+    torch.testing.assert_close(adapted.penalty(), want)
+
+
+def test_modifiers_combine_with_adapters_only():
+    assert resolve("lora+ewc").name == "lora+ewc" and resolve("lora+ewc").takes_rank
+    with pytest.raises(ValueError, match="trains nothing"):
+        resolve("head+ewc")
+    with pytest.raises(ValueError, match="Unknown modifier"):
+        resolve("curlora+magic")

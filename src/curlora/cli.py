@@ -58,6 +58,8 @@ def _continual_parser(sub) -> None:
     p.add_argument("--lrs", type=_floats, help="adapter learning-rate sweep, e.g. 1e-4,3e-4,1e-3")
     p.add_argument("--head-lr", type=float, help="task-head learning rate (same for every method)")
     p.add_argument("--u-penalties", type=_floats, help="λ values of the paper's Eq. 11 (loss + λ‖U‖_F)")
+    p.add_argument("--ewc-lambda", type=float, help="X+ewc methods: EWC strength λ (default 1)")
+    p.add_argument("--ewc-fisher-examples", type=int, help="X+ewc methods: training rows per task for the Fisher (default 64)")
     p.add_argument("--alpha", type=float)
     p.add_argument("--max-length", type=int)
     p.add_argument("--ppl-max-tokens", type=int, help="score only the corpus's first N tokens (0: all)")
@@ -79,7 +81,7 @@ def _run_continual(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in (
             "data_dir", "source", "model", "tasks", "corpus", "corpus_file", "methods", "ranks", "seeds", "examples_per_task",
-            "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "alpha",
+            "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "ewc_lambda", "ewc_fisher_examples", "alpha",
             "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "bf16", "device", "progress", "quantize",
         )
     }

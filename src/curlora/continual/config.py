@@ -46,6 +46,8 @@ class ContinualConfig:
     lrs: list[float] | None = None  # a sweep; the headline uses the best rate on validation
     head_lr: float = 1e-3
     u_penalties: list[float] = field(default_factory=lambda: [0.0])  # the paper's Eq. 11 λ
+    ewc_lambda: float = 1.0  # X+ewc: strength of the pull toward earlier tasks' parameters
+    ewc_fisher_examples: int = 64  # X+ewc: training rows per task for the diagonal Fisher
     weight_decay: float = 0.01
     warmup_steps: int = 500
     max_warmup_fraction: float = 0.1
@@ -95,6 +97,8 @@ class ContinualConfig:
         for value in self.u_penalties:
             checks.non_negative("every value of u_penalties", value)
         checks.non_negative("weight_decay", self.weight_decay)
+        checks.non_negative("ewc_lambda", self.ewc_lambda)
+        checks.integer("ewc_fisher_examples", self.ewc_fisher_examples, minimum=1)
         checks.integer("warmup_steps", self.warmup_steps, minimum=0)
         checks.fraction("validation_fraction", self.validation_fraction)
         checks.fraction("max_warmup_fraction", self.max_warmup_fraction, low_open=False, high_open=False)

@@ -17,7 +17,7 @@ Adding a method is one :func:`register` call (and its test).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +26,8 @@ import torch
 from torch import nn
 
 from curlora import CURLoRAConfig, get_curlora_model
+from curlora.continual.training import fisher_diagonal
+from curlora.data import ClassificationCollator, Example
 from curlora.model import DEFAULT_ADAPTER
 from curlora.targets import default_targets
 
@@ -43,6 +45,16 @@ PEFT_SIZE_ARGUMENTS = {
 }
 
 
+@dataclass(frozen=True)
+class FinishedTask:
+    """A task just trained, for methods that learn something from it (EWC's Fisher)."""
+
+    examples: Sequence[Example]  # its training rows (never validation or evaluation rows)
+    head: nn.Module
+    collator: ClassificationCollator
+    bf16: bool
+
+
 @dataclass
 class Adapted:
     """A model prepared by a method, and the tensors the paper's Eq. 11 penalises (CURLoRA's U).
@@ -57,8 +69,12 @@ class Adapted:
     def start_task(self, task_index: int) -> None:
         """Called before training task ``task_index``."""
 
-    def end_task(self, task_index: int) -> None:
+    def end_task(self, task_index: int, finished: FinishedTask) -> None:
         """Called after training task ``task_index``, before it is evaluated."""
+
+    def penalty(self) -> torch.Tensor | None:
+        """An extra loss term for this training step (None: none)."""
+        return None
 
     def evaluating(self, task_index: int) -> AbstractContextManager:
         """The state in which task ``task_index`` is evaluated (for most methods: as it is)."""
@@ -67,6 +83,13 @@ class Adapted:
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold to resume: here every trainable parameter."""
         return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def load_checkpoint(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Put :meth:`checkpoint_tensors` back (after :meth:`resume` rebuilt the structure)."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
 
     def resume(self, tasks_done: int) -> None:
         """Rebuild the per-task structure of ``tasks_done`` finished tasks before a checkpoint loads."""
@@ -125,6 +148,7 @@ class BuildContext:
     seed: int
     alpha: float
     target_modules: list[str] | None
+    knobs: Mapping[str, Any] = field(default_factory=dict)  # methods' own settings (ewc_lambda, ...)
 
 
 Builder = Callable[[nn.Module, BuildContext, Mapping[str, Any]], Adapted]
@@ -274,10 +298,100 @@ register(Method("head", "frozen backbone, task heads only (the zero-forgetting f
 register(Method("full", "full fine-tuning", _build_full, takes_rank=False, trains_base_weights=True))
 
 
+# -- modifiers: X+ewc for any method X ----------------------------------------------------------
+@dataclass
+class EWC(Adapted):
+    """Elastic weight consolidation (Kirkpatrick et al. 2017) on whatever the inner method trains:
+    after each task, the diagonal empirical Fisher F_t of the trainable parameters on that task's
+    training rows (per example, at most ``ewc_fisher_examples`` of them) and the parameters θ*_t;
+    while training later tasks, loss + λ/2 · Σ_t Σ F_t (θ − θ*_t)² (one penalty per earlier task,
+    as in the original, not online EWC). Every other hook is the inner method's."""
+
+    inner: Adapted | None = None
+    strength: float = 1.0
+    max_examples: int = 64
+    anchors: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=list)
+
+    def _params(self) -> list[torch.Tensor]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def start_task(self, task_index: int) -> None:
+        self.inner.start_task(task_index)
+        self.u_params = self.inner.u_params
+
+    def end_task(self, task_index: int, finished: FinishedTask) -> None:
+        self.inner.end_task(task_index, finished)
+        params = self._params()
+        fisher = fisher_diagonal(self.model, finished.head, finished.examples[: self.max_examples],
+                                 finished.collator, params, finished.bf16)
+        self.anchors.append((fisher, [p.detach().clone() for p in params]))
+
+    def penalty(self) -> torch.Tensor | None:
+        inner = self.inner.penalty()
+        if not self.anchors:
+            return inner
+        params = self._params()
+        total = sum((f * (p - star).pow(2)).sum() for fisher, stars in self.anchors
+                    for f, p, star in zip(fisher, params, stars))
+        ewc = 0.5 * self.strength * total
+        return ewc if inner is None else ewc + inner
+
+    def evaluating(self, task_index: int) -> AbstractContextManager:
+        return self.inner.evaluating(task_index)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = self.inner.checkpoint_tensors()
+        for t, (fisher, stars) in enumerate(self.anchors):
+            for k, (f, star) in enumerate(zip(fisher, stars)):
+                tensors[f"ewc.{t}.{k}.fisher"], tensors[f"ewc.{t}.{k}.star"] = f.cpu(), star.cpu()
+        return tensors
+
+    def load_checkpoint(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.inner.load_checkpoint({k: v for k, v in tensors.items() if not k.startswith("ewc.")})
+        device = next(self.model.parameters()).device
+        tasks = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("ewc.")})
+        self.anchors = []
+        for t in tasks:
+            n = len([k for k in tensors if k.startswith(f"ewc.{t}.") and k.endswith(".fisher")])
+            self.anchors.append(([tensors[f"ewc.{t}.{k}.fisher"].to(device) for k in range(n)],
+                                 [tensors[f"ewc.{t}.{k}.star"].to(device) for k in range(n)]))
+
+    def resume(self, tasks_done: int) -> None:
+        self.inner.resume(tasks_done)
+
+    def stored_per_task(self) -> int:
+        # Per task: the Fisher and the anchor parameters, beside what the inner method stores.
+        return self.inner.stored_per_task() + 2 * sum(p.numel() for p in self._params())
+
+
+def _with_ewc(method: Method) -> Method:
+    def build(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+        inner = method.build(lm, context, kwargs)
+        return EWC(inner.model, inner.u_params, inner.needs_task_identity, inner=inner,
+                   strength=context.knobs.get("ewc_lambda", 1.0),
+                   max_examples=context.knobs.get("ewc_fisher_examples", 64))
+
+    return dataclasses.replace(method, name=f"{method.name}+ewc", summary=f"{method.summary}, with EWC", build=build)
+
+
+MODIFIERS: dict[str, Callable[[Method], Method]] = {"ewc": _with_ewc}
+
+
 # -- lookup -----------------------------------------------------------------------------------
 def resolve(name: str, variants: Mapping[str, Mapping[str, Any]] | None = None) -> Method:
-    """The method a config names: registered, ``peft:<type>``, or a declared variant of either."""
+    """The method a config names: registered, ``peft:<type>``, or a declared variant of either,
+    optionally followed by modifiers (``curlora+ewc``)."""
     variants = variants or {}
+    base_name, *modifiers = name.split("+")
+    if modifiers:
+        method = resolve(base_name, variants)
+        if method.frozen_backbone:
+            raise ValueError(f"Method {name!r}: {base_name!r} trains nothing a modifier could act on.")
+        for modifier in modifiers:
+            if modifier not in MODIFIERS:
+                raise ValueError(f"Unknown modifier {modifier!r} in method {name!r}; known: {sorted(MODIFIERS)}.")
+            method = MODIFIERS[modifier](method)
+        return method
     if name in variants:
         spec = dict(variants[name])
         base_name = spec.pop("base", None)

@@ -31,7 +31,7 @@ from curlora.data import ClassificationCollator, TaskSplits, load_corpus, load_c
 from curlora.continual.evaluation import perplexity
 from curlora.continual.config import ContinualConfig
 from curlora.continual.frontier import analyse
-from curlora.continual.methods import Adapted, BuildContext
+from curlora.continual.methods import Adapted, BuildContext, FinishedTask
 from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from curlora.continual.metrics import SCHEMA_VERSION, summarize
 from curlora.model import CURLoRAModel, target_layers
@@ -94,7 +94,9 @@ def derived_seed(*parts: object) -> int:
 
 def build_method(lm: nn.Module, spec: RunSpec, config: ContinualConfig) -> Adapted:
     """A fresh copy of the base LM, prepared by ``spec``'s method (see curlora.continual.methods)."""
-    context = BuildContext(rank=spec.rank, seed=spec.seed, alpha=config.alpha, target_modules=config.target_modules)
+    knobs = {"ewc_lambda": config.ewc_lambda, "ewc_fisher_examples": config.ewc_fisher_examples}
+    context = BuildContext(rank=spec.rank, seed=spec.seed, alpha=config.alpha, target_modules=config.target_modules,
+                           knobs=knobs)
     return config.method(spec.method).adapt(lm, context, config.peft_kwargs.get(spec.method))
 
 
@@ -277,8 +279,9 @@ class ContinualRunner:
             losses = train_task(
                 model, heads[i], task.train, self.collator, settings, generator, adapted.u_params,
                 progress=cfg.progress and self.is_main, description=f"{spec.key} · {task.name}",
+                penalty=adapted.penalty,
             )
-            adapted.end_task(i)
+            adapted.end_task(i, FinishedTask(task.train, heads[i], self.collator, self.bf16))
             test_row = self._accuracies(adapted, heads, self.eval_splits, i)
             # A frozen backbone cannot change the LM: its perplexity is the base model's by construction.
             ppl = self.ppl_before if method.frozen_backbone else self._perplexity(model)
@@ -356,11 +359,7 @@ class ContinualRunner:
                 continue
             tensors = load_file(str(tensors_path))
             adapted.resume(i)
-            params = dict(adapted.model.named_parameters())
-            with torch.no_grad():
-                for key, value in tensors.items():
-                    if key.startswith("model."):
-                        params[key[len("model."):]].copy_(value)
+            adapted.load_checkpoint({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
             heads.load_state_dict({k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")})
             self._say(f"[{ckpt_dir.name}] resuming after task {i}")
             return json.loads((ckpt_dir / f"task{i}.json").read_text())

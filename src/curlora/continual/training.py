@@ -9,7 +9,7 @@ same hidden states as the unpadded sequence for absolute-position models (GPT-2)
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,8 +124,10 @@ def train_task(
     u_params: Sequence[torch.Tensor] = (),
     progress: bool = True,
     description: str = "train",
+    penalty: Callable[[], torch.Tensor | None] | None = None,
 ) -> list[float]:
-    """Train the model's trainable parameters and ``head`` on one task; returns per-step losses."""
+    """Train the model's trainable parameters and ``head`` on one task; returns per-step losses.
+    ``penalty`` is a method's extra loss term (EWC's pull toward earlier solutions), added each step."""
     device = head.weight.device
     adapter_params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": list(head.parameters()), "lr": settings.head_lr}]
@@ -155,6 +157,9 @@ def train_task(
                 loss = loss * 0.0
             if settings.u_penalty and u_params:
                 loss = loss + settings.u_penalty * sum(u.norm() for u in u_params) / world
+            extra = penalty() if penalty is not None else None
+            if extra is not None:
+                loss = loss + extra / world
             loss.backward()
             total_loss = loss.detach()
             if world > 1:
@@ -199,3 +204,29 @@ def accuracy(
         predictions = head(features.float()).argmax(dim=-1)
         correct += int((predictions == inputs["labels"]).sum())
     return correct / len(examples)
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    head: nn.Linear,
+    examples: Sequence[Example],
+    collator: ClassificationCollator,
+    params: Sequence[torch.Tensor],
+    bf16: bool = False,
+) -> list[torch.Tensor]:
+    """The empirical diagonal Fisher of ``params`` on a task: the mean over examples of the squared
+    gradient of each example's log-likelihood of its label (one example per backward, so it is the
+    per-example Fisher, not the square of a batch-mean gradient)."""
+    device = head.weight.device
+    fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+    model.eval()
+    for example in examples:
+        inputs = {k: v.to(device) for k, v in collator([example]).items()}
+        with autocast(device, bf16):
+            features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+        loss = F.cross_entropy(head(features.float()), inputs["labels"])
+        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+        for f, g in zip(fisher, grads):
+            if g is not None:
+                f.add_(g.detach().float().pow(2))
+    return [f.div_(max(len(examples), 1)) for f in fisher]
