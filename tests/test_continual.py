@@ -59,7 +59,7 @@ def test_tiny_end_to_end_writes_everything(tmp_path, tiny_model_dir, data_dir):
     assert (tmp_path / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("methods", [["curlora", "head"], ["curlora-bank"], ["lora+ewc"]])
+@pytest.mark.parametrize("methods", [["curlora", "head"], ["curlora-bank"], ["lora+ewc"], ["curlora+replay"]])
 def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, data_dir, monkeypatch, methods):
     config = tiny_config(tiny_model_dir, data_dir, methods=methods)
     uninterrupted = ContinualRunner(config, tmp_path / "a").run()
@@ -94,6 +94,34 @@ def test_bank_of_u_leaves_earlier_tasks_exactly_as_they_were(tmp_path, tiny_mode
     # The first task trained the same way in both (same seed, same C and R, U from zero).
     assert bank["accuracy_matrix"][1] == shared["accuracy_matrix"][1]
     assert "needs the task's identity at inference" in (tmp_path / "report.md").read_text()
+
+
+def test_replay_buffer_holds_training_rows_only_and_replays_them_through_their_heads(tmp_path, tiny_model_dir,
+                                                                                     data_dir, monkeypatch):
+    from curlora.continual import training
+    from curlora.data.splits import text_key
+
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora+replay"], replay_per_task=6)
+    seen = []
+    original = training.train_task
+
+    def spy(model, head, examples, *args, replay=(), **kwargs):
+        seen.append((list(examples), list(replay), head))
+        return original(model, head, examples, *args, replay=replay, **kwargs)
+
+    monkeypatch.setattr("curlora.continual.runner.train_task", spy)
+    runner = ContinualRunner(config, tmp_path)
+    results = runner.run()
+    assert results["runs"][0]["status"] == "ok" and results["runs"][0]["rows_kept_per_task"] == 6
+    (first_rows, first_replay, first_head), (_, second_replay, second_head) = seen
+    assert first_replay == []
+    assert len(second_replay) == 6 and all(h is first_head and h is not second_head for _, h in second_replay)
+    held_out = {text_key(e) for e in [*runner.tasks[0].eval, *runner.validation[0]]}
+    replayed = [e for e, _ in second_replay]
+    assert all(e in first_rows for e in replayed)  # training rows of task 0 ...
+    assert not {text_key(e) for e in replayed} & held_out  # ... never its validation or evaluation rows
+    assert len({e.label for e in replayed}) == runner.tasks[0].num_labels  # class-balanced
+    assert "keeps 6 training rows of every task for replay" in (tmp_path / "report.md").read_text()
 
 
 def test_resume_refuses_a_changed_config(tmp_path, tiny_model_dir, data_dir):

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from curlora.data import ClassificationCollator, DataError, Example, last_token_index
+from curlora.data import ClassificationCollator, Example, last_token_index
 
 
 def test_last_token_index_both_sides():
@@ -40,8 +40,6 @@ def test_pairs_use_tokenizer_pair_call(smol_tokenizer):
     a = smol_tokenizer("Hello there.")["input_ids"]
     c = smol_tokenizer("General Kenobi.")["input_ids"]
     assert expect == a + c
-    with pytest.raises(DataError, match="mixes"):
-        col([Example("x", 0, "y"), Example("z", 1)])
     long = col([Example("word " * 100, 0, "other " * 10)])
     assert long["input_ids"].shape[1] == 64
 
@@ -79,3 +77,16 @@ def test_left_padded_last_hidden_equals_unpadded(smol_tokenizer):
             assert single["attention_mask"].all()
             ref = model.model(input_ids=single["input_ids"]).last_hidden_state[0, -1]
             torch.testing.assert_close(got[i], ref, atol=1e-5, rtol=0)
+
+
+def test_a_batch_mixing_pairs_and_single_sentences_encodes_each_row_as_alone(smol_tokenizer):
+    """Replay puts a sentence-pair task's rows beside a single-sentence task's in one batch."""
+    col = ClassificationCollator(smol_tokenizer, max_length=32)
+    rows = [Example("a fine film", 1), Example("He said so.", 0, text_pair="So he said."), Example("dull", 0)]
+    batch = col(rows)
+    assert batch["labels"].tolist() == [1, 0, 0]
+    for i, row in enumerate(rows):
+        alone = col([row])
+        n = int(alone["attention_mask"].sum())
+        assert batch["input_ids"][i, -n:].tolist() == alone["input_ids"][0, -n:].tolist()
+        assert int(batch["attention_mask"][i].sum()) == n and batch["attention_mask"][i, -n:].all()

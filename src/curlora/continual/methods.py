@@ -91,11 +91,19 @@ class Adapted:
             for name, value in tensors.items():
                 params[name].copy_(value)
 
-    def resume(self, tasks_done: int) -> None:
+    def resume(self, tasks_done: int, finished: Sequence[FinishedTask]) -> None:
         """Rebuild the per-task structure of ``tasks_done`` finished tasks before a checkpoint loads."""
+
+    def replay_examples(self) -> list[tuple[Example, nn.Module]]:
+        """Earlier tasks' examples to mix into this task's batches, each with its own task's head."""
+        return []
 
     def stored_per_task(self) -> int:
         """Numbers kept for each task beyond its head (0: one shared set for all tasks)."""
+        return 0
+
+    def rows_kept_per_task(self) -> int:
+        """Training rows kept from each task (a replay buffer)."""
         return 0
 
 
@@ -132,7 +140,7 @@ class CURBank(Adapted):
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if n.endswith(".U")}
 
-    def resume(self, tasks_done: int) -> None:
+    def resume(self, tasks_done: int, finished: Sequence[FinishedTask]) -> None:
         for i in range(tasks_done):
             self.start_task(i)
 
@@ -356,8 +364,14 @@ class EWC(Adapted):
             self.anchors.append(([tensors[f"ewc.{t}.{k}.fisher"].to(device) for k in range(n)],
                                  [tensors[f"ewc.{t}.{k}.star"].to(device) for k in range(n)]))
 
-    def resume(self, tasks_done: int) -> None:
-        self.inner.resume(tasks_done)
+    def resume(self, tasks_done: int, finished: Sequence[FinishedTask]) -> None:
+        self.inner.resume(tasks_done, finished)
+
+    def replay_examples(self) -> list[tuple[Example, nn.Module]]:
+        return self.inner.replay_examples()
+
+    def rows_kept_per_task(self) -> int:
+        return self.inner.rows_kept_per_task()
 
     def stored_per_task(self) -> int:
         # Per task: the Fisher and the anchor parameters, beside what the inner method stores.
@@ -374,7 +388,80 @@ def _with_ewc(method: Method) -> Method:
     return dataclasses.replace(method, name=f"{method.name}+ewc", summary=f"{method.summary}, with EWC", build=build)
 
 
-MODIFIERS: dict[str, Callable[[Method], Method]] = {"ewc": _with_ewc}
+@dataclass
+class Replay(Adapted):
+    """Experience replay: after each task, ``per_task`` of its training rows (never validation or
+    evaluation rows; seeded, class-balanced) join a buffer, and every later task's epoch mixes the
+    whole buffer into its batches (the current task keeps all its rows; batch size unchanged, so the
+    epoch grows by the buffer). A replayed example's loss goes through its own task's head, which
+    therefore keeps training with the adapter: a frozen old head would pull the shared features
+    back toward what a stale head expects. Every other hook is the inner method's."""
+
+    inner: Adapted | None = None
+    per_task: int = 20
+    seed: int = 0
+    buffer: list[tuple[Example, nn.Module]] = field(default_factory=list)
+
+    def start_task(self, task_index: int) -> None:
+        self.inner.start_task(task_index)
+        self.u_params = self.inner.u_params
+
+    def _remember(self, task_index: int, finished: FinishedTask) -> None:
+        by_label: dict[int, list[Example]] = {}
+        order = torch.randperm(len(finished.examples),
+                               generator=torch.Generator().manual_seed(self.seed * 1000 + task_index)).tolist()
+        for i in order:
+            by_label.setdefault(finished.examples[i].label, []).append(finished.examples[i])
+        chosen, queues = [], [by_label[label] for label in sorted(by_label)]
+        while len(chosen) < min(self.per_task, len(finished.examples)):  # round-robin over labels
+            for queue in queues:
+                if queue and len(chosen) < self.per_task:
+                    chosen.append(queue.pop(0))
+        self.buffer += [(example, finished.head) for example in chosen]
+
+    def end_task(self, task_index: int, finished: FinishedTask) -> None:
+        self.inner.end_task(task_index, finished)
+        self._remember(task_index, finished)
+
+    def replay_examples(self) -> list[tuple[Example, nn.Module]]:
+        return self.buffer + self.inner.replay_examples()
+
+    def penalty(self) -> torch.Tensor | None:
+        return self.inner.penalty()
+
+    def evaluating(self, task_index: int) -> AbstractContextManager:
+        return self.inner.evaluating(task_index)
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return self.inner.checkpoint_tensors()
+
+    def load_checkpoint(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.inner.load_checkpoint(tensors)
+
+    def resume(self, tasks_done: int, finished: Sequence[FinishedTask]) -> None:
+        self.inner.resume(tasks_done, finished)
+        self.buffer = []
+        for t in range(tasks_done):  # the buffer is a seeded choice: rebuilt, not stored
+            self._remember(t, finished[t])
+
+    def stored_per_task(self) -> int:
+        return self.inner.stored_per_task()
+
+    def rows_kept_per_task(self) -> int:
+        return self.per_task + self.inner.rows_kept_per_task()
+
+
+def _with_replay(method: Method) -> Method:
+    def build(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+        inner = method.build(lm, context, kwargs)
+        return Replay(inner.model, inner.u_params, inner.needs_task_identity, inner=inner,
+                      per_task=context.knobs.get("replay_per_task", 20), seed=context.seed)
+
+    return dataclasses.replace(method, name=f"{method.name}+replay", summary=f"{method.summary}, with replay",
+                               build=build)
+
+
+MODIFIERS: dict[str, Callable[[Method], Method]] = {"ewc": _with_ewc, "replay": _with_replay}
 
 
 # -- lookup -----------------------------------------------------------------------------------

@@ -138,6 +138,7 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
     maj_stats = [None if m is None else constant(m) for m in maj]
     maj_acc = constant(sum(maj) / len(maj)) if maj and all(m is not None for m in maj) else None
     task_aware = {r.get("method") for r in runs if r.get("needs_task_identity")}
+    replaying = {r.get("method"): r.get("rows_kept_per_task") for r in runs if r.get("rows_kept_per_task")}
     if head is None:
         lines.append(f"- No successful head-only ({HEAD_METHOD}) run: no frozen-backbone floor.")
     for g in groups:
@@ -161,6 +162,8 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
             clauses.append("perplexity not measured")
         else:
             clauses.append(f"perplexity {final - before:+.2f} ({before:.2f} → {final:.2f})")
+        if g["method"] in replaying:
+            clauses.append(f"keeps {replaying[g['method']]} training rows of every task for replay")
         if g["method"] in task_aware:
             clauses.append("needs the task's identity at inference (evaluates each task with its own U), "
                            f"storing {_int(g['stored_per_task'])} numbers per task")

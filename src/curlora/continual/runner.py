@@ -94,7 +94,8 @@ def derived_seed(*parts: object) -> int:
 
 def build_method(lm: nn.Module, spec: RunSpec, config: ContinualConfig) -> Adapted:
     """A fresh copy of the base LM, prepared by ``spec``'s method (see curlora.continual.methods)."""
-    knobs = {"ewc_lambda": config.ewc_lambda, "ewc_fisher_examples": config.ewc_fisher_examples}
+    knobs = {"ewc_lambda": config.ewc_lambda, "ewc_fisher_examples": config.ewc_fisher_examples,
+             "replay_per_task": config.replay_per_task}
     context = BuildContext(rank=spec.rank, seed=spec.seed, alpha=config.alpha, target_modules=config.target_modules,
                            knobs=knobs)
     return config.method(spec.method).adapt(lm, context, config.peft_kwargs.get(spec.method))
@@ -279,7 +280,7 @@ class ContinualRunner:
             losses = train_task(
                 model, heads[i], task.train, self.collator, settings, generator, adapted.u_params,
                 progress=cfg.progress and self.is_main, description=f"{spec.key} · {task.name}",
-                penalty=adapted.penalty,
+                penalty=adapted.penalty, replay=adapted.replay_examples(),
             )
             adapted.end_task(i, FinishedTask(task.train, heads[i], self.collator, self.bf16))
             test_row = self._accuracies(adapted, heads, self.eval_splits, i)
@@ -313,6 +314,7 @@ class ContinualRunner:
                 "heads": sum(p.numel() for p in heads.parameters()),
             },
             "stored_per_task": adapted.stored_per_task(),
+            "rows_kept_per_task": adapted.rows_kept_per_task(),
             "needs_task_identity": adapted.needs_task_identity,
             "diagnostics": diagnostics,
             "data_parallel": data_parallel,
@@ -358,7 +360,8 @@ class ContinualRunner:
             if not tensors_path.is_file():
                 continue
             tensors = load_file(str(tensors_path))
-            adapted.resume(i)
+            adapted.resume(i, [FinishedTask(t.train, heads[j], self.collator, self.bf16)
+                               for j, t in enumerate(self.tasks[:i])])
             adapted.load_checkpoint({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
             heads.load_state_dict({k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")})
             self._say(f"[{ckpt_dir.name}] resuming after task {i}")

@@ -125,34 +125,41 @@ def train_task(
     progress: bool = True,
     description: str = "train",
     penalty: Callable[[], torch.Tensor | None] | None = None,
+    replay: Sequence[tuple[Example, nn.Module]] = (),
 ) -> list[float]:
     """Train the model's trainable parameters and ``head`` on one task; returns per-step losses.
-    ``penalty`` is a method's extra loss term (EWC's pull toward earlier solutions), added each step."""
+    ``penalty`` is a method's extra loss term (EWC's pull toward earlier solutions), added each step;
+    ``replay`` are earlier tasks' rows, shuffled into the epoch, each scored by its own task's head."""
     device = head.weight.device
     adapter_params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": list(head.parameters()), "lr": settings.head_lr}]
+    replay_heads = list({id(h): h for _, h in replay if h is not head}.values())
+    head_params = [p for h in (head, *replay_heads) for p in h.parameters()]
+    items = [(e, head) for e in examples] + list(replay)
+    groups = [{"params": head_params, "lr": settings.head_lr}]
     if adapter_params:
         groups.append({"params": adapter_params, "lr": settings.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
-    steps_per_epoch = math.ceil(len(examples) / settings.batch_size)
+    steps_per_epoch = math.ceil(len(items) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_for(total, settings), total)
     frozen_backbone = not adapter_params
     model.train()
-    head.train()
+    for h in (head, *replay_heads):
+        h.train()
     losses: list[float] = []
     bar = tqdm(total=total, desc=description, disable=not progress, leave=False)
     rank, world = data_parallel_rank()
     trained = [p for group in groups for p in group["params"]]
     for _ in range(settings.epochs):
-        for batch in batches(examples, settings.batch_size, generator):
+        for batch in batches(items, settings.batch_size, generator):
             # Data parallel: each process takes its share of the global batch; summed gradients
             # over processes then equal the single-process gradient of the whole batch.
             shard = batch[rank::world]
-            inputs = {k: v.to(device) for k, v in collator(shard or batch[:1]).items()}
+            mine = shard or batch[:1]
+            inputs = {k: v.to(device) for k, v in collator([e for e, _ in mine]).items()}
             with autocast(device, settings.bf16), torch.no_grad() if frozen_backbone else nullcontext():
                 features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
-            loss = F.cross_entropy(head(features.float()), inputs["labels"], reduction="sum") / len(batch)
+            loss = _batch_loss(features.float(), inputs["labels"], [h for _, h in mine]) / len(batch)
             if not shard:
                 loss = loss * 0.0
             if settings.u_penalty and u_params:
@@ -177,8 +184,20 @@ def train_task(
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     model.eval()
-    head.eval()
+    for h in (head, *replay_heads):
+        h.eval()
     return losses
+
+
+def _batch_loss(features: torch.Tensor, labels: torch.Tensor, heads: Sequence[nn.Module]) -> torch.Tensor:
+    """Summed cross-entropy, each row through its own task's head (one matmul when all share one)."""
+    if all(h is heads[0] for h in heads):
+        return F.cross_entropy(heads[0](features), labels, reduction="sum")
+    total = features.new_zeros(())
+    for h in {id(h): h for h in heads}.values():
+        rows = torch.tensor([i for i, other in enumerate(heads) if other is h], device=features.device)
+        total = total + F.cross_entropy(h(features[rows]), labels[rows], reduction="sum")
+    return total
 
 
 @torch.no_grad()

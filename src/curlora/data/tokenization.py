@@ -53,24 +53,37 @@ class ClassificationCollator:
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         if not examples:
             raise DataError("cannot collate an empty batch")
-        texts = [e.text for e in examples]
-        pairs = [e.text_pair for e in examples]
-        has_pair = [p is not None for p in pairs]
+        has_pair = [e.text_pair is not None for e in examples]
         if any(has_pair) and not all(has_pair):
-            raise DataError("a batch mixes single sentences and sentence pairs")
-        enc = self.tokenizer(
-            texts,
-            pairs if all(has_pair) else None,
-            padding=True,
-            truncation=True,
-            max_length=self.max_length,
-            return_tensors="pt",
-        )
+            # A replayed sentence-pair task beside a single-sentence one: encode each kind as
+            # usual, then left-pad both to one width and restore the batch order.
+            parts = [[i for i, p in enumerate(has_pair) if p is kind] for kind in (False, True)]
+            encoded = [self._encode([examples[i] for i in part]) for part in parts]
+            width = max(e["input_ids"].shape[1] for e in encoded)
+            ids = torch.full((len(examples), width), self.tokenizer.pad_token_id, dtype=torch.long)
+            mask = torch.zeros(len(examples), width, dtype=torch.long)
+            for part, enc in zip(parts, encoded):
+                n = enc["input_ids"].shape[1]
+                ids[part, width - n:], mask[part, width - n:] = enc["input_ids"], enc["attention_mask"]
+            enc = {"input_ids": ids, "attention_mask": mask}
+        else:
+            enc = self._encode(examples)
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
             "labels": torch.tensor([e.label for e in examples], dtype=torch.long),
         }
+
+    def _encode(self, examples: Sequence[Example]):
+        pairs = [e.text_pair for e in examples]
+        return self.tokenizer(
+            [e.text for e in examples],
+            pairs if all(p is not None for p in pairs) else None,
+            padding=True,
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
+        )
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
