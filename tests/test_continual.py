@@ -59,7 +59,7 @@ def test_tiny_end_to_end_writes_everything(tmp_path, tiny_model_dir, data_dir):
     assert (tmp_path / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("methods", [["curlora", "head"], ["curlora-bank"], ["lora+ewc"], ["curlora+replay"]])
+@pytest.mark.parametrize("methods", [["curlora", "head"], ["curlora-bank"], ["lora+ewc"], ["curlora+replay"], ["o-lora"]])
 def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, data_dir, monkeypatch, methods):
     config = tiny_config(tiny_model_dir, data_dir, methods=methods)
     uninterrupted = ContinualRunner(config, tmp_path / "a").run()

@@ -181,3 +181,40 @@ def test_modifiers_combine_with_adapters_only():
         resolve("head+ewc")
     with pytest.raises(ValueError, match="Unknown modifier"):
         resolve("curlora+magic")
+
+
+def test_olora_orthogonality_loss_and_frozen_earlier_adapters():
+    from curlora.continual.methods import OLoRA
+
+    adapted = resolve("o-lora").adapt(tiny_llama(), CONTEXT, None)
+    assert isinstance(adapted, OLoRA)
+    adapted.start_task(0)
+    assert adapted.penalty() is None  # nothing to be orthogonal to yet
+    ids = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for n, p in adapted.model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.2)  # "trained" task 0
+    first = {n: p.detach().clone() for n, p in adapted.model.named_parameters() if ".default." in n}
+    adapted.start_task(1)
+    trainable = [n for n, p in adapted.model.named_parameters() if p.requires_grad]
+    assert trainable and all(".task1." in n for n in trainable)
+    layers = adapted._layers()
+    with torch.no_grad():  # make every new A orthogonal to the old A: the loss vanishes
+        for layer in layers:
+            a_old, a_new = layer.lora_A["default"].weight, layer.lora_A["task1"].weight
+            projector = a_old.t() @ torch.linalg.inv(a_old @ a_old.t()) @ a_old  # onto a_old's row space
+            a_new.copy_(a_new - a_new @ projector)
+    assert float(adapted.penalty()) < 1e-10
+    with torch.no_grad():
+        layers[0].lora_A["task1"].weight.copy_(layers[0].lora_A["default"].weight)
+    expected = CONTEXT.knobs.get("olora_lambda", 0.5) * (layers[0].lora_A["default"].weight
+                                                       @ layers[0].lora_A["default"].weight.t()).pow(2).sum()
+    torch.testing.assert_close(adapted.penalty(), expected, rtol=1e-4, atol=1e-6)
+    # Training task 1 moves only task 1's LoRA: task 0's stays bit-identical.
+    opt = torch.optim.SGD([p for p in adapted.model.parameters() if p.requires_grad], lr=0.1)
+    (adapted.model(input_ids=ids).logits.pow(2).mean() + adapted.penalty()).backward()
+    opt.step()
+    after = {n: p.detach() for n, p in adapted.model.named_parameters() if ".default." in n}
+    assert all(torch.equal(first[n], after[n]) for n in first)
+    assert set(adapted.model.base_model.active_adapters) == {"default", "task1"}

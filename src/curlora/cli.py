@@ -59,6 +59,7 @@ def _continual_parser(sub) -> None:
     p.add_argument("--head-lr", type=float, help="task-head learning rate (same for every method)")
     p.add_argument("--u-penalties", type=_floats, help="λ values of the paper's Eq. 11 (loss + λ‖U‖_F)")
     p.add_argument("--ewc-lambda", type=float, help="X+ewc methods: EWC strength λ (default 1)")
+    p.add_argument("--olora-lambda", type=float, help="o-lora: weight of the orthogonality loss (default 0.5)")
     p.add_argument("--replay-per-task", type=int, help="X+replay methods: training rows kept per task (default 20)")
     p.add_argument("--ewc-fisher-examples", type=int, help="X+ewc methods: training rows per task for the Fisher (default 64)")
     p.add_argument("--alpha", type=float)
@@ -82,7 +83,7 @@ def _run_continual(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in (
             "data_dir", "source", "model", "tasks", "corpus", "corpus_file", "methods", "ranks", "seeds", "examples_per_task",
-            "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "ewc_lambda", "ewc_fisher_examples", "replay_per_task", "alpha",
+            "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "ewc_lambda", "ewc_fisher_examples", "replay_per_task", "olora_lambda", "alpha",
             "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "bf16", "device", "progress", "quantize",
         )
     }

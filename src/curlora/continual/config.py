@@ -49,6 +49,7 @@ class ContinualConfig:
     ewc_lambda: float = 1.0  # X+ewc: strength of the pull toward earlier tasks' parameters
     ewc_fisher_examples: int = 64  # X+ewc: training rows per task for the diagonal Fisher
     replay_per_task: int = 20  # X+replay: training rows kept from each task and replayed later
+    olora_lambda: float = 0.5  # o-lora: weight of the orthogonality loss (the paper's λ1)
     weight_decay: float = 0.01
     warmup_steps: int = 500
     max_warmup_fraction: float = 0.1
@@ -101,6 +102,7 @@ class ContinualConfig:
         checks.non_negative("ewc_lambda", self.ewc_lambda)
         checks.integer("ewc_fisher_examples", self.ewc_fisher_examples, minimum=1)
         checks.integer("replay_per_task", self.replay_per_task, minimum=1)
+        checks.non_negative("olora_lambda", self.olora_lambda)
         checks.integer("warmup_steps", self.warmup_steps, minimum=0)
         checks.fraction("validation_fraction", self.validation_fraction)
         checks.fraction("max_warmup_fraction", self.max_warmup_fraction, low_open=False, high_open=False)

@@ -16,6 +16,7 @@ Adding a method is one :func:`register` call (and its test).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -234,13 +235,69 @@ def _peft_model(lm: nn.Module, peft_type: str, size: dict[str, Any], context: Bu
     return Adapted(get_peft_model(lm, get_peft_config(settings)))
 
 
-def _build_lora(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+def _lora_size(lm: nn.Module, context: BuildContext) -> dict[str, Any]:
     # PEFT scales B·A by lora_alpha / r; the paper's LoRA adds alpha·x·A·B, so lora_alpha = alpha·r.
-    size = {
-        "r": context.rank, "lora_alpha": context.alpha * context.rank, "lora_dropout": 0.0,
-        "fan_in_fan_out": getattr(lm.config, "model_type", None) == "gpt2",
-    }
-    return _peft_model(lm, "LORA", size, context, kwargs)
+    return {"r": context.rank, "lora_alpha": context.alpha * context.rank, "lora_dropout": 0.0,
+            "fan_in_fan_out": getattr(lm.config, "model_type", None) == "gpt2"}
+
+
+def _build_lora(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    return _peft_model(lm, "LORA", _lora_size(lm, context), context, kwargs)
+
+
+@dataclass
+class OLoRA(Adapted):
+    """O-LoRA (Wang et al. 2023): task t trains a LoRA of its own while the earlier tasks' LoRAs
+    stay active and frozen, with loss + λ · Σ_{s<t} Σ_layers ‖A_s A_tᵀ‖²_F (the paper's L_orth)
+    keeping the new A orthogonal to the earlier As. All LoRAs are summed at inference, so it does
+    not need the task's identity; per task it stores one LoRA (r · (in + out) per layer)."""
+
+    strength: float = 0.5
+    lora_config: Any = None
+    task_index: int = 0
+
+    @staticmethod
+    def adapter_name(task_index: int) -> str:
+        return DEFAULT_ADAPTER if task_index == 0 else f"task{task_index}"
+
+    def _layers(self) -> list[nn.Module]:
+        return [m for m in self.model.modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
+
+    def start_task(self, task_index: int) -> None:
+        name = self.adapter_name(task_index)
+        if name not in self.model.peft_config:
+            self.model.add_adapter(name, copy.deepcopy(self.lora_config))  # B = 0: output unchanged
+        self.model.base_model.set_adapter([self.adapter_name(i) for i in range(task_index + 1)])
+        self.task_index = task_index
+        for param_name, param in self.model.named_parameters():
+            param.requires_grad_(f".{name}." in param_name)
+
+    def penalty(self) -> torch.Tensor | None:
+        earlier = [self.adapter_name(i) for i in range(self.task_index)]
+        if not earlier:
+            return None
+        current = self.adapter_name(self.task_index)
+        total = sum((layer.lora_A[s].weight @ layer.lora_A[current].weight.t()).pow(2).sum()
+                    for layer in self._layers() for s in earlier)
+        return self.strength * total
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if "lora_" in n}
+
+    def resume(self, tasks_done: int, finished: Sequence[FinishedTask]) -> None:
+        for i in range(tasks_done):
+            self.start_task(i)
+
+    def stored_per_task(self) -> int:
+        return sum(p.numel() for n, p in self.model.named_parameters() if f".{DEFAULT_ADAPTER}." in n and "lora_" in n)
+
+
+def _build_olora(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(target_modules=_targets(lm, context), **_lora_size(lm, context), **kwargs)
+    model = get_peft_model(lm, copy.deepcopy(config))
+    return OLoRA(model, strength=context.knobs.get("olora_lambda", 0.5), lora_config=config)
 
 
 def peft_size_argument(peft_type: str) -> str | None:
@@ -301,6 +358,8 @@ def _build_osf(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) 
 register(Method("osf", "PEFT OSF: top singular directions frozen, the orthogonal rest trains "
                 "(size: peft_kwargs osf.effective_rank, default half of each layer)", _build_osf,
                 takes_rank=False))
+register(Method("o-lora", "O-LoRA: a new LoRA per task, earlier ones frozen, new A kept orthogonal to "
+                "earlier As (λ: --olora-lambda)", _build_olora))
 register(Method("head", "frozen backbone, task heads only (the zero-forgetting floor)", _build_head,
                 takes_rank=False, takes_lr=False, frozen_backbone=True))
 register(Method("full", "full fine-tuning", _build_full, takes_rank=False, trains_base_weights=True))

@@ -95,7 +95,7 @@ def derived_seed(*parts: object) -> int:
 def build_method(lm: nn.Module, spec: RunSpec, config: ContinualConfig) -> Adapted:
     """A fresh copy of the base LM, prepared by ``spec``'s method (see curlora.continual.methods)."""
     knobs = {"ewc_lambda": config.ewc_lambda, "ewc_fisher_examples": config.ewc_fisher_examples,
-             "replay_per_task": config.replay_per_task}
+             "replay_per_task": config.replay_per_task, "olora_lambda": config.olora_lambda}
     context = BuildContext(rank=spec.rank, seed=spec.seed, alpha=config.alpha, target_modules=config.target_modules,
                            knobs=knobs)
     return config.method(spec.method).adapt(lm, context, config.peft_kwargs.get(spec.method))
