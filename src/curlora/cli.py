@@ -9,6 +9,7 @@ from pathlib import Path
 
 from curlora.continual.config import PRESETS, load_config
 from curlora.continual.methods import describe
+from curlora.quantization import SCHEMES
 
 
 def _numbers(kind: type, text: str) -> list:
@@ -71,7 +72,7 @@ def _continual_parser(sub) -> None:
                    help="bf16 autocast for training and accuracy (default: where the CPU/GPU supports it); "
                    "perplexity is always computed in float32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--quantize", choices=["int8", "nf4", "fp4"],
+    p.add_argument("--quantize", choices=SCHEMES,
                    help="quantize the base model's linear layers with bitsandbytes (QCURLoRA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from curlora.quantization import compute_dtype, dequantized_weight, is_quantized_linear
+from curlora.quantization import compute_dtype, dequantized_weight, is_quantized_linear, schemes
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, Conv1D)
 _STOCK_FORWARDS = (nn.Linear.forward, Conv1D.forward)
@@ -25,7 +25,7 @@ _STOCK_FORWARDS = (nn.Linear.forward, Conv1D.forward)
 def weight_out_in(base: nn.Module) -> torch.Tensor:
     """The base weight as an out × in matrix (a view: GPT-2's Conv1D stores it in × out).
 
-    For a quantized linear (bitsandbytes int8 / nf4 / fp4) it is a dequantized float32 copy."""
+    For a quantized linear (see ``curlora.quantization``) it is a dequantized float32 copy."""
     if is_quantized_linear(base):
         return dequantized_weight(base)
     if isinstance(base, Conv1D):
@@ -33,8 +33,8 @@ def weight_out_in(base: nn.Module) -> torch.Tensor:
     if isinstance(base, nn.Linear):
         return base.weight
     raise TypeError(
-        f"CURLoRA can adapt nn.Linear, transformers Conv1D and bitsandbytes quantized linear "
-        f"layers, not {type(base).__name__}."
+        f"CURLoRA can adapt nn.Linear, transformers Conv1D and quantized linear layers "
+        f"(curlora.quantization schemes {schemes()}), not {type(base).__name__}."
     )
 
 
@@ -146,7 +146,7 @@ def _fusable(base: nn.Module, adapter: CURAdapter) -> bool:
     subclass that overrides it, nor a tensor-subclass weight, as quantization libraries use),
     which nobody hooks (accelerate's offloading, user hooks), and no active dropout on the
     adapter path."""
-    if type(base).forward not in _STOCK_FORWARDS:  # bitsandbytes layers have their own forward
+    if type(base).forward not in _STOCK_FORWARDS:  # quantized layers have their own forward
         return False
     if type(base.weight) not in (nn.Parameter, torch.Tensor):
         return False

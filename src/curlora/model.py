@@ -21,6 +21,7 @@ from curlora.layer import SUPPORTED_LAYERS, CURAdapter, CURLoRALayer, cur_source
 from curlora.quantization import is_quantized_linear, merge_quantized
 from curlora.sampling import module_generator, sample_indices
 from curlora.saving import LayerState, check_layer, fingerprint, read_adapter, write_adapter
+from curlora.submodules import replace_submodule
 
 DEFAULT_ADAPTER = "default"
 
@@ -43,11 +44,6 @@ def _candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
-
-
 def target_layers(model: nn.Module, config: CURLoRAConfig) -> list[tuple[str, nn.Module]]:
     """The layers ``config`` adapts in ``model``, checked (type, r ≤ the smaller side) without changing it:
     callers can refuse a rank that is too large before loading data or writing anything."""
@@ -66,7 +62,7 @@ def target_layers(model: nn.Module, config: CURLoRAConfig) -> list[tuple[str, nn
         if not isinstance(module, (CURLoRALayer, *SUPPORTED_LAYERS)) and not is_quantized_linear(module):
             raise TypeError(
                 f"Target module {name!r} is a {type(module).__name__}; CURLoRA adapts only "
-                f"nn.Linear, transformers Conv1D and bitsandbytes quantized linear layers. "
+                f"nn.Linear, transformers Conv1D and quantized linear layers (curlora.quantization). "
                 f"Narrow target_modules to those."
             )
     # The narrowest layer bounds the rank: name it, so the user's next choice fits every layer.
@@ -145,7 +141,7 @@ class CURLoRAModel(nn.Module):
         if isinstance(module, CURLoRALayer):
             return module
         layer = CURLoRALayer(module)
-        _replace_module(self.base_model, name, layer)
+        replace_submodule(self.base_model, name, layer)
         return layer
 
     def add_adapter(self, adapter_name: str, config: CURLoRAConfig) -> None:
@@ -241,7 +237,7 @@ class CURLoRAModel(nn.Module):
                 layer.merge()
             else:
                 layer.unmerge()
-            _replace_module(self.base_model, name, base)
+            replace_submodule(self.base_model, name, base)
         self.peft_config.clear()
         self.active_adapter = None
         return self.base_model
