@@ -1,0 +1,69 @@
+"""The pip extras beyond the core (``pip install curlora`` adapts, saves and loads models) and the
+``curlora`` command's entry point, which names the extra to install before any work starts
+when a subcommand's packages are missing.
+
+``EXTRAS`` mirrors pyproject.toml's optional dependencies (a test keeps them equal).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+
+#: Distributions of each extra (``all`` installs every one).
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "bench": ("accelerate", "datasets", "gguf", "matplotlib", "peft", "pyyaml", "tqdm"),
+    "sft": ("accelerate", "datasets", "gguf", "trl"),
+    "quant": ("bitsandbytes",),
+    "gguf": ("gguf",),
+}
+_IMPORT_NAMES = {"pyyaml": "yaml"}
+
+#: Extras each subcommand needs (every default model is a GGUF file, hence ``gguf``).
+COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {
+    "continual": ("bench",),
+    "sft": ("sft",),
+    "generate": ("gguf",),
+}
+
+
+def missing_packages(extra: str) -> list[str]:
+    """The distributions of ``extra`` that cannot be imported (checked without importing them)."""
+    return [d for d in EXTRAS[extra] if importlib.util.find_spec(_IMPORT_NAMES.get(d, d)) is None]
+
+
+def require_extra(extra: str, purpose: str) -> None:
+    """ImportError naming the missing packages and the pip command, if ``extra`` is incomplete."""
+    missing = missing_packages(extra)
+    if missing:
+        raise ImportError(f"{purpose} needs {', '.join(missing)}: pip install 'curlora[{extra}]'")
+
+
+def _needed_extras(argv: list[str]) -> list[tuple[str, str]]:
+    """(extra, purpose) pairs the command line ``argv`` needs."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    needed = [(extra, f"curlora {command}") for extra in COMMAND_EXTRAS.get(command, ())]
+    if command == "continual" and any(a == "--quantize" or a.startswith("--quantize=") for a in argv):
+        needed.append(("quant", "--quantize"))
+    return needed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``curlora`` command: check the extras the subcommand needs, then run it."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        for extra, purpose in _needed_extras(argv):
+            require_extra(extra, purpose)
+    except ImportError as error:
+        print(f"curlora: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        from curlora.cli import main as cli_main
+    except ModuleNotFoundError as error:  # the parser itself lists the benchmark's presets
+        print(f"curlora: error: the command needs {error.name}: pip install 'curlora[all]'", file=sys.stderr)
+        return 2
+    return cli_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
