@@ -314,14 +314,16 @@ def memory_probe(model: str, dtype: torch.dtype, kind: str, rank: int | None,
             "peak_over_base_mib": (peak - baseline) / 1024}
 
 
-def run_memory_probe(args: argparse.Namespace, kind: str, rank: int | None) -> dict:
+def run_memory_probe(kind: str, rank: int | None, *, model: str, batch_size: int, seq_len: int,
+                     bf16: bool, layers: int | None) -> dict:
+    """Peak memory of one variant's training step, measured in a fresh subprocess."""
     cmd = [sys.executable, os.path.abspath(__file__), "--memory-probe", kind,
-           "--model", args.model, "--batch-size", str(args.batch_size), "--seq-len", str(args.seq_len),
-           "--threads", str(torch.get_num_threads()), "--bf16" if args.bf16 else "--no-bf16"]
+           "--model", model, "--batch-size", str(batch_size), "--seq-len", str(seq_len),
+           "--threads", str(torch.get_num_threads()), "--bf16" if bf16 else "--no-bf16"]
     if rank is not None:
         cmd += ["--probe-rank", str(rank)]
-    if args.layers is not None:
-        cmd += ["--layers", str(args.layers)]
+    if layers is not None:
+        cmd += ["--layers", str(layers)]
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if out.returncode != 0:
@@ -426,11 +428,11 @@ def run_benchmark(
         results["infer"][v.name] = {"kind": v.kind, "rank": v.rank, **_summary(v, inference[0])}
 
     if memory:
-        probe_args = argparse.Namespace(model=model, batch_size=batch_size, seq_len=seq_len, bf16=bf16, layers=layers)
+        probe = {"model": model, "batch_size": batch_size, "seq_len": seq_len, "bf16": bf16, "layers": layers}
         for v in train + inference:
             log(f"memory probe: {v.name}")
             section = results["train"] if v in train else results["infer"]
-            section[v.name].update(run_memory_probe(probe_args, v.kind, v.rank))
+            section[v.name].update(run_memory_probe(v.kind, v.rank, **probe))
 
     tr = results["train"]
 
