@@ -91,7 +91,7 @@ ADAPT_SAVE_LOAD = """
             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)).eval()
 
     ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
-    model = get_curlora_model(tiny(), CURLoRAConfig(r=4))
+    model = get_curlora_model(tiny(), CURLoRAConfig(r=4, target_modules=TARGETS))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
     model.train()
     model(input_ids=ids, labels=ids).loss.backward()
@@ -115,7 +115,7 @@ def test_core_adapts_saves_and_loads_without_any_extra():
     """The light install: every extra's package unimportable (``sys.modules[name] = None`` makes
     both ``import`` and ``importlib.util.find_spec``, which transformers asks, see it missing)."""
     block = f"import sys\nfor name in {OPTIONAL!r}:\n    sys.modules[name] = None\n"
-    result = _run(block + textwrap.dedent(ADAPT_SAVE_LOAD))
+    result = _run(block + "TARGETS = None\n" + textwrap.dedent(ADAPT_SAVE_LOAD))  # default targets
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", "True"]  # True: the blocker's None entry for bitsandbytes
 
@@ -123,11 +123,12 @@ def test_core_adapts_saves_and_loads_without_any_extra():
 def test_unquantized_model_never_imports_bitsandbytes_and_peft_prints_no_kernel_warning():
     """With everything installed: adapting a plain model leaves bitsandbytes unimported, and the
     harness's PEFT import afterwards (which imports bitsandbytes) prints no kernels-community
-    warning."""
-    result = _run(ADAPT_SAVE_LOAD + """
+    warning. Explicit targets: the default ones are looked up in PEFT's table (curlora.targets),
+    and importing PEFT imports bitsandbytes."""
+    result = _run("TARGETS = ['q_proj', 'v_proj']\n" + textwrap.dedent(ADAPT_SAVE_LOAD) + textwrap.dedent("""
     from peft import get_peft_config, get_peft_model
     assert "bitsandbytes" in sys.modules, "PEFT no longer imports bitsandbytes: this test checks nothing"
-    """)
+    """))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", "False"]
     assert "kernels-community" not in result.stderr, result.stderr
