@@ -21,7 +21,13 @@ from curlora.continual.metrics import SCHEMA_VERSION, constant, separated, summa
 from curlora.continual.plots import DASH, plot_accuracy_matrix, plot_frontier, plot_perplexity
 from curlora.fileio import atomic_write_bytes
 
-HEAD_METHOD = "head"
+
+
+def floor_methods(runs: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Methods whose backbone stayed frozen (the head-only floor), as the runs recorded it; files
+    written before runs carried ``frozen_backbone`` name that method "head"."""
+    return {r.get("method") for r in runs
+            if r.get("frozen_backbone", r.get("base_method", r.get("method")) == "head")}
 INTERVAL_NOTE = ("Values are mean ± sample std over seeds, with the 95 % Student-t interval of the mean "
                  "in brackets, where more than one seed finished. A difference is called resolved only "
                  "when the two 95 % intervals do not overlap; with one seed nothing is resolved.")
@@ -132,7 +138,8 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
     if not groups:
         return lines + ["- No successful runs: nothing to compare."]
     # With several head-only groups (e.g. an lr sweep) the strongest is the floor to beat.
-    heads = [g for g in groups if g["method"] == HEAD_METHOD]
+    floors = floor_methods(runs)
+    heads = [g for g in groups if g["method"] in floors]
     head = max(heads, key=lambda g: g["acc"]["mean"]) if heads else None
     maj = [t.get("majority_accuracy") for t in tasks]
     maj_stats = [None if m is None else constant(m) for m in maj]
@@ -140,9 +147,9 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
     task_aware = {r.get("method") for r in runs if r.get("needs_task_identity")}
     replaying = {r.get("method"): r.get("rows_kept_per_task") for r in runs if r.get("rows_kept_per_task")}
     if head is None:
-        lines.append(f"- No successful head-only ({HEAD_METHOD}) run: no frozen-backbone floor.")
+        lines.append("- No successful head-only run: no frozen-backbone floor.")
     for g in groups:
-        is_head = g["method"] == HEAD_METHOD
+        is_head = g["method"] in floors
         clauses = [f"ACC {_ms(g['acc'])}"]
         if head is not None and not is_head:
             clauses.append(_compare(g, head["acc"], head["task_accuracy"], task_names,
@@ -353,8 +360,8 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     frontier = analyse(runs) if results.get("frontier") is not None else None
     # With a learning-rate sweep the headline shows each method at its validation-selected rate.
     summary = summarize({"runs": [r for r in runs if r.get("selected", True)]})
-    groups = ([g for g in summary if g["method"] != HEAD_METHOD]
-              + [g for g in summary if g["method"] == HEAD_METHOD])
+    floors = floor_methods(runs)
+    groups = [g for g in summary if g["method"] not in floors] + [g for g in summary if g["method"] in floors]
     keys = [[g["method"], g.get("rank"), _lr(g.get("lr")), g["n_runs"]] for g in groups]
     md = [*_header(results, runs), *_tasks_section(tasks),
           "## Reading", "", *_reading(groups, tasks, runs), "",

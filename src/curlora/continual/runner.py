@@ -313,6 +313,7 @@ class ContinualRunner:
                 "adapter": sum(p.numel() for p in model.parameters() if p.requires_grad),
                 "heads": sum(p.numel() for p in heads.parameters()),
             },
+            "frozen_backbone": method.frozen_backbone,
             "stored_per_task": adapted.stored_per_task(),
             "rows_kept_per_task": adapted.rows_kept_per_task(),
             "needs_task_identity": adapted.needs_task_identity,
