@@ -181,6 +181,10 @@ def test_modifiers_combine_with_adapters_only():
         resolve("head+ewc")
     with pytest.raises(ValueError, match="Unknown modifier"):
         resolve("curlora+magic")
+    for per_task in ("curlora-bank", "o-lora"):
+        with pytest.raises(ValueError, match="new parameters for every task"):
+            resolve(f"{per_task}+ewc")
+    assert resolve("curlora-bank+replay").name == "curlora-bank+replay"
 
 
 def test_olora_orthogonality_loss_and_frozen_earlier_adapters():

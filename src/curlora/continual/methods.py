@@ -175,6 +175,7 @@ class Method:
     takes_u_penalty: bool = False
     frozen_backbone: bool = False  # the LM cannot change: its perplexity is the base model's
     trains_base_weights: bool = False  # needs full-precision base weights (no quantized base)
+    new_parameters_per_task: bool = False  # trains fresh parameters for each task (bank, O-LoRA)
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def adapt(self, lm: nn.Module, context: BuildContext, extra: Mapping[str, Any] | None = None) -> Adapted:
@@ -341,7 +342,7 @@ register(REGISTRY["curlora"].variant(
     "curlora-distinct", "CURLoRA with r distinct columns and rows (no sampling with replacement)", replacement=False))
 register(Method("curlora-bank", "one CURLoRA U per task on shared C, R; evaluation uses the task's own U "
                 "(needs the task identity at inference; stores r² per layer per task)", _build_curlora_bank,
-                takes_u_penalty=True))
+                takes_u_penalty=True, new_parameters_per_task=True))
 register(Method("lora", "PEFT LoRA on the same layers and rank", _build_lora))
 register(REGISTRY["lora"].variant(
     "lora-pissa", "LoRA on the principal singular directions (PiSSA; base keeps the residual)",
@@ -359,7 +360,7 @@ register(Method("osf", "PEFT OSF: top singular directions frozen, the orthogonal
                 "(size: peft_kwargs osf.effective_rank, default half of each layer)", _build_osf,
                 takes_rank=False))
 register(Method("o-lora", "O-LoRA: a new LoRA per task, earlier ones frozen, new A kept orthogonal to "
-                "earlier As (λ: --olora-lambda)", _build_olora))
+                "earlier As (λ: --olora-lambda)", _build_olora, new_parameters_per_task=True))
 register(Method("head", "frozen backbone, task heads only (the zero-forgetting floor)", _build_head,
                 takes_rank=False, takes_lr=False, frozen_backbone=True))
 register(Method("full", "full fine-tuning", _build_full, takes_rank=False, trains_base_weights=True))
@@ -438,6 +439,12 @@ class EWC(Adapted):
 
 
 def _with_ewc(method: Method) -> Method:
+    if method.new_parameters_per_task:
+        # EWC anchors the parameters trained so far; a method that trains fresh ones for each task
+        # would have task t's parameters pulled toward task t-1's by position: refuse it.
+        raise ValueError(f"Method {method.name!r} trains new parameters for every task; EWC has nothing "
+                         f"to anchor there. Use +ewc with a method that trains one set (curlora, lora, ...).")
+
     def build(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
         inner = method.build(lm, context, kwargs)
         return EWC(inner.model, inner.u_params, inner.needs_task_identity, inner=inner,
