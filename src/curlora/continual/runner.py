@@ -4,7 +4,8 @@ For each method, rank, learning rate and seed: a fresh copy of the base model ge
 adapter; for each task in order a fresh head is trained together with the (continually trained)
 adapter; then every task seen so far is evaluated with its own head, on held-out evaluation data
 and on a validation split carved from the training data (used only to pick learning rates), and
-the LM perplexity is measured with the original ``lm_head``. Each finished task is checkpointed
+the LM perplexity is measured with the original ``lm_head`` (in a learning-rate sweep, whose
+frontier reads final values, after the last task only). Each finished task is checkpointed
 atomically, so a killed run resumes where it stopped and ends with the same numbers.
 """
 
