@@ -242,19 +242,6 @@ def head_accuracy(head: nn.Linear, features: Features) -> float:
     return correct / sum(len(y) for y in features.labels)
 
 
-def accuracy(
-    model: nn.Module,
-    head: nn.Linear,
-    examples: Sequence[Example],
-    collator: ClassificationCollator,
-    batch_size: int = 32,
-    bf16: bool = False,
-) -> float:
-    """Accuracy of ``head`` on ``examples`` (the model is evaluated in eval mode)."""
-    features = split_features(model, examples, collator, batch_size, bf16, device=head.weight.device)
-    return head_accuracy(head, features)
-
-
 def fisher_diagonal(
     model: nn.Module,
     head: nn.Linear,
