@@ -126,3 +126,24 @@ def test_layer_overhead_structure(tmp_path: Path) -> None:
         assert set(rows) == {"floor", "curlora-fused", "curlora-op-by-op", "reference", "tiny-matmul"}
         assert rows["floor"]["added_ms"] == 0.0 and rows["tiny-matmul"]["added_ms"] is None
     assert "curlora-fused" in layer_overhead.format_table(results)
+
+
+def test_sweep_time_runs_both_versions_and_compares_their_numbers(tmp_path: Path, smol_tokenizer, data_dir) -> None:
+    from conftest import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny", smol_tokenizer)
+    out = tmp_path / "sweep_time.json"
+    report = _load("sweep_time").main([
+        "--lrs", "1e-2,3e-3", "--eval-examples", "8", "--examples-per-task", "12", "--threads", "1",
+        "--json", str(out), "--work-dir", str(tmp_path / "runs"), "--",
+        "--model", model, "--data-dir", str(data_dir), "--tasks", "sst2,mrpc", "--methods", "curlora,head",
+        "--ranks", "4", "--max-length", "32", "--batch-size", "4",
+        "--ppl-max-tokens", "96", "--ppl-window", "64", "--ppl-stride", "32",
+    ])
+    assert json.loads(out.read_text())["wall_ratio"] == report["wall_ratio"] > 0
+    assert all(run["cpu_s"] > 0 for runs in report["timings"].values() for run in runs)
+    before, after = report["headline"]["before"], report["headline"]["after"]
+    assert set(before["runs"]) == {"curlora r=4 lr=0.01 seed=0", "curlora r=4 lr=0.003 seed=0", "head r=None lr=None seed=0"}
+    # The speedups are exact: the old code and this tree agree on every headline number.
+    assert report["differences"] == [] and before == after
+    assert before["chosen_lr"]["curlora r=4"] in (0.01, 0.003)

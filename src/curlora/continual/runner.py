@@ -4,7 +4,8 @@ For each method, rank, learning rate and seed: a fresh copy of the base model ge
 adapter; for each task in order a fresh head is trained together with the (continually trained)
 adapter; then every task seen so far is evaluated with its own head, on held-out evaluation data
 and on a validation split carved from the training data (used only to pick learning rates), and
-the LM perplexity is measured with the original ``lm_head``. Each finished task is checkpointed
+the LM perplexity is measured with the original ``lm_head`` (in a learning-rate sweep, whose
+frontier reads final values, after the last task only). Each finished task is checkpointed
 atomically, so a killed run resumes where it stopped and ends with the same numbers.
 """
 
@@ -38,12 +39,14 @@ from curlora.model import CURLoRAModel, target_layers
 from curlora.pretrained import load_model_and_tokenizer
 from curlora.continual.report import write_report
 from curlora.continual.training import (
+    Features,
     NonFiniteLossError,
     TrainSettings,
-    accuracy,
     bf16_supported,
     causal_lm_of,
     data_parallel_rank,
+    head_accuracy,
+    split_features,
     train_task,
 )
 
@@ -134,6 +137,7 @@ class ContinualRunner:
         self.is_main = self.rank == 0
         self._check_run_dir(resume)
         self.bf16 = bf16_supported(self.device) if config.bf16 is None else config.bf16
+        self._base_features: dict[tuple[str, int], Features] = {}
 
     # setup ------------------------------------------------------------------------------------
     def _check_run_dir(self, resume: bool) -> None:
@@ -236,17 +240,36 @@ class ContinualRunner:
             heads.append(nn.Linear(hidden, task.num_labels))
         return nn.ModuleList(heads).to(self.device)
 
-    def _accuracies(self, adapted: Adapted, heads, splits, upto: int) -> list[float | None]:
-        """Accuracy of tasks 0..upto (inclusive) on ``splits``, each in the state its method
-        evaluates it in; None for tasks not yet seen."""
+    def _accuracies(self, adapted: Adapted, heads, splits: str, upto: int, base: bool) -> list[float | None]:
+        """Accuracy of tasks 0..upto (inclusive) on ``splits`` ("eval_splits" or "validation"), each
+        in the state its method evaluates it in; None for tasks not yet seen. ``base``: the model's
+        backbone is the unchanged base model."""
         row: list[float | None] = []
-        for j, split in enumerate(splits):
+        for j in range(len(self.tasks)):
             if j > upto:
                 row.append(None)
                 continue
             with adapted.evaluating(j):
-                row.append(accuracy(adapted.model, heads[j], split, self.collator, self.config.eval_batch_size, self.bf16))
+                row.append(head_accuracy(heads[j], self._features(adapted.model, splits, j, base)))
         return row
+
+    def _features(self, model: nn.Module, splits: str, j: int, base: bool) -> Features:
+        """Features of split ``j``. The base model's (the before row, frozen-backbone runs) never
+        change: computed once, on the same batches, they are exactly what each run would compute."""
+        def compute() -> Features:
+            split = getattr(self, splits)[j]
+            return split_features(model, split, self.collator, self.config.eval_batch_size, self.bf16, self.device)
+
+        if not base:
+            return compute()
+        if (splits, j) not in self._base_features:
+            self._base_features[splits, j] = compute()
+        return self._base_features[splits, j]
+
+    def _perplexity_curve(self, spec: RunSpec) -> bool:
+        """Whether a run scores perplexity after every task: a learning-rate sweep's frontier reads
+        only each rate's final value, so swept runs score only after the last task."""
+        return not (self.config.method(spec.method).takes_lr and len(self.config.learning_rates) > 1)
 
     def run_one(self, spec: RunSpec, base_lm: nn.Module) -> dict[str, Any]:
         cfg = self.config
@@ -272,6 +295,7 @@ class ContinualRunner:
             }
         started = time.perf_counter() - state["elapsed_s"]
         self._reset_peak_memory()
+        curve = self._perplexity_curve(spec)
         for i in range(state["tasks_done"], len(self.tasks)):
             task = self.tasks[i]
             torch.manual_seed(derived_seed(spec.seed, "task", i, spec.key))
@@ -283,9 +307,11 @@ class ContinualRunner:
                 penalty=adapted.penalty, replay=adapted.replay_examples(),
             )
             adapted.end_task(i, FinishedTask(task.train, heads[i], self.collator, self.bf16))
-            test_row = self._accuracies(adapted, heads, self.eval_splits, i)
+            test_row = self._accuracies(adapted, heads, "eval_splits", i, method.frozen_backbone)
             # A frozen backbone cannot change the LM: its perplexity is the base model's by construction.
-            ppl = self.ppl_before if method.frozen_backbone else self._perplexity(model)
+            ppl = self.ppl_before if method.frozen_backbone else None
+            if ppl is None and (curve or i == len(self.tasks) - 1):
+                ppl = self._perplexity(model)
             state["accuracy_matrix"].append(test_row)
             state["ppl_after_task"].append(ppl)
             state["final_losses"].append(sum(losses[-10:]) / len(losses[-10:]))
@@ -293,9 +319,10 @@ class ContinualRunner:
             state["elapsed_s"] = time.perf_counter() - started
             self._checkpoint(ckpt_dir, adapted, heads, state)
             seen = ", ".join(f"{self.tasks[j].name} {test_row[j]:.3f}" for j in range(i + 1))
-            self._say(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {ppl:.2f}")
+            scored = "not scored (a sweep scores the last task only)" if ppl is None else f"{ppl:.2f}"
+            self._say(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {scored}")
         # Validation rows (carved from training data) are only for choosing rates: the final state suffices.
-        validation = self._accuracies(adapted, heads, self.validation, len(self.tasks) - 1)
+        validation = self._accuracies(adapted, heads, "validation", len(self.tasks) - 1, method.frozen_backbone)
         diagnostics = stability_diagnostics(model) if isinstance(model, CURLoRAModel) else []
         trained = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
         data_parallel = {"world_size": self.world}
@@ -395,7 +422,7 @@ class ContinualRunner:
                 continue
             if spec.seed not in before_rows:
                 heads = self._heads(spec, base_lm.config.hidden_size)
-                before_rows[spec.seed] = self._accuracies(Adapted(base_lm), heads, self.eval_splits, len(self.tasks) - 1)
+                before_rows[spec.seed] = self._accuracies(Adapted(base_lm), heads, "eval_splits", len(self.tasks) - 1, True)
             self.before_row = before_rows[spec.seed]
             try:
                 result = self.run_one(spec, base_lm)

@@ -200,29 +200,46 @@ def _batch_loss(features: torch.Tensor, labels: torch.Tensor, heads: Sequence[nn
     return total
 
 
+@dataclass(frozen=True)
+class Features:
+    """Last-token features of a split, batch by batch as ``accuracy`` computes them, with labels.
+
+    Kept per batch so a head applied to them does the very matmuls it would do inline: a frozen
+    backbone's features can be computed once and scored by any head, bit for bit the same."""
+
+    batches: list[torch.Tensor]
+    labels: list[torch.Tensor]
+
+
 @torch.no_grad()
-def accuracy(
+def split_features(
     model: nn.Module,
-    head: nn.Linear,
     examples: Sequence[Example],
     collator: ClassificationCollator,
     batch_size: int = 32,
     bf16: bool = False,
-) -> float:
-    """Accuracy of ``head`` on ``examples`` (the model is evaluated in eval mode)."""
-    device = head.weight.device
+    device: torch.device | None = None,
+) -> Features:
+    """The model's last-token features of ``examples`` (in eval mode), for ``head_accuracy``."""
+    device = device or next(model.parameters()).device
     model.eval()
-    head.eval()
-    correct = 0
+    features, labels = [], []
     # Similar lengths in one batch waste little compute on padding; order does not change accuracy.
     by_length = sorted(examples, key=lambda e: len(e.text) + len(e.text_pair or ""))
     for batch in batches(by_length, batch_size):
         inputs = {k: v.to(device) for k, v in collator(batch).items()}
         with autocast(device, bf16):
-            features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
-        predictions = head(features.float()).argmax(dim=-1)
-        correct += int((predictions == inputs["labels"]).sum())
-    return correct / len(examples)
+            features.append(last_hidden(model, inputs["input_ids"], inputs["attention_mask"]))
+        labels.append(inputs["labels"])
+    return Features(features, labels)
+
+
+@torch.no_grad()
+def head_accuracy(head: nn.Linear, features: Features) -> float:
+    """Accuracy of ``head`` on precomputed features."""
+    head.eval()
+    correct = sum(int((head(f.float()).argmax(dim=-1) == y).sum()) for f, y in zip(features.batches, features.labels))
+    return correct / sum(len(y) for y in features.labels)
 
 
 def fisher_diagonal(
