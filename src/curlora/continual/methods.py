@@ -561,8 +561,9 @@ def resolve(name: str, variants: Mapping[str, Mapping[str, Any]] | None = None) 
     if name.startswith(PEFT_PREFIX):
         return peft_method(name)
     raise ValueError(
-        f"Unknown method {name!r}; choose from {sorted(REGISTRY)}, 'peft:<type>' (e.g. peft:vera), "
-        f"or declare it under method_variants (e.g. {{{name}: {{base: lora, init_lora_weights: pissa}}}})."
+        f"Unknown method {name!r}; choose from {sorted(REGISTRY)} (each optionally with "
+        f"{sorted('+' + m for m in MODIFIERS)}), 'peft:<type>' (e.g. peft:vera), or declare it in the "
+        f"config under method_variants (e.g. {{{name}: {{base: lora, use_dora: true}}}})."
     )
 
 
