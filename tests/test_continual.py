@@ -59,9 +59,9 @@ def test_tiny_end_to_end_writes_everything(tmp_path, tiny_model_dir, data_dir):
     assert (tmp_path / "config.yaml").is_file()
 
 
-@pytest.mark.parametrize("methods", [["curlora", "head"], ["curlora-bank"], ["lora+ewc"], ["curlora+replay"], ["o-lora"]])
+@pytest.mark.parametrize("methods", [["curlora", "head"], ["curlora-bank"], ["lora+ewc"], ["curlora+replay"], ["o-lora"], ["lora-corda-kpm"]])
 def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, data_dir, monkeypatch, methods):
-    config = tiny_config(tiny_model_dir, data_dir, methods=methods)
+    config = tiny_config(tiny_model_dir, data_dir, methods=methods, corda_samples=8, corda_sample_tokens=64)
     uninterrupted = ContinualRunner(config, tmp_path / "a").run()
 
     original = ContinualRunner._checkpoint

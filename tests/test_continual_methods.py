@@ -8,7 +8,9 @@ from curlora import CURLoRAModel, curlora_layers
 from curlora.continual import ContinualConfig, run_specs
 from curlora.continual.methods import REGISTRY, BuildContext, peft_size_argument, resolve
 
-CONTEXT = BuildContext(rank=4, seed=0, alpha=1.0, target_modules=None)
+CALIBRATION = torch.randint(0, 128, (24, 16), generator=torch.Generator().manual_seed(1))
+CONTEXT = BuildContext(rank=4, seed=0, alpha=1.0, target_modules=None, calibration_ids=lambda: CALIBRATION)
+IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(0))
 
 
 def trainable(model) -> int:
@@ -27,6 +29,16 @@ def test_every_registered_method_builds_and_trains_what_it_says():
             total = sum(p.numel() for p in adapted.model.parameters())
             assert 0 < n < (total // 10 if method.takes_rank else total // 2), name
         assert bool(adapted.u_params) == method.takes_u_penalty, name
+
+
+def test_every_registered_method_leaves_the_output_unchanged_at_init():
+    # PiSSA, MiCA and CorDA rewrite the base weights: the before-row and base perplexity, measured on
+    # the untouched base, hold for them only because residual + adapter = W.
+    with torch.no_grad():
+        before = tiny_llama()(input_ids=IDS).logits
+        for name, method in REGISTRY.items():
+            model = method.adapt(tiny_llama(), CONTEXT).model
+            torch.testing.assert_close(model(input_ids=IDS).logits, before, rtol=1e-4, atol=1e-4, msg=name)
 
 
 def test_curlora_variants_differ_only_in_sampling():
@@ -75,6 +87,9 @@ def test_bad_method_names_and_variants_are_refused_with_the_way_out():
         ContinualConfig(methods=["x"], method_variants={"x": {"init_lora_weights": "pissa"}})
     with pytest.raises(ValueError, match="trains the base weights"):
         ContinualConfig(methods=["full"], quantize="int8")
+    for name in ("lora-pissa", "lora-mica", "lora-corda-kpm"):
+        with pytest.raises(ValueError, match="SVD of the full-precision base weights"):
+            ContinualConfig(methods=[name], quantize="nf4")
 
 
 def _lora_parts(model, module="model.layers.0.self_attn.q_proj"):
@@ -126,6 +141,52 @@ def test_osf_trains_only_the_low_singular_subspace_and_keeps_the_output():
     assert all(any(t in n for t in ("q_proj", "k_proj", "v_proj")) for n in trained)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
+def test_corda_kpm_adapts_what_the_calibration_text_uses_least_and_keeps_the_output():
+    original = tiny_llama()
+    w0 = original.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model = resolve("lora-corda-kpm").adapt(original, CONTEXT).model
+    assert model.peft_config["default"].corda_config.corda_method == "kpm"
+    residual, a, b, scale = _lora_parts(model)
+    torch.testing.assert_close(residual + scale * b @ a, w0, rtol=1e-5, atol=1e-5)
+    assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} == {"default"}
+    assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+    # By hand: C = mean over calibration rows of the layer's (max-scaled) input covariance, damped as
+    # PEFT does; B's columns span the left singular vectors of W·C with the r smallest values.
+    probe, inputs = tiny_llama(), []
+    hook = probe.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: inputs.append(i[0][0]))
+    with torch.no_grad():
+        for row in CALIBRATION:
+            probe(input_ids=row[None])
+    hook.remove()
+    cov = sum((x / x.max()).T @ (x / x.max()) for x in inputs) / len(inputs)
+    cov = cov + torch.eye(len(cov)) * cov.diagonal().mean() * 0.01
+    u_least = torch.linalg.svd(w0 @ cov).U[:, -CONTEXT.rank:]
+    q = torch.linalg.qr(b).Q
+    torch.testing.assert_close((u_least.T @ q).pow(2).sum(), torch.tensor(float(CONTEXT.rank)), rtol=1e-3, atol=1e-3)
+    # The adapter comes from the calibration activations: other text gives another adapter.
+    other = torch.randint(0, 128, (24, 16), generator=torch.Generator().manual_seed(2))
+    context = BuildContext(rank=4, seed=0, alpha=1.0, target_modules=None, calibration_ids=lambda: other)
+    _, a_other, _, _ = _lora_parts(resolve("lora-corda-kpm").adapt(tiny_llama(), context).model)
+    assert not torch.allclose(a, a_other, atol=1e-3)
+    with pytest.raises(ValueError, match="calibration"):
+        resolve("lora-corda-kpm").adapt(tiny_llama(), BuildContext(rank=4, seed=0, alpha=1.0, target_modules=None))
+
+
+def test_corda_calibrates_on_text_that_is_not_the_perplexity_corpus(smol_tokenizer):
+    from curlora.continual.runner import calibration_windows
+    from curlora.data import CALIBRATION_CORPUS, load_corpus
+
+    windows = calibration_windows(smol_tokenizer, samples=4, tokens=64)
+    assert windows.shape == (4, 64)
+    corpus = load_corpus("wiki_summaries")
+    for row in windows:
+        assert smol_tokenizer.decode(row[8:40]) not in corpus
+    with pytest.raises(ValueError, match="cannot also be the perplexity corpus"):
+        ContinualConfig(methods=["lora-corda-kpm"], corpus=CALIBRATION_CORPUS)
+    with pytest.raises(ValueError, match="fewer than corda_samples"):
+        calibration_windows(smol_tokenizer, samples=10_000, tokens=1_000)
 
 
 def char_collator(examples):

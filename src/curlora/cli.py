@@ -63,6 +63,9 @@ def _continual_parser(sub) -> None:
     p.add_argument("--olora-lambda", type=float, help="o-lora: weight of the orthogonality loss (default 0.5)")
     p.add_argument("--replay-per-task", type=int, help="X+replay methods: training rows kept per task (default 20)")
     p.add_argument("--ewc-fisher-examples", type=int, help="X+ewc methods: training rows per task for the Fisher (default 64)")
+    p.add_argument("--corda-samples", type=int,
+                   help="lora-corda-kpm: calibration windows from the 2012 US convention speeches (default 64)")
+    p.add_argument("--corda-sample-tokens", type=int, help="lora-corda-kpm: tokens per calibration window (default 256)")
     p.add_argument("--alpha", type=float)
     p.add_argument("--max-length", type=int)
     p.add_argument("--ppl-max-tokens", type=int, help="score only the corpus's first N tokens (0: all)")
@@ -84,7 +87,8 @@ def _run_continual(args: argparse.Namespace) -> int:
         key: getattr(args, key)
         for key in (
             "data_dir", "source", "model", "tasks", "corpus", "corpus_file", "methods", "ranks", "seeds", "examples_per_task",
-            "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "ewc_lambda", "ewc_fisher_examples", "replay_per_task", "olora_lambda", "alpha",
+            "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "ewc_lambda", "ewc_fisher_examples", "replay_per_task", "olora_lambda",
+            "corda_samples", "corda_sample_tokens", "alpha",
             "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "bf16", "device", "progress", "quantize",
         )
     }

@@ -16,8 +16,9 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "sft": ("accelerate", "datasets", "gguf", "trl"),
     "quant": ("bitsandbytes",),
     "gguf": ("gguf",),
+    "corda": ("attrs",),  # lora-corda-kpm: PEFT's CorDA imports attrs without declaring it
 }
-_IMPORT_NAMES = {"pyyaml": "yaml"}
+_IMPORT_NAMES = {"pyyaml": "yaml", "attrs": "attr"}
 
 #: Extras each subcommand needs (every default model is a GGUF file, hence ``gguf``).
 COMMAND_EXTRAS: dict[str, tuple[str, ...]] = {

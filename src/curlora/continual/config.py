@@ -10,7 +10,7 @@ import yaml
 
 from curlora import checks
 from curlora.continual.methods import Method, resolve
-from curlora.data import CORPORA, OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS, TASKS
+from curlora.data import CALIBRATION_CORPUS, CORPORA, OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS, TASKS
 
 SOURCES = ("offline", "local", "hub")
 
@@ -50,6 +50,8 @@ class ContinualConfig:
     ewc_fisher_examples: int = 64  # X+ewc: training rows per task for the diagonal Fisher
     replay_per_task: int = 20  # X+replay: training rows kept from each task and replayed later
     olora_lambda: float = 0.5  # o-lora: weight of the orthogonality loss (the paper's λ1)
+    corda_samples: int = 64  # lora-corda-kpm: calibration windows (of corda_sample_tokens) from CALIBRATION_CORPUS
+    corda_sample_tokens: int = 256
     weight_decay: float = 0.01
     warmup_steps: int = 500
     max_warmup_fraction: float = 0.1
@@ -71,6 +73,17 @@ class ContinualConfig:
             if not value and not (name == "tasks" and self.task_files):
                 raise ValueError(f"Config field {name!r} must not be empty.")
         methods = [self.method(name) for name in self.methods]  # unknown names fail here
+        calibrated = [m.name for m in methods if m.needs_calibration]
+        if calibrated:
+            from curlora.extras import require_extra
+
+            require_extra("corda", f"Methods {calibrated} (PEFT's CorDA)")
+        if self.corpus == CALIBRATION_CORPUS and self.corpus_file is None:
+            if calibrated:
+                raise ValueError(
+                    f"Methods {calibrated} calibrate on {CALIBRATION_CORPUS!r}, so it cannot also be the perplexity "
+                    f"corpus (their forgetting would be scored on their own calibration text); choose another corpus."
+                )
         if self.quantize is not None:
             from curlora.quantization import SCHEMES
 
@@ -81,6 +94,11 @@ class ContinualConfig:
                     raise ValueError(
                         f"Method {method.name!r} trains the base weights, which a quantized base cannot; "
                         f"drop it or unset quantize."
+                    )
+                if method.decomposes_base_weights:
+                    raise ValueError(
+                        f"Method {method.name!r} initialises from an SVD of the full-precision base weights, which a "
+                        f"quantized base does not have; drop it or unset quantize."
                     )
         self._check_values()
 
@@ -103,6 +121,8 @@ class ContinualConfig:
         checks.integer("ewc_fisher_examples", self.ewc_fisher_examples, minimum=1)
         checks.integer("replay_per_task", self.replay_per_task, minimum=1)
         checks.non_negative("olora_lambda", self.olora_lambda)
+        checks.integer("corda_samples", self.corda_samples, minimum=1)
+        checks.integer("corda_sample_tokens", self.corda_sample_tokens, minimum=2)
         checks.integer("warmup_steps", self.warmup_steps, minimum=0)
         checks.fraction("validation_fraction", self.validation_fraction)
         checks.fraction("max_warmup_fraction", self.max_warmup_fraction, low_open=False, high_open=False)

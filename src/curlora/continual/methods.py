@@ -158,6 +158,9 @@ class BuildContext:
     alpha: float
     target_modules: list[str] | None
     knobs: Mapping[str, Any] = field(default_factory=dict)  # methods' own settings (ewc_lambda, ...)
+    # Token ids (samples × tokens) of general text that is neither a task nor the perplexity corpus,
+    # for methods that read the model's activations when they build (CorDA); loaded only when called.
+    calibration_ids: Callable[[], torch.Tensor] | None = None
 
 
 Builder = Callable[[nn.Module, BuildContext, Mapping[str, Any]], Adapted]
@@ -176,13 +179,17 @@ class Method:
     frozen_backbone: bool = False  # the LM cannot change: its perplexity is the base model's
     trains_base_weights: bool = False  # needs full-precision base weights (no quantized base)
     new_parameters_per_task: bool = False  # trains fresh parameters for each task (bank, O-LoRA)
+    needs_calibration: bool = False  # reads BuildContext.calibration_ids when it builds
+    decomposes_base_weights: bool = False  # initialises from an SVD of the full-precision W (no quantized base)
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def adapt(self, lm: nn.Module, context: BuildContext, extra: Mapping[str, Any] | None = None) -> Adapted:
         return self.build(lm, context, {**self.kwargs, **(extra or {})})
 
-    def variant(self, name: str, summary: str, **kwargs: Any) -> "Method":
-        return dataclasses.replace(self, name=name, summary=summary, kwargs={**self.kwargs, **kwargs})
+    def variant(self, name: str, summary: str, decomposes_base_weights: bool | None = None, **kwargs: Any) -> "Method":
+        decomposes = self.decomposes_base_weights if decomposes_base_weights is None else decomposes_base_weights
+        return dataclasses.replace(self, name=name, summary=summary, kwargs={**self.kwargs, **kwargs},
+                                   decomposes_base_weights=decomposes)
 
 
 REGISTRY: dict[str, Method] = {}
@@ -301,6 +308,31 @@ def _build_olora(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]
     return OLoRA(model, strength=context.knobs.get("olora_lambda", 0.5), lora_config=config)
 
 
+def _build_lora_corda(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    """PEFT's CorDA: each layer's W is decomposed as SVD(W·C), C the covariance of its inputs on the
+    calibration text. With ``corda_method="kpm"`` (knowledge-preserving) the r smallest components,
+    the ones that text uses least, become the trainable adapter and the rest stays frozen in the
+    residual base weight; residual + adapter = W at init, so the output is unchanged."""
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+
+    if context.calibration_ids is None:
+        raise ValueError("CorDA needs calibration text: BuildContext.calibration_ids is not set.")
+    settings = dict(kwargs)
+    corda = CordaConfig(corda_method=settings.pop("corda_method"))
+    config = LoraConfig(target_modules=_targets(lm, context), init_lora_weights="corda", corda_config=corda,
+                        **_lora_size(lm, context), **settings)
+    ids = context.calibration_ids().to(next(lm.parameters()).device)
+
+    def run_model() -> None:
+        for row in ids:  # one sample per forward: PEFT's covariance hook expects a batch of one
+            lm(input_ids=row[None])
+
+    preprocess_corda(lm, config, run_model=run_model)
+    return Adapted(get_peft_model(lm, config))
+
+
 def peft_size_argument(peft_type: str) -> str | None:
     """The argument that sizes a PEFT type's adapter (None: it has none), from its config class."""
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
@@ -346,10 +378,16 @@ register(Method("curlora-bank", "one CURLoRA U per task on shared C, R; evaluati
 register(Method("lora", "PEFT LoRA on the same layers and rank", _build_lora))
 register(REGISTRY["lora"].variant(
     "lora-pissa", "LoRA on the principal singular directions (PiSSA; base keeps the residual)",
-    init_lora_weights="pissa"))
+    init_lora_weights="pissa", decomposes_base_weights=True))
 register(REGISTRY["lora"].variant(
     "lora-mica", "LoRA whose frozen B spans the minor singular directions (MiCA; only A trains)",
-    init_lora_weights="mica"))
+    init_lora_weights="mica", decomposes_base_weights=True))
+
+
+register(Method("lora-corda-kpm", "LoRA on the directions the calibration text uses least (CorDA, knowledge-"
+                "preserving; calibration: 2012 US convention speeches, never the perplexity corpus)",
+                _build_lora_corda, needs_calibration=True, decomposes_base_weights=True,
+                kwargs={"corda_method": "kpm"}))
 
 
 def _build_osf(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:

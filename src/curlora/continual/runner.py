@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from curlora import CURLoRAConfig, stability_diagnostics
-from curlora.data import ClassificationCollator, TaskSplits, load_corpus, load_corpus_file, load_task, load_task_file, make_validation_split
+from curlora.data import CALIBRATION_CORPUS, ClassificationCollator, DataError, TaskSplits, load_corpus, load_corpus_file, load_task, load_task_file, make_validation_split
 from curlora.continual.evaluation import perplexity
 from curlora.continual.config import ContinualConfig
 from curlora.continual.frontier import analyse
@@ -95,13 +95,28 @@ def derived_seed(*parts: object) -> int:
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
 
 
-def build_method(lm: nn.Module, spec: RunSpec, config: ContinualConfig) -> Adapted:
+def build_method(lm: nn.Module, spec: RunSpec, config: ContinualConfig,
+                 calibration_ids: torch.Tensor | None = None) -> Adapted:
     """A fresh copy of the base LM, prepared by ``spec``'s method (see curlora.continual.methods)."""
     knobs = {"ewc_lambda": config.ewc_lambda, "ewc_fisher_examples": config.ewc_fisher_examples,
              "replay_per_task": config.replay_per_task, "olora_lambda": config.olora_lambda}
     context = BuildContext(rank=spec.rank, seed=spec.seed, alpha=config.alpha, target_modules=config.target_modules,
-                           knobs=knobs)
+                           knobs=knobs, calibration_ids=None if calibration_ids is None else lambda: calibration_ids)
     return config.method(spec.method).adapt(lm, context, config.peft_kwargs.get(spec.method))
+
+
+def calibration_windows(tokenizer, samples: int, tokens: int) -> torch.Tensor:
+    """``samples`` consecutive windows of ``tokens`` token ids (samples × tokens) from the start of
+    CALIBRATION_CORPUS, the text calibrating methods read at build time (never a task or the
+    perplexity corpus: the config refuses that)."""
+    text = load_corpus(CALIBRATION_CORPUS, "offline", max_chars=10 * samples * tokens)
+    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    if ids.numel() < samples * tokens:
+        raise DataError(
+            f"calibration corpus {CALIBRATION_CORPUS!r} has {ids.numel()} tokens, fewer than corda_samples × "
+            f"corda_sample_tokens = {samples} × {tokens}; lower either."
+        )
+    return ids[: samples * tokens].reshape(samples, tokens)
 
 
 def init_data_parallel(device: str) -> torch.device:
@@ -214,6 +229,8 @@ class ContinualRunner:
             text = load_corpus(cfg.corpus, cfg.source, cfg.data_dir, max_chars=max_chars)
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
         self.corpus_ids = ids[: cfg.ppl_max_tokens] if cfg.ppl_max_tokens else ids
+        needed = any(cfg.method(name).needs_calibration for name in cfg.methods)
+        self.calibration_ids = calibration_windows(tokenizer, cfg.corda_samples, cfg.corda_sample_tokens) if needed else None
 
     def _corpus_entry(self) -> dict[str, Any]:
         """What results.json says about the perplexity corpus; a user's file is named with its size."""
@@ -276,7 +293,9 @@ class ContinualRunner:
         ckpt_dir = self.run_dir / "checkpoints" / spec.key
         torch.manual_seed(derived_seed(spec.seed, "init", spec.key))
         method = cfg.method(spec.method)
-        adapted = build_method(copy.deepcopy(base_lm), spec, cfg)
+        building = time.perf_counter()  # a method's set-up (SVDs, CorDA's calibration pass) is part of its cost
+        adapted = build_method(copy.deepcopy(base_lm), spec, cfg, self.calibration_ids)
+        build_s = time.perf_counter() - building
         model = adapted.model.to(self.device)
         heads = self._heads(spec, base_lm.config.hidden_size)
         settings = TrainSettings(
@@ -290,7 +309,7 @@ class ContinualRunner:
                 "accuracy_matrix": [self.before_row],
                 "ppl_after_task": [],
                 "final_losses": [],
-                "elapsed_s": 0.0,
+                "elapsed_s": build_s,
                 "tasks_done": 0,
             }
         started = time.perf_counter() - state["elapsed_s"]

@@ -12,6 +12,7 @@ from .splits import (
     stratified_subsample,
 )
 from .tasks import (
+    CALIBRATION_CORPUS,
     CORPORA,
     OFFLINE_CORPUS,
     OFFLINE_SUITE,
@@ -29,6 +30,7 @@ from .tokenization import ClassificationCollator, last_token_index, prepare_toke
 
 __all__ = [
     "ARCHIVES",
+    "CALIBRATION_CORPUS",
     "CORPORA",
     "OFFLINE_CORPUS",
     "OFFLINE_SUITE",

