@@ -310,8 +310,9 @@ def _metrics_section(keys: Keys, groups: list[Mapping[str, Any]]) -> list[str]:
                   _ms(g["wall_time_s"], 1), _ms(g["peak_memory_mb"], 0)] for k, g in zip(keys, groups)],
                 ["Method", "Rank", "LR", "Seeds", "ACC", "BWT", "Forgetting", "Plasticity",
                  "Adapter params", "Head params", "Stored per task", "Wall time (s)", "Peak memory (MB)"]),
-            "", ("Stored per task: numbers a method keeps for each task beyond its head (a per-task bank "
-                 "of U); such a method needs to be told the task at inference."), ""]
+            "", ("Stored per task: numbers a method keeps for each task beyond its head (a bank's U, "
+                 "EWC's Fisher and anchor, O-LoRA's LoRA); the reading says which methods need the "
+                 "task's identity at inference."), ""]
 
 
 def _runs_section(runs: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
