@@ -2,7 +2,7 @@
 
     python benchmarks/sweep_time.py [--before REF] [--after REF|worktree] [--lrs 3e-4,1e-3,3e-3,1e-2]
         [--eval-examples 150] [--examples-per-task N] [--repeats 1] [--threads N]
-        [--work-dir DIR] [--json PATH] [-- more curlora continual flags]
+        [--after-flags "--workers 2"] [--work-dir DIR] [--json PATH] [-- more curlora continual flags]
 
 "before" is a git ref (default: the main commit before the harness speedups), exported with
 ``git archive`` into a temporary directory (a checkout of that commit that leaves no worktree
@@ -13,7 +13,8 @@ OMP_WAIT_POLICY=PASSIVE and, with --threads, OMP_NUM_THREADS/MKL_NUM_THREADS. Wi
 the versions alternate (before, after, before, ...). Recorded per run: wall time and the child's
 CPU time (user + system, from its rusage). Then the two results.json files are compared on their
 headline numbers (each run's ACC and final perplexity, the chosen learning rates); any difference
-is printed. Writes benchmarks/results/sweep_time.json (or --json).
+is printed. ``--after-flags`` go to the after version only (flags the old code does not know,
+such as ``--workers 2``). Writes benchmarks/results/sweep_time.json (or --json).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -50,6 +52,17 @@ def export_ref(ref: str, into: Path) -> Path:
         tar.extractall(into, filter="data")
     tar_path.unlink()
     return into
+
+
+def cpu_name() -> str:
+    """The CPU model (timings compare only within one machine: chips differ, e.g. in bf16 speed)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def child_env(src: Path, threads: int | None) -> dict[str, str]:
@@ -118,6 +131,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--examples-per-task", type=int, help="shrink the sweep (default: the config's 240)")
     p.add_argument("--repeats", type=int, default=1, help="alternate before/after this many times")
     p.add_argument("--threads", type=int, help="OMP/MKL threads for both (default: torch's own choice)")
+    p.add_argument("--after-flags", default="", help='flags for the after version only, e.g. "--workers 2"')
     p.add_argument("--work-dir", type=Path, help="keep run directories here (default: a temporary one)")
     p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "sweep_time.json")
     args, extra = p.parse_known_args(argv)
@@ -133,6 +147,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args, flags = parse_args(argv)
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with tempfile.TemporaryDirectory(prefix="sweep-time-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -142,14 +157,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         timings: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
         for repeat in range(args.repeats):
             for version in ("before", "after"):
-                run = timed_sweep(trees[version], work / f"{version}-{repeat}", flags, args.threads)
+                extra = shlex.split(args.after_flags) if version == "after" else []
+                run = timed_sweep(trees[version], work / f"{version}-{repeat}", flags + extra, args.threads)
                 timings[version].append(run)
                 print(f"{version} #{repeat}: wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s", flush=True)
         numbers = {v: headline(Path(timings[v][0]["output_dir"]) / "results.json") for v in timings}
     median = {v: sorted(r["wall_s"] for r in runs)[len(runs) // 2] for v, runs in timings.items()}
     cpu = {v: sorted(r["cpu_s"] for r in runs)[len(runs) // 2] for v, runs in timings.items()}
     report = {
-        "meta": {"before": args.before, "after": args.after, "flags": flags, "repeats": args.repeats,
+        "meta": {"before": args.before, "after": args.after, "flags": flags, "after_flags": args.after_flags,
+                 "repeats": args.repeats, "started": started, "cpu": cpu_name(),
                  "threads": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": args.threads or "unset",
                              "cpu_count": os.cpu_count()}},
         "timings": timings,

@@ -135,8 +135,9 @@ def test_sweep_time_runs_both_versions_and_compares_their_numbers(tmp_path: Path
     out = tmp_path / "sweep_time.json"
     report = _load("sweep_time").main([
         "--lrs", "1e-2,3e-3", "--eval-examples", "8", "--examples-per-task", "12", "--threads", "1",
-        "--json", str(out), "--work-dir", str(tmp_path / "runs"), "--",
-        "--model", model, "--data-dir", str(data_dir), "--tasks", "sst2,mrpc", "--methods", "curlora,head",
+        "--json", str(out), "--work-dir", str(tmp_path / "runs"), "--after-flags", "--workers 2", "--",
+        # One precision for both: the old code's default was bf16 on CPUs with avx512_bf16.
+        "--no-bf16", "--model", model, "--data-dir", str(data_dir), "--tasks", "sst2,mrpc", "--methods", "curlora,head",
         "--ranks", "4", "--max-length", "32", "--batch-size", "4",
         "--ppl-max-tokens", "96", "--ppl-window", "64", "--ppl-stride", "32",
     ])
@@ -144,6 +145,7 @@ def test_sweep_time_runs_both_versions_and_compares_their_numbers(tmp_path: Path
     assert all(run["cpu_s"] > 0 for runs in report["timings"].values() for run in runs)
     before, after = report["headline"]["before"], report["headline"]["after"]
     assert set(before["runs"]) == {"curlora r=4 lr=0.01 seed=0", "curlora r=4 lr=0.003 seed=0", "head r=None lr=None seed=0"}
-    # The speedups are exact: the old code and this tree agree on every headline number.
+    assert report["meta"]["after_flags"] == "--workers 2" and report["meta"]["cpu"]
+    # The speedups are exact: the old code and this tree (its runs in two workers) agree on every headline number.
     assert report["differences"] == [] and before == after
     assert before["chosen_lr"]["curlora r=4"] in (0.01, 0.003)

@@ -1,6 +1,9 @@
 """The harness's exact speedups give exactly the numbers of the work they skip."""
 
+import dataclasses
+
 import pytest
+import torch
 
 from conftest import save_tiny_llama
 
@@ -59,3 +62,34 @@ def test_sweep_scores_perplexity_after_the_last_task_only(tmp_path, tiny_model_d
     assert None not in alone["perplexity"]["after_task"]
     assert alone["perplexity"]["final"] == swept["curlora", 1e-2]["perplexity"]["final"]
     assert alone["accuracy_matrix"] == swept["curlora", 1e-2]["accuracy_matrix"]
+
+
+def _numbers(results):
+    """What a run measured (not how long it took, nor how many threads it had)."""
+    return [{k: v for k, v in run.items() if k not in ("wall_time_s", "peak_memory_mb", "threads")}
+            for run in results["runs"]]
+
+
+def test_runs_in_worker_processes_give_the_numbers_of_one_process(tmp_path, tiny_model_dir, data_dir):
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "lora", "head"], lrs=[1e-2, 3e-3])
+    alone = ContinualRunner(config, tmp_path / "alone").run()
+    pooled = ContinualRunner(dataclasses.replace(config, workers=2), tmp_path / "pooled").run()
+    assert _numbers(pooled) == _numbers(alone)
+    assert {run["threads"] for run in pooled["runs"]} == {max(1, torch.get_num_threads() // 2)}
+    assert pooled["frontier"] == alone["frontier"]
+
+
+def test_a_pool_resumes_the_runs_it_had_not_finished(tmp_path, tiny_model_dir, data_dir):
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lrs=[1e-2, 3e-3], workers=2)
+    first = ContinualRunner(config, tmp_path / "run").run()
+    # As if killed before two runs were written: --resume (with another worker count) redoes just those.
+    written = sorted((tmp_path / "run" / "runs").glob("*.json"))
+    for path in written[:2]:
+        path.unlink()
+    resumed = ContinualRunner(dataclasses.replace(config, workers=1), tmp_path / "run", resume=True).run()
+    assert _numbers(resumed) == _numbers(first)
+
+
+def test_workers_are_refused_off_the_cpu():
+    with pytest.raises(ValueError, match="workers=2"):
+        tiny_config("x", ".", workers=2, device="mps")

@@ -72,9 +72,12 @@ def _continual_parser(sub) -> None:
     p.add_argument("--ppl-window", type=int, help="tokens per perplexity window")
     p.add_argument("--ppl-stride", type=int, help="tokens between window starts (less than --ppl-window)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 autocast for training and accuracy (default: where the CPU/GPU supports it); "
+                   help="bf16 autocast for training and accuracy (default: on a GPU with bf16, float32 on a CPU, where its speed varies by chip); "
                    "perplexity is always computed in float32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--workers", type=int,
+                   help="CPU only: run this many runs side by side, each in its own process with its share of "
+                   "the threads (same numbers; a sweep finishes sooner). Default 1")
     p.add_argument("--quantize", choices=SCHEMES,
                    help="quantize the base model's linear layers with bitsandbytes (QCURLoRA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
@@ -89,7 +92,7 @@ def _run_continual(args: argparse.Namespace) -> int:
             "data_dir", "source", "model", "tasks", "corpus", "corpus_file", "methods", "ranks", "seeds", "examples_per_task",
             "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "ewc_lambda", "ewc_fisher_examples", "replay_per_task", "olora_lambda",
             "corda_samples", "corda_sample_tokens", "alpha",
-            "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "bf16", "device", "progress", "quantize",
+            "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "bf16", "device", "workers", "progress", "quantize",
         )
     }
     if overrides["ppl_max_tokens"] == 0:

@@ -13,6 +13,8 @@ from curlora.continual.methods import Method, resolve
 from curlora.data import CALIBRATION_CORPUS, CORPORA, OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS, TASKS
 
 SOURCES = ("offline", "local", "hub")
+# How a run is executed, not what it computes: a run may resume with other values of these.
+RUNTIME_FIELDS = ("progress", "workers")
 
 
 @dataclass
@@ -55,12 +57,13 @@ class ContinualConfig:
     weight_decay: float = 0.01
     warmup_steps: int = 500
     max_warmup_fraction: float = 0.1
-    bf16: bool | None = None  # bf16 autocast for training and accuracy; None: where the hardware has it
+    bf16: bool | None = None  # bf16 autocast for training and accuracy; None: on a GPU with bf16, not on a CPU
     ppl_max_tokens: int | None = 4096
     ppl_window: int = 512
     ppl_stride: int = 256
     device: str = "cpu"
     progress: bool = True
+    workers: int = 1  # runs side by side in this many processes on a CPU (same numbers, sooner)
     quantize: str | None = None  # quantize the base's linear layers (curlora.quantization.SCHEMES)
 
     def __post_init__(self) -> None:
@@ -136,6 +139,12 @@ class ContinualConfig:
                 f"each window scores the tokens past the previous one's stride."
             )
         checks.device(self.device)
+        checks.integer("workers", self.workers, minimum=1)
+        if self.workers > 1 and not self.device.startswith("cpu"):
+            raise ValueError(
+                f"workers={self.workers} runs several processes side by side on a CPU; on {self.device!r} use "
+                f"workers=1 (several GPUs: data parallel with torchrun)."
+            )
         checks.model_path(self.model)
         if self.source is not None and self.source not in SOURCES:
             raise ValueError(f"Unknown source {self.source!r}; choose one of {SOURCES}.")

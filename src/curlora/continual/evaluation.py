@@ -7,6 +7,7 @@ carried over between windows (the Hugging Face perplexity guide's method).
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 
@@ -56,6 +57,7 @@ def perplexity(
     was_training = model.training
     model.eval()
     spans = _windows(ids.numel(), window, stride)
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     total_nll, scored = 0.0, 0
     batches = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
     for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
@@ -63,10 +65,14 @@ def perplexity(
         for length in sorted({end - begin for begin, end, _ in batch}):
             group = [s for s in batch if s[1] - s[0] == length]
             inputs = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
-            logits = model(input_ids=inputs).logits.float()
-            labels = inputs.clone()
+            # Logits only where a token is scored (the last `new` positions predict them): the LM head
+            # is a large share of a forward pass (most of it for Gemma's 262k vocabulary).
+            keep = min(length, max(new for _, _, new in group) + 1)
+            kwargs = {"logits_to_keep": keep} if keeps_logits else {}
+            logits = model(input_ids=inputs, **kwargs).logits.float()[:, -keep:]
+            labels = inputs[:, length - keep:].clone()
             for row, (_, _, new) in enumerate(group):
-                labels[row, : length - new] = -100  # context only, already scored
+                labels[row, : keep - new] = -100  # context only, already scored
             nll = F.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                 ignore_index=-100, reduction="sum",

@@ -299,7 +299,7 @@ def _perplexity_section(keys: Keys, groups: list[Mapping[str, Any]], task_names:
         ["Method", "Rank", "LR", "Seeds", "Before", *(f"after {t}" for t in task_names), "Final", "Increase"]), ""]
 
 
-def _metrics_section(keys: Keys, groups: list[Mapping[str, Any]]) -> list[str]:
+def _metrics_section(keys: Keys, groups: list[Mapping[str, Any]], runs: list[Mapping[str, Any]]) -> list[str]:
     return ["## Continual-learning metrics", "",
             ("ACC: mean final accuracy. BWT: mean change on earlier tasks since each was learned "
              "(negative = forgetting). Forgetting: mean drop from each earlier task's best "
@@ -312,7 +312,16 @@ def _metrics_section(keys: Keys, groups: list[Mapping[str, Any]]) -> list[str]:
                  "Adapter params", "Head params", "Stored per task", "Wall time (s)", "Peak memory (MB)"]),
             "", ("Stored per task: numbers a method keeps for each task beyond its head (a bank's U, "
                  "EWC's Fisher and anchor, O-LoRA's LoRA); the reading says which methods need the "
-                 "task's identity at inference."), ""]
+                 "task's identity at inference."), *_threads_note(runs), ""]
+
+
+def _threads_note(runs: list[Mapping[str, Any]]) -> list[str]:
+    """Wall times compare only between runs that had the same CPU threads (workers share the cores)."""
+    threads = sorted({r["threads"] for r in runs if r.get("threads") is not None})
+    if not threads:
+        return []
+    return ["", f"Wall times: each run's own, with {' or '.join(map(str, threads))} CPU thread(s); runs in "
+                f"worker processes (--workers) shared the machine with each other."]
 
 
 def _runs_section(runs: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
@@ -367,7 +376,7 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     md = [*_header(results, runs), *_tasks_section(tasks),
           "## Reading", "", *_reading(groups, tasks, runs), "",
           *_accuracy_section(keys, groups, tasks), *_perplexity_section(keys, groups, task_names),
-          *_metrics_section(keys, groups), *_frontier_section(frontier, run_dir),
+          *_metrics_section(keys, groups, runs), *_frontier_section(frontier, run_dir),
           *_runs_section(runs, task_names), *_plots_section(groups, task_names, run_dir)]
     path = run_dir / "report.md"
     atomic_write_bytes(path, "\n".join(md).encode("utf-8"))
