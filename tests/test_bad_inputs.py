@@ -69,6 +69,7 @@ def task_yaml(tmp_path: Path, task_file: Path, **extra: object) -> Path:
 CONFIG_CASES = [
     (["--lr", "-1", "--methods", "head"], "lr must be a finite number > 0"),
     (["--ranks", "0", "--methods", "curlora"], "ranks"),
+    (["--workers", "0"], "workers"),
     (["--lrs", "1e-3,-1e-3"], "lrs"),
     (["--head-lr", "0"], "head_lr"),
     (["--alpha", "nan"], "alpha"),
@@ -166,6 +167,11 @@ def test_a_rank_larger_than_the_layers_is_refused_before_the_data(tmp_path, caps
     error = refused(["continual", "--config", str(config), "--ranks", "4,17", "--methods", "lora",
                      "--output-dir", str(run_dir)], capsys)
     assert "ranks" in error and "k_proj' (16 × 32); choose r ≤ 16" in error  # the narrowest layer named
+    assert not run_dir.exists()
+    # curlora-wide adapts at 4 × the rank: ranks 5 means r = 20, which does not fit either.
+    error = refused(["continual", "--config", str(config), "--ranks", "5", "--methods", "curlora,curlora-wide",
+                     "--output-dir", str(run_dir)], capsys)
+    assert "'curlora-wide' adapts at 4 × each of ranks" in error and "choose r ≤ 16" in error
     assert not run_dir.exists()
 
 

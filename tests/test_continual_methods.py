@@ -51,6 +51,13 @@ def test_curlora_variants_differ_only_in_sampling():
     assert any(not torch.equal(a, b) for a, b in zip(cols, cols_std))
 
 
+def test_curlora_wide_trains_a_u_four_times_the_rank():
+    plain = resolve("curlora").adapt(tiny_llama(), CONTEXT).model
+    wide = resolve("curlora-wide").adapt(tiny_llama(), CONTEXT).model
+    assert wide.peft_config["default"].r == 4 * CONTEXT.rank
+    assert trainable(wide) == 16 * trainable(plain)
+
+
 def test_declared_peft_variant_runs_beside_its_base():
     variants = {"lora-pissa": {"base": "lora", "init_lora_weights": "pissa"}}
     config = ContinualConfig(methods=["lora", "lora-pissa"], method_variants=variants)

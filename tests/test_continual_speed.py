@@ -93,3 +93,12 @@ def test_a_pool_resumes_the_runs_it_had_not_finished(tmp_path, tiny_model_dir, d
 def test_workers_are_refused_off_the_cpu():
     with pytest.raises(ValueError, match="workers=2"):
         tiny_config("x", ".", workers=2, device="mps")
+
+
+def test_a_failing_worker_is_reported_and_the_other_runs_are_kept(tmp_path, tiny_model_dir, data_dir):
+    # PEFT refuses this initialisation when the run builds it, inside a worker process.
+    config = tiny_config(tiny_model_dir, data_dir, methods=["head", "lora-broken"], workers=2,
+                         method_variants={"lora-broken": {"base": "lora", "init_lora_weights": "no-such-init"}})
+    with pytest.raises(ChildProcessError, match="rerun with --resume"):
+        ContinualRunner(config, tmp_path / "run").run()
+    assert [p.name for p in (tmp_path / "run" / "runs").glob("*.json")] == ["head_s0.json"]

@@ -21,7 +21,7 @@ def test_selection_reads_only_validation_rows():
         _run("curlora", 1e-2, 1, test_acc=0.9, val_acc=0.7, ppl_after=15.0),
     ]
     (choice,) = select_learning_rates(runs)
-    assert choice["lr"] == 1e-3
+    assert choice["lr"] == 1e-3 and choice["at_grid_edge"]  # the smallest of the rates tried
     # Changing every evaluation number leaves the choice alone.
     for run in runs:
         run["accuracy_matrix"] = [[0.0, 0.0], [1.0, None], [1.0, 1.0]] if run["lr"] == 1e-2 else run["accuracy_matrix"]
@@ -100,3 +100,17 @@ def test_matched_costs_carry_intervals_over_the_seeds_own_curves():
     assert row["ppl_increase_stat"]["ci95"] == pytest.approx([0.2 - half, 0.2 + half])
     (line, *_) = _matched_reading([m for m in frontier["matched"] if m["target"] == 0.7])
     assert "lora r16 raised it least" in line and "resolved: intervals separate" in line
+
+
+def test_a_rate_inside_the_grid_is_not_at_its_edge():
+    runs = [_run("lora", lr, 0, 0.7, val, 12.0) for lr, val in ((1e-4, 0.6), (1e-3, 0.8), (1e-2, 0.7))]
+    assert select_learning_rates(runs)[0]["at_grid_edge"] is False
+
+
+def test_one_narrow_method_among_many_does_not_empty_the_matched_targets():
+    runs = []
+    for method in ("a", "b", "c", "d"):
+        runs += [_run(method, 1e-3, 0, 0.6, 0.6, 11.0), _run(method, 1e-2, 0, 0.8, 0.8, 13.0)]
+    runs += [_run("narrow", 1e-3, 0, 0.9, 0.9, 11.0), _run("narrow", 1e-2, 0, 0.95, 0.95, 12.0)]
+    targets = default_targets(analyse(runs)["points"], n=2)
+    assert targets == [0.6, 0.8]  # the four that overlap; "narrow" reads as a dash there

@@ -10,6 +10,7 @@ forgetting), and reads the cost at matched accuracy.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -41,7 +42,11 @@ def select_learning_rates(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     for (method, rank), by_lr in by_group.items():
         scores = {lr: mean_std(accs)[0] for lr, accs in by_lr.items()}
         best = max(sorted(scores, key=lambda lr: (lr is not None, lr or 0.0)), key=lambda lr: scores[lr])
-        choices.append({"method": method, "rank": rank, "lr": best, "validation_accuracy": scores})
+        rates = sorted(lr for lr in scores if lr is not None)
+        # The best rate at the end of the grid: a better one may lie beyond it (the report says so).
+        edge = len(rates) > 1 and best in (rates[0], rates[-1])
+        choices.append({"method": method, "rank": rank, "lr": best, "validation_accuracy": scores,
+                        "at_grid_edge": edge})
     return choices
 
 
@@ -120,7 +125,8 @@ def matched_accuracy(points: Sequence[Mapping[str, Any]], targets: Sequence[floa
 
 
 def default_targets(points: Sequence[Mapping[str, Any]], n: int = 3) -> list[float]:
-    """Plasticity levels inside the range every adapter curve reached (if they overlap at all)."""
+    """Plasticity levels inside the range most adapter curves reached: with two or three curves all
+    of them, with more at least half (one narrow method must not empty the table; it gets dashes)."""
     curves: dict[tuple, list[tuple[float, float]]] = {}
     for p in points:
         if p["plasticity"] is not None and p["lr"] is not None and p["ppl_increase"] is not None:
@@ -128,8 +134,9 @@ def default_targets(points: Sequence[Mapping[str, Any]], n: int = 3) -> list[flo
     ranges = {key: [acc for acc, _ in pareto(pairs)] for key, pairs in curves.items()}
     if not ranges:
         return []
-    low = max(min(v) for v in ranges.values())
-    high = min(max(v) for v in ranges.values())
+    must_reach = len(ranges) if len(ranges) <= 3 else math.ceil(len(ranges) / 2)
+    low = sorted(min(v) for v in ranges.values())[must_reach - 1]
+    high = sorted((max(v) for v in ranges.values()), reverse=True)[must_reach - 1]
     if low > high:
         return []
     if n == 1 or low == high:

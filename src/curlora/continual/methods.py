@@ -220,8 +220,10 @@ def _build_full(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any])
 
 
 def _curlora_config(context: BuildContext, kwargs: Mapping[str, Any]) -> CURLoRAConfig:
-    return CURLoRAConfig(r=context.rank, alpha=context.alpha, target_modules=context.target_modules,
-                         seed=context.seed, **kwargs)
+    settings = dict(kwargs)
+    rank = context.rank * settings.pop("rank_multiplier", 1)  # curlora-wide: r² grows, still tiny
+    return CURLoRAConfig(r=rank, alpha=context.alpha, target_modules=context.target_modules,
+                         seed=context.seed, **settings)
 
 
 def _build_curlora(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
@@ -372,6 +374,9 @@ register(REGISTRY["curlora"].variant(
     normalize=True))
 register(REGISTRY["curlora"].variant(
     "curlora-distinct", "CURLoRA with r distinct columns and rows (no sampling with replacement)", replacement=False))
+register(REGISTRY["curlora"].variant(
+    "curlora-wide", "CURLoRA at 4x the run's rank (r=64 beside r=16: 16x the U, still 0.3x LoRA's parameters)",
+    rank_multiplier=4))
 register(Method("curlora-bank", "one CURLoRA U per task on shared C, R; evaluation uses the task's own U "
                 "(needs the task identity at inference; stores r² per layer per task)", _build_curlora_bank,
                 takes_u_penalty=True, new_parameters_per_task=True))

@@ -230,6 +230,9 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list
                          ", ".join(f"{_lr(lr)}: {acc:.3f}" for lr, acc in c["validation_accuracy"].items())]
                         for c in frontier["selection"]],
                        ["Method", "Rank", "Chosen LR", "Validation ACC by LR"]), ""]
+    edge = [c["method"] for c in frontier["selection"] if c.get("at_grid_edge")]
+    if edge:
+        md += [f"At the edge of the rate grid (the best rate may lie beyond it): {', '.join(edge)}.", ""]
     plot_frontier(frontier["points"], run_dir / "frontier.png")
 
     def point_stat(p: Mapping[str, Any], name: str) -> Stat:

@@ -196,11 +196,16 @@ class ContinualRunner:
     def _check_ranks(self, lm: nn.Module) -> None:
         """Every rank fits the adapted layers (r ≤ their smaller side), judged from their shapes alone."""
         cfg = self.config
-        if any(cfg.method(name).takes_rank for name in cfg.methods):
-            try:
-                target_layers(lm, CURLoRAConfig(r=max(cfg.ranks), target_modules=cfg.target_modules))
-            except ValueError as error:
-                raise ValueError(f"ranks / target_modules do not fit the model: {error}") from error
+        ranked = [cfg.method(name) for name in cfg.methods if cfg.method(name).takes_rank]
+        if not ranked:
+            return
+        widest = max(ranked, key=lambda m: m.kwargs.get("rank_multiplier", 1))
+        multiplier = widest.kwargs.get("rank_multiplier", 1)
+        try:
+            target_layers(lm, CURLoRAConfig(r=max(cfg.ranks) * multiplier, target_modules=cfg.target_modules))
+        except ValueError as error:
+            scaled = f" (method {widest.name!r} adapts at {multiplier} × each of ranks)" if multiplier > 1 else ""
+            raise ValueError(f"ranks / target_modules do not fit the model{scaled}: {error}") from error
 
     def _say(self, message: str) -> None:
         if self.is_main:
@@ -502,8 +507,8 @@ class ContinualRunner:
         for process in processes:
             process.join()
         failed = [p.exitcode for p in processes if p.exitcode != 0]
-        if failed:
-            raise RuntimeError(
+        if failed:  # an OSError, so the command prints it as one line
+            raise ChildProcessError(
                 f"{len(failed)} of {workers} worker processes failed (exit codes {failed}; their error is printed "
                 f"above). The runs that finished are kept in {self.run_dir / 'runs'}: fix the cause and rerun with --resume."
             )
