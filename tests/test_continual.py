@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import yaml
 
 from conftest import free_port, save_tiny_llama
 
@@ -261,3 +262,25 @@ def test_own_corpus_file_is_scored_and_named(tmp_path, tiny_model_dir, data_dir,
     saved = json.loads((tmp_path / "flag" / "results.json").read_text())
     assert saved["corpus"]["name"] == "style-guide.txt"
     assert saved["runs"][0]["perplexity"]["before"] == pytest.approx(results["runs"][0]["perplexity"]["before"])
+
+
+def test_resume_extends_the_grid_and_keeps_finished_runs(tmp_path, tiny_model_dir, data_dir):
+    """More seeds (or rates, or methods) on --resume: only the new runs train, config.yaml says the new grid,
+    and the report covers exactly the grid asked for; a changed variant is still refused."""
+    one = ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"], seeds=[0]), tmp_path).run()
+    finished = (tmp_path / "runs" / "head_s0.json").stat().st_mtime_ns
+    two = ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"], seeds=[0, 1]), tmp_path,
+                          resume=True).run()
+    assert (tmp_path / "runs" / "head_s0.json").stat().st_mtime_ns == finished  # not redone
+    assert [run["seed"] for run in two["runs"]] == [0, 1] and two["runs"][0] == one["runs"][0]
+    assert ContinualConfig.from_dict(yaml.safe_load((tmp_path / "config.yaml").read_text())).seeds == [0, 1]
+    back = ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"], seeds=[1]), tmp_path,
+                           resume=True).run()
+    assert [run["seed"] for run in back["runs"]] == [1]
+    variant = {"lora-r": {"base": "lora", "init_lora_weights": "gaussian"}}
+    config = tiny_config(tiny_model_dir, data_dir, methods=["head"], seeds=[1], method_variants=variant)
+    ContinualRunner(config, tmp_path, resume=True)._create_run_dir()  # a new variant may be added ...
+    changed = {"lora-r": {"base": "lora", "init_lora_weights": "pissa"}}
+    with pytest.raises(ValueError, match=r"method_variants\['lora-r'\]"):  # ... not redefined
+        ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"], seeds=[1], method_variants=changed),
+                        tmp_path, resume=True)

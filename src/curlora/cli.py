@@ -41,7 +41,9 @@ def _continual_parser(sub) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), help="default: offline suite on SmolLM2 (~15 min on 2 cores)")
     p.add_argument("--config", type=Path, help="YAML file with any ContinualConfig field")
     p.add_argument("--output-dir", type=Path, default=Path("runs/continual"), help="run directory (default: %(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue a killed run in --output-dir")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a killed run in --output-dir, or extend it with other --seeds, --lrs, "
+                        "--methods or --ranks (finished runs are kept)")
     p.add_argument("--data-dir", help="directory with the paper's data files (e.g. ../shared/data)")
     p.add_argument("--source", choices=["offline", "local", "hub"], help="where task data comes from")
     p.add_argument("--model", help="smollm2 (default, offline), gemma3-270m (fetched at first use, Gemma terms), a .gguf file, a local directory or a hub id")

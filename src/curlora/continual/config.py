@@ -15,6 +15,11 @@ from curlora.data import CALIBRATION_CORPUS, CORPORA, OFFLINE_CORPUS, OFFLINE_SU
 SOURCES = ("offline", "local", "hub")
 # How a run is executed, not what it computes: a run may resume with other values of these.
 RUNTIME_FIELDS = ("progress", "workers")
+# Which runs an experiment holds, not what any one run computes (a run's file is named by its method,
+# rank, rate, λ and seed): a run directory may resume with more or fewer of these, e.g. more seeds.
+GRID_FIELDS = ("methods", "ranks", "lr", "lrs", "seeds", "u_penalties")
+# Per-method settings: resuming may add entries, never change one that earlier runs used.
+GRID_MAPPINGS = ("method_variants", "peft_kwargs")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from torch import nn
 from curlora import CURLoRAConfig, stability_diagnostics
 from curlora.data import CALIBRATION_CORPUS, ClassificationCollator, DataError, TaskSplits, load_corpus, load_corpus_file, load_task, load_task_file, make_validation_split
 from curlora.continual.evaluation import perplexity
-from curlora.continual.config import RUNTIME_FIELDS, ContinualConfig
+from curlora.continual.config import GRID_FIELDS, GRID_MAPPINGS, RUNTIME_FIELDS, ContinualConfig
 from curlora.continual.frontier import analyse
 from curlora.continual.methods import Adapted, BuildContext, FinishedTask
 from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -167,6 +167,7 @@ class ContinualRunner:
             raise FileExistsError(f"--output-dir {self.run_dir} is a file; choose a directory.")
         saved = self.run_dir / "config.yaml"
         self._fresh = not saved.is_file()
+        self._regrid = False
         if self._fresh:
             return
         if not resume:
@@ -176,20 +177,26 @@ class ContinualRunner:
             )
         # A field added since that run was made counts as its default.
         loaded = {**ContinualConfig().to_dict(), **(yaml.safe_load(saved.read_text()) or {})}
-        previous = {k: v for k, v in loaded.items() if k not in RUNTIME_FIELDS}
-        comparable = {k: v for k, v in self.config.to_dict().items() if k not in RUNTIME_FIELDS}
-        if previous != comparable:
-            changed = sorted(k for k in set(previous) | set(comparable) if previous.get(k) != comparable.get(k))
+        current = self.config.to_dict()
+        fixed = [k for k in current if k not in RUNTIME_FIELDS + GRID_FIELDS + GRID_MAPPINGS]
+        changed = [k for k in fixed if loaded.get(k) != current[k]]
+        changed += [f"{k}[{name!r}]" for k in GRID_MAPPINGS for name, value in (loaded.get(k) or {}).items()
+                    if name in current[k] and current[k][name] != value]
+        if changed:
             raise ValueError(
-                f"Cannot resume {self.run_dir}: its config differs in {changed}. Resume with the "
-                f"same settings, or start a new --output-dir."
+                f"Cannot resume {self.run_dir}: its config differs in {sorted(changed)}. Resume with the "
+                f"same settings (only {', '.join(GRID_FIELDS)} may change, to add or drop runs, and new "
+                f"entries of {', '.join(GRID_MAPPINGS)}), or start a new --output-dir."
             )
+        # More seeds, rates or methods: the finished runs stay valid, and config.yaml will say the new grid.
+        self._regrid = any(loaded.get(k) != current[k] for k in GRID_FIELDS + GRID_MAPPINGS)
 
     def _create_run_dir(self) -> None:
-        """Write ``config.yaml`` of a fresh run, once the model and the data have passed their checks."""
+        """Write ``config.yaml`` of a fresh run (or a resumed one's new grid), once the model and the data
+        have passed their checks."""
         # Every rank looked (in __init__) before this barrier, so none mistakes this run for an old one.
         self._barrier()
-        if self._fresh and self.is_main:
+        if (self._fresh or self._regrid) and self.is_main:
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         self._barrier()
 
