@@ -84,6 +84,9 @@ CONFIG_CASES = [
     (["--tasks", "imdb"], "Unknown task 'imdb'"),
     (["--data-dir", "/nonexistent-data"], "data_dir /nonexistent-data"),
     (["--u-penalties", "-0.5"], "u_penalties"),
+    (["--method-lrs", "dora=1e-2"], "method_lrs names 'dora', which is not one of this run's methods"),
+    (["--method-lrs", "head=1e-2"], "method_lrs names 'head'"),
+    (["--method-lrs", "lora=1e-2,0"], "every value of method_lrs['lora']"),
 ]
 
 
@@ -92,6 +95,13 @@ def test_continual_flags_are_refused_before_any_work(flags, message, tmp_path, c
     run_dir = tmp_path / "run"
     assert message in refused(["continual", *flags, "--output-dir", str(run_dir)], capsys)
     assert not run_dir.exists()
+
+
+def test_a_malformed_method_rate_grid_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["continual", "--method-lrs", "curlora:1e-2"])
+    assert exit_.value.code == 2
+    assert "argument --method-lrs: expected METHOD=RATE,RATE,... (e.g. curlora=1e-3,1e-2)" in capsys.readouterr().err
 
 
 YAML_CASES = [

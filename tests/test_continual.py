@@ -145,6 +145,11 @@ def test_sweep_enumerates_methods_rates_and_penalties():
     specs = run_specs(config)
     assert len(specs) == 2 * (2 * 2 * 2 + 2 * 2 + 1)
     assert len({s.key for s in specs}) == len(specs)
+    # A method's own grid replaces the shared one for it alone.
+    own = run_specs(ContinualConfig(methods=["curlora", "lora", "head"], lrs=[1e-3, 1e-2],
+                                    method_lrs={"curlora": [1e-2, 3e-2, 1e-1]}))
+    assert [(s.method, s.lr) for s in own] == [("curlora", 1e-2), ("curlora", 3e-2), ("curlora", 1e-1),
+                                               ("lora", 1e-3), ("lora", 1e-2), ("head", None)]
 
 
 def test_presets_files_and_flags_layer(tmp_path):
@@ -158,6 +163,23 @@ def test_presets_files_and_flags_layer(tmp_path):
         load_config(None, path)
     with pytest.raises(ValueError, match="Unknown method"):
         ContinualConfig(methods=["dora"])
+
+
+def test_cli_method_lrs_become_the_config_field(tmp_path, monkeypatch):
+    seen = {}
+
+    class Recording:
+        def __init__(self, config, run_dir, resume=False):
+            seen["config"] = config
+
+        def run(self):
+            return None
+
+    import curlora.continual
+    monkeypatch.setattr(curlora.continual, "ContinualRunner", Recording)
+    assert main(["continual", "--lrs", "1e-3", "--method-lrs", "curlora=1e-2,3e-2", "--method-lrs", "lora=3e-3",
+                 "--output-dir", str(tmp_path)]) == 0
+    assert seen["config"].method_lrs == {"curlora": [1e-2, 3e-2], "lora": [3e-3]}
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):

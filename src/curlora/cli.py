@@ -31,6 +31,14 @@ def _strings(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _method_rates(text: str) -> tuple[str, list[float]]:
+    """``curlora=1e-3,1e-2`` -> ("curlora", [0.001, 0.01])."""
+    name, sep, rates = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected METHOD=RATE,RATE,... (e.g. curlora=1e-3,1e-2), got {text!r}")
+    return name.strip(), _floats(rates)
+
+
 def _continual_parser(sub) -> None:
     p = sub.add_parser(
         "continual",
@@ -59,6 +67,8 @@ def _continual_parser(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float, help="adapter learning rate")
     p.add_argument("--lrs", type=_floats, help="adapter learning-rate sweep, e.g. 1e-4,3e-4,1e-3")
+    p.add_argument("--method-lrs", type=_method_rates, action="append",
+                   help="one method's own rates instead of --lrs, e.g. curlora=1e-3,1e-2,3e-2 (repeat per method)")
     p.add_argument("--head-lr", type=float, help="task-head learning rate (same for every method)")
     p.add_argument("--u-penalties", type=_floats, help="λ values of the paper's Eq. 11 (loss + λ‖U‖_F)")
     p.add_argument("--ewc-lambda", type=float, help="X+ewc methods: EWC strength λ (default 1)")
@@ -97,6 +107,8 @@ def _run_continual(args: argparse.Namespace) -> int:
             "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "bf16", "device", "workers", "progress", "quantize",
         )
     }
+    if args.method_lrs:
+        overrides["method_lrs"] = dict(args.method_lrs)
     if overrides["ppl_max_tokens"] == 0:
         overrides["ppl_max_tokens"] = None
     config = load_config(args.preset, args.config, overrides)

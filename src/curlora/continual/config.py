@@ -17,7 +17,7 @@ SOURCES = ("offline", "local", "hub")
 RUNTIME_FIELDS = ("progress", "workers")
 # Which runs an experiment holds, not what any one run computes (a run's file is named by its method,
 # rank, rate, λ and seed): a run directory may resume with more or fewer of these, e.g. more seeds.
-GRID_FIELDS = ("methods", "ranks", "lr", "lrs", "seeds", "u_penalties")
+GRID_FIELDS = ("methods", "ranks", "lr", "lrs", "method_lrs", "seeds", "u_penalties")
 # Per-method settings: resuming may add entries, never change one that earlier runs used.
 GRID_MAPPINGS = ("method_variants", "peft_kwargs")
 
@@ -51,6 +51,9 @@ class ContinualConfig:
     max_length: int = 64
     lr: float = 1e-3
     lrs: list[float] | None = None  # a sweep; the headline uses the best rate on validation
+    # A method's own rate grid instead of lrs: {"curlora": [1e-3, 1e-2, 3e-2]} (rates that suit one
+    # method diverge another, and a method whose best rate is the grid's top deserves a higher one).
+    method_lrs: dict[str, list[float]] = field(default_factory=dict)
     head_lr: float = 1e-3
     u_penalties: list[float] = field(default_factory=lambda: [0.0])  # the paper's Eq. 11 λ
     ewc_lambda: float = 1.0  # X+ewc: strength of the pull toward earlier tasks' parameters
@@ -116,6 +119,17 @@ class ContinualConfig:
             checks.positive(name, getattr(self, name))
         for value in self.lrs or []:
             checks.positive("every value of lrs", value)
+        if not isinstance(self.method_lrs, dict):
+            raise ValueError(f"method_lrs must map method names to rate lists, e.g. {{curlora: [1e-3, 1e-2]}}, "
+                             f"got {self.method_lrs!r}.")
+        for name, rates in self.method_lrs.items():
+            if name not in self.methods or not self.method(name).takes_lr:
+                raise ValueError(f"method_lrs names {name!r}, which is not one of this run's methods that take a "
+                                 f"learning rate ({[m for m in self.methods if self.method(m).takes_lr]}).")
+            if not isinstance(rates, (list, tuple)) or not rates:
+                raise ValueError(f"method_lrs[{name!r}] must be a non-empty list of rates, got {rates!r}.")
+            for value in rates:
+                checks.positive(f"every value of method_lrs[{name!r}]", value)
         checks.integers("ranks", self.ranks, minimum=1)
         checks.integers("seeds", self.seeds)
         checks.integer("data_seed", self.data_seed)
@@ -178,6 +192,10 @@ class ContinualConfig:
     @property
     def learning_rates(self) -> list[float]:
         return list(self.lrs) if self.lrs else [self.lr]
+
+    def rates_for(self, name: str) -> list[float]:
+        """The learning rates method ``name`` runs at: its own grid if it has one, else the shared one."""
+        return list(self.method_lrs.get(name) or self.learning_rates)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
