@@ -73,3 +73,24 @@ def test_frontier_learning_rate_labels_are_moved_apart(tmp_path, captured):
         assert len(boxes) == 8
         for a, b in itertools.combinations(boxes, 2):
             assert not (a.x0 < b.x1 and b.x0 < a.x1 and a.y0 < b.y1 and b.y0 < a.y1)
+
+
+def test_a_crowded_frontier_drops_rate_labels_rings_the_chosen_rate_and_bars_span_the_seeds(tmp_path, captured):
+    points = []
+    for m in range(8):
+        for lr, x in zip((1e-3, 3e-3, 1e-2), (0.56, 0.60, 0.64)):
+            seeds = {str(s): {"plasticity": x + 0.01 * s, "ppl_increase": 10 * x + s, "forgetting": x / 10}
+                     for s in range(3)}
+            points.append({"method": f"m{m}", "rank": 16, "lr": lr, "n_seeds": 3, "per_seed": seeds,
+                           "plasticity": x + 0.01, "ppl_increase": 10 * x + 1, "forgetting": x / 10})
+    plots.plot_frontier(points, tmp_path / "frontier.png", {(f"m{m}", 16): 3e-3 for m in range(8)})
+    (fig,) = captured
+    left = fig.axes[0]
+    assert not left.texts  # eight curves: the rates are in the report's table, not on the points
+    assert len(fig.legends[0].get_texts()) == 8
+    rings = [line for line in left.lines if line.get_markerfacecolor() == "none" and len(line.get_xdata())]
+    assert len(rings) == 8 and all(list(line.get_xdata()) == [0.61] for line in rings)
+    # The y error bars reach exactly the lowest and highest seed (ppl 10x + 0 … 10x + 2 around 10x + 1).
+    segments = [seg for coll in left.collections for seg in coll.get_segments()]
+    spans = {(round(seg[0][1], 6), round(seg[1][1], 6)) for seg in segments if seg[0][0] == seg[1][0]}
+    assert (5.6, 7.6) in spans and "min–max over 3 seeds" in left.get_title()

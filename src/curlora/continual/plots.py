@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
@@ -116,47 +117,67 @@ def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]]
     return True
 
 
-def _half_widths(points: Sequence[Mapping[str, Any]], name: str) -> list[list[float]] | None:
-    intervals = [p.get(f"{name}_ci95") for p in points]
-    if not any(intervals):
+LABELLED_CURVES = 6  # beyond this many curves, rate labels would bury the points: the table gives them
+MARKERS = "osD^vPXh<>"
+
+
+def _seed_range(points: Sequence[Mapping[str, Any]], name: str) -> list[list[float]] | None:
+    """Error bars from the lowest to the highest seed's value: the spread itself, which (unlike a
+    Student-t interval over three seeds) never reaches below or above anything a seed produced."""
+    ranges = []
+    for p in points:
+        values = [s[name] for s in (p.get("per_seed") or {}).values() if s.get(name) is not None]
+        ranges.append((min(values), max(values)) if values else (p[name], p[name]))
+    if all(lo == hi for lo, hi in ranges):
         return None
-    return [[p[name] - ci[0] if ci else 0.0 for p, ci in zip(points, intervals)],
-            [ci[1] - p[name] if ci else 0.0 for p, ci in zip(points, intervals)]]
+    return [[p[name] - lo for p, (lo, _) in zip(points, ranges)],
+            [hi - p[name] for p, (_, hi) in zip(points, ranges)]]
 
 
-def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Plasticity (x) against perplexity increase and forgetting (y), one curve per method × rank,
-    each point labelled with its learning rate; error bars: 95 % intervals over seeds."""
-    fig = new_figure((12, 4.8))
-    axes = fig.subplots(1, 2)
+def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path,
+                  chosen: Mapping[tuple, Any] | None = None) -> None:
+    """Plasticity (x) against perplexity increase and forgetting (y), one curve per method × rank;
+    error bars: min–max over seeds; a ringed point: the rate chosen on validation (``chosen`` maps
+    (method, rank) to it). With few curves each point is labelled with its learning rate."""
     curves: dict[tuple, list[Mapping[str, Any]]] = {}
     for p in points:
         curves.setdefault((p["method"], p["rank"]), []).append(p)
+    many = len(curves) > LABELLED_CURVES
+    fig = new_figure((14, 6.5) if many else (12, 4.8))
+    axes = fig.subplots(1, 2)
+    colours = colormaps["tab20" if len(curves) > 10 else "tab10"]
+    seeds = max((p.get("n_seeds") or 1 for p in points), default=1)
     labels: list[list[Text]] = [[], []]
-    for (method, rank), pts in curves.items():
+    for c, ((method, rank), pts) in enumerate(curves.items()):
         pts = sorted((p for p in pts if p["plasticity"] is not None), key=lambda p: p["plasticity"])
         label = method if rank is None else f"{method} r{rank}"
+        style = {"color": colours(c % colours.N), "label": label, "capsize": 2, "elinewidth": 0.8,
+                 "marker": "*" if pts and pts[0]["lr"] is None else MARKERS[c % len(MARKERS)]}
+        style["markersize"] = 10 if style["marker"] == "*" else 5
         for k, (ax, cost) in enumerate(zip(axes, ("ppl_increase", "forgetting"))):
             shown = [p for p in pts if p[cost] is not None]
             if not shown:
                 continue
-            marker = "*" if shown[0]["lr"] is None else "o"
             ax.errorbar([p["plasticity"] for p in shown], [p[cost] for p in shown],
-                        xerr=_half_widths(shown, "plasticity"), yerr=_half_widths(shown, cost),
-                        marker=marker, label=label, markersize=10 if marker == "*" else 5, capsize=2)
-            for p in shown:
+                        xerr=_seed_range(shown, "plasticity"), yerr=_seed_range(shown, cost), **style)
+            best = [p for p in shown if chosen and p["lr"] is not None and chosen.get((method, rank)) == p["lr"]]
+            ax.plot([p["plasticity"] for p in best], [p[cost] for p in best], linestyle="none", marker="o",
+                    markersize=11, markerfacecolor="none", markeredgecolor=style["color"], markeredgewidth=1.5)
+            for p in shown if not many else ():
                 if p["lr"] is not None:
                     labels[k].append(ax.annotate(
                         f"{p['lr']:g}", (p["plasticity"], p[cost]), fontsize=7, xytext=(4, 4),
                         textcoords="offset points", arrowprops={"arrowstyle": "-", "lw": 0.4, "color": "0.5"}))
+    how = "ringed: rate chosen on validation" + ("" if many else "; labels: learning rate")
+    bars = f"; bars: min–max over {seeds} seeds" if seeds > 1 else ""
     for ax, title in zip(axes, ("Perplexity increase", "Average forgetting")):
         ax.set_xlabel("plasticity (mean accuracy right after learning each task)", fontsize=8)
         ax.set_ylabel(title.lower(), fontsize=8)
-        ax.set_title(f"{title} vs plasticity (labels: learning rate)", fontsize=9)
+        ax.set_title(f"{title} vs plasticity\n({how}{bars})", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("symlog", linthresh=1.0)  # a diverged rate would flatten every other point
     handles, names = axes[0].get_legend_handles_labels()
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    fig.tight_layout(rect=(0, 0.12 if many else 0.08, 1, 1))
     fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
     for texts in labels:
         declutter(fig, texts)

@@ -233,7 +233,8 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list
     edge = [c["method"] for c in frontier["selection"] if c.get("at_grid_edge")]
     if edge:
         md += [f"At the edge of the rate grid (the best rate may lie beyond it): {', '.join(edge)}.", ""]
-    plot_frontier(frontier["points"], run_dir / "frontier.png")
+    plot_frontier(frontier["points"], run_dir / "frontier.png",
+                  {(c["method"], c["rank"]): c["lr"] for c in frontier["selection"]})
 
     def point_stat(p: Mapping[str, Any], name: str) -> Stat:
         if p[name] is None:
@@ -243,7 +244,8 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list
 
     md += ["## Stability–plasticity frontier", "",
            ("Every method at every rate: plasticity (mean accuracy right after learning each task, "
-            "on evaluation data) against its cost; error bars: 95 % intervals over seeds."), "",
+            "on evaluation data) against its cost; error bars: the lowest to the highest seed (the "
+            "tables give the 95 % intervals); a ringed point: the rate chosen on validation."), "",
            "![frontier](frontier.png)", "",
            format_table([[p["method"], p["rank"], _lr(p["lr"]), p["n_seeds"], _ms(point_stat(p, "plasticity")),
                           _ms(point_stat(p, "acc")), _ms(point_stat(p, "ppl_increase"), 2, signed=True),
