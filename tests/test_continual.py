@@ -1,8 +1,11 @@
 """The continual benchmark end to end on a tiny model and tiny slices of the real tasks."""
 
+import copy
 import json
+from collections import Counter
 
 import pytest
+import torch
 import yaml
 
 from conftest import free_port, save_tiny_llama
@@ -103,12 +106,14 @@ def test_replay_buffer_holds_training_rows_only_and_replays_them_through_their_h
     from curlora.data.splits import text_key
 
     config = tiny_config(tiny_model_dir, data_dir, methods=["curlora+replay"], replay_per_task=6)
-    seen = []
+    seen, heads_after = [], []
     original = training.train_task
 
     def spy(model, head, examples, *args, replay=(), **kwargs):
         seen.append((list(examples), list(replay), head))
-        return original(model, head, examples, *args, replay=replay, **kwargs)
+        losses = original(model, head, examples, *args, replay=replay, **kwargs)
+        heads_after.append(copy.deepcopy(head.state_dict()))
+        return losses
 
     monkeypatch.setattr("curlora.continual.runner.train_task", spy)
     runner = ContinualRunner(config, tmp_path)
@@ -121,7 +126,14 @@ def test_replay_buffer_holds_training_rows_only_and_replays_them_through_their_h
     replayed = [e for e, _ in second_replay]
     assert all(e in first_rows for e in replayed)  # training rows of task 0 ...
     assert not {text_key(e) for e in replayed} & held_out  # ... never its validation or evaluation rows
-    assert len({e.label for e in replayed}) == runner.tasks[0].num_labels  # class-balanced
+    # Stratified: each label keeps its share of the task's training rows (largest remainder).
+    shares = Counter(e.label for e in first_rows)
+    exact = {label: 6 * count / len(first_rows) for label, count in shares.items()}
+    counts = Counter(e.label for e in replayed)
+    assert sum(counts.values()) == 6 and all(abs(counts[label] - exact[label]) < 1 for label in exact)
+    # The old head scored its replayed rows but stayed exactly as its own task left it.
+    assert all(torch.equal(first_head.state_dict()[k], heads_after[0][k]) for k in heads_after[0])
+    assert all(p.requires_grad for p in first_head.parameters())
     assert "keeps 6 training rows of every task for replay" in (tmp_path / "report.md").read_text()
 
 

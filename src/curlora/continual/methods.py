@@ -17,6 +17,7 @@ Adding a method is one :func:`register` call (and its test).
 from __future__ import annotations
 
 import copy
+import math
 import dataclasses
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -500,11 +501,12 @@ def _with_ewc(method: Method) -> Method:
 @dataclass
 class Replay(Adapted):
     """Experience replay: after each task, ``per_task`` of its training rows (never validation or
-    evaluation rows; seeded, class-balanced) join a buffer, and every later task's epoch mixes the
-    whole buffer into its batches (the current task keeps all its rows; batch size unchanged, so the
-    epoch grows by the buffer). A replayed example's loss goes through its own task's head, which
-    therefore keeps training with the adapter: a frozen old head would pull the shared features
-    back toward what a stale head expects. Every other hook is the inner method's."""
+    evaluation rows; seeded, stratified by label) join a buffer, and every later task's epoch mixes
+    the whole buffer into its batches (the current task keeps all its rows; batch size unchanged, so
+    the epoch grows by the buffer). A replayed example's loss goes through its own task's head, which
+    stays frozen: the old task is evaluated with that head, so replay trains the shared adapter to keep
+    serving it, while refitting the head on a few rows could only move it away from what it learned
+    on the whole task. Every other hook is the inner method's."""
 
     inner: Adapted | None = None
     per_task: int = 20
@@ -516,17 +518,20 @@ class Replay(Adapted):
         self.u_params = self.inner.u_params
 
     def _remember(self, task_index: int, finished: FinishedTask) -> None:
+        """A seeded sample of the task's training rows, stratified by label in the task's own
+        proportions (largest remainder): replayed rows then ask the old head for the label mix it
+        was fitted to, where a class-balanced buffer would push it toward the rare labels."""
+        rows = finished.examples
+        n = min(self.per_task, len(rows))
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(self.seed * 1000 + task_index))
         by_label: dict[int, list[Example]] = {}
-        order = torch.randperm(len(finished.examples),
-                               generator=torch.Generator().manual_seed(self.seed * 1000 + task_index)).tolist()
-        for i in order:
-            by_label.setdefault(finished.examples[i].label, []).append(finished.examples[i])
-        chosen, queues = [], [by_label[label] for label in sorted(by_label)]
-        while len(chosen) < min(self.per_task, len(finished.examples)):  # round-robin over labels
-            for queue in queues:
-                if queue and len(chosen) < self.per_task:
-                    chosen.append(queue.pop(0))
-        self.buffer += [(example, finished.head) for example in chosen]
+        for i in order.tolist():
+            by_label.setdefault(rows[i].label, []).append(rows[i])
+        exact = {label: n * len(group) / len(rows) for label, group in by_label.items()}
+        quota = {label: math.floor(share) for label, share in exact.items()}
+        for label in sorted(exact, key=lambda lab: (quota[lab] - exact[lab], lab))[: n - sum(quota.values())]:
+            quota[label] += 1
+        self.buffer += [(row, finished.head) for label in sorted(by_label) for row in by_label[label][:quota[label]]]
 
     def end_task(self, task_index: int, finished: FinishedTask) -> None:
         self.inner.end_task(task_index, finished)

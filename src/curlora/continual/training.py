@@ -9,8 +9,8 @@ same hidden states as the unpadded sequence for absolute-position models (GPT-2)
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -127,13 +127,12 @@ def train_task(
 ) -> list[float]:
     """Train the model's trainable parameters and ``head`` on one task; returns per-step losses.
     ``penalty`` is a method's extra loss term (EWC's pull toward earlier solutions), added each step;
-    ``replay`` are earlier tasks' rows, shuffled into the epoch, each scored by its own task's head."""
+    ``replay`` are earlier tasks' rows, shuffled into the epoch, each scored by its own task's head,
+    which stays as its task left it (the rows train the shared adapter, never the old head)."""
     device = head.weight.device
     adapter_params = [p for p in model.parameters() if p.requires_grad]
-    replay_heads = list({id(h): h for _, h in replay if h is not head}.values())
-    head_params = [p for h in (head, *replay_heads) for p in h.parameters()]
     items = [(e, head) for e in examples] + list(replay)
-    groups = [{"params": head_params, "lr": settings.head_lr}]
+    groups = [{"params": list(head.parameters()), "lr": settings.head_lr}]
     if adapter_params:
         groups.append({"params": adapter_params, "lr": settings.lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
@@ -142,49 +141,62 @@ def train_task(
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_for(total, settings), total)
     frozen_backbone = not adapter_params
     model.train()
-    for h in (head, *replay_heads):
-        h.train()
+    head.train()
     losses: list[float] = []
     bar = tqdm(total=total, desc=description, disable=not progress, leave=False)
     rank, world = data_parallel_rank()
     trained = [p for group in groups for p in group["params"]]
-    for _ in range(settings.epochs):
-        for batch in batches(items, settings.batch_size, generator):
-            # Data parallel: each process takes its share of the global batch; summed gradients
-            # over processes then equal the single-process gradient of the whole batch.
-            shard = batch[rank::world]
-            mine = shard or batch[:1]
-            inputs = {k: v.to(device) for k, v in collator([e for e, _ in mine]).items()}
-            with autocast(device, settings.bf16), torch.no_grad() if frozen_backbone else nullcontext():
-                features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
-            loss = _batch_loss(features.float(), inputs["labels"], [h for _, h in mine]) / len(batch)
-            if not shard:
-                loss = loss * 0.0
-            if settings.u_penalty and u_params:
-                loss = loss + settings.u_penalty * sum(u.norm() for u in u_params) / world
-            extra = penalty() if penalty is not None else None
-            if extra is not None:
-                loss = loss + extra / world
-            loss.backward()
-            total_loss = loss.detach()
-            if world > 1:
-                _all_reduce_gradients(trained, total_loss)
-            if not torch.isfinite(total_loss):
-                raise NonFiniteLossError(
-                    f"{description}: loss became {total_loss.item()} at step {len(losses) + 1}; "
-                    f"lower the learning rate (lr={settings.lr}, head_lr={settings.head_lr})."
-                )
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(total_loss.item())
-            bar.update()
-            bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    old_heads = {id(h): h for _, h in replay if h is not head}.values()
+    with frozen(old_heads):
+        for _ in range(settings.epochs):
+            for batch in batches(items, settings.batch_size, generator):
+                # Data parallel: each process takes its share of the global batch; summed gradients
+                # over processes then equal the single-process gradient of the whole batch.
+                shard = batch[rank::world]
+                mine = shard or batch[:1]
+                inputs = {k: v.to(device) for k, v in collator([e for e, _ in mine]).items()}
+                with autocast(device, settings.bf16), torch.no_grad() if frozen_backbone else nullcontext():
+                    features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+                loss = _batch_loss(features.float(), inputs["labels"], [h for _, h in mine]) / len(batch)
+                if not shard:
+                    loss = loss * 0.0
+                if settings.u_penalty and u_params:
+                    loss = loss + settings.u_penalty * sum(u.norm() for u in u_params) / world
+                extra = penalty() if penalty is not None else None
+                if extra is not None:
+                    loss = loss + extra / world
+                loss.backward()
+                total_loss = loss.detach()
+                if world > 1:
+                    _all_reduce_gradients(trained, total_loss)
+                if not torch.isfinite(total_loss):
+                    raise NonFiniteLossError(
+                        f"{description}: loss became {total_loss.item()} at step {len(losses) + 1}; "
+                        f"lower the learning rate (lr={settings.lr}, head_lr={settings.head_lr})."
+                    )
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(total_loss.item())
+                bar.update()
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     model.eval()
-    for h in (head, *replay_heads):
-        h.eval()
+    head.eval()
     return losses
+
+
+@contextmanager
+def frozen(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Parameters that pass gradients through but collect none (earlier tasks' heads under replay)."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
 
 
 def _batch_loss(features: torch.Tensor, labels: torch.Tensor, heads: Sequence[nn.Module]) -> torch.Tensor:
