@@ -143,6 +143,23 @@ def test_resume_refuses_a_changed_config(tmp_path, tiny_model_dir, data_dir):
         ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"], epochs=2), tmp_path, resume=True)
 
 
+def test_a_directory_in_use_by_another_command_is_refused_before_any_work(tmp_path, tiny_model_dir, data_dir):
+    import fcntl
+
+    config = tiny_config(tiny_model_dir, data_dir, methods=["head"])
+    ContinualRunner(config, tmp_path)._create_run_dir()
+    with open(tmp_path / ".lock", "a+") as other:  # another command holds the directory
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.write("4242")
+        other.flush()
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+        with pytest.raises(FileExistsError, match="in use by a running curlora command \\(pid 4242\\)"):
+            ContinualRunner(config, tmp_path, resume=True).run()
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    # Once that command has ended (its lock went with it), the same command resumes.
+    assert ContinualRunner(config, tmp_path, resume=True).run()["runs"][0]["status"] == "ok"
+
+
 def test_diverging_method_fails_alone(tmp_path, tiny_model_dir, data_dir):
     config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lr=1e30, tasks=["sst2"])
     results = ContinualRunner(config, tmp_path).run()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -158,6 +159,7 @@ class ContinualRunner:
         self._check_run_dir(resume)
         self.bf16 = bf16_supported(self.device) if config.bf16 is None else config.bf16
         self._base_features: dict[tuple[str, int], Features] = {}
+        self._lock = None  # the run directory's lock file, held while this command runs
 
     # setup ------------------------------------------------------------------------------------
     def _check_run_dir(self, resume: bool) -> None:
@@ -449,8 +451,11 @@ class ContinualRunner:
     def run(self) -> dict[str, Any] | None:
         """Every run of the config; the results (None on processes other than rank 0)."""
         cfg = self.config
+        if self.run_dir.is_dir():  # a resumed run: refuse at once if another command is on it
+            self._lock_run_dir()
         base_lm = self._prepare()
         self._create_run_dir()
+        self._lock_run_dir()
         for task in self.tasks:
             self._say(f"task {task.name}: train {len(task.train)}, validation "
                   f"{len(self.validation[self.tasks.index(task)])}, eval {len(task.eval)}, "
@@ -475,6 +480,28 @@ class ContinualRunner:
         atomic_write_json(self.run_dir / "results.json", results)
         write_report(results, self.run_dir)
         return results
+
+    def _lock_run_dir(self) -> None:
+        """Hold an exclusive lock on the run directory for this process's life (the kernel drops it
+        when the process ends, however it ends): a second command on the same directory would
+        train the same runs again and overwrite their files."""
+        if not self.is_main or self._lock is not None:
+            return
+        self._lock = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 - held until the process exits
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "unknown"
+            self._lock.close()
+            self._lock = None
+            raise FileExistsError(
+                f"{self.run_dir} is in use by a running curlora command (pid {holder}); wait for it to "
+                f"finish, or stop it (its finished runs are kept) and rerun with --resume."
+            ) from None
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
 
     def _run_and_save(self, spec: RunSpec, base_lm: nn.Module, before_row: list[float | None]) -> None:
         """One run, written to ``runs/<key>.json`` (a diverged run is written as failed)."""
@@ -556,5 +583,7 @@ def _worker(config: ContinualConfig, run_dir: str, queue, before_rows: dict[int,
     runner = ContinualRunner(dataclasses.replace(config, progress=False, workers=1), run_dir, resume=True)
     base_lm = runner._prepare()
     runner.ppl_before = runner._cached("base_perplexity", lambda: runner._perplexity(base_lm))
-    while (spec := queue.get()) is not None:
+    parent = os.getppid()
+    # A killed command leaves no orphan training on: a worker whose parent is gone stops at the next run.
+    while os.getppid() == parent and (spec := queue.get()) is not None:
         runner._run_and_save(spec, base_lm, before_rows[spec.seed])
