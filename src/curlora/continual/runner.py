@@ -450,6 +450,14 @@ class ContinualRunner:
 
     def run(self) -> dict[str, Any] | None:
         """Every run of the config; the results (None on processes other than rank 0)."""
+        try:
+            return self._run_locked()
+        finally:  # the lock goes with the command, and with this call when a program makes several
+            if self._lock is not None:
+                self._lock.close()
+                self._lock = None
+
+    def _run_locked(self) -> dict[str, Any] | None:
         cfg = self.config
         if self.run_dir.is_dir():  # a resumed run: refuse at once if another command is on it
             self._lock_run_dir()
