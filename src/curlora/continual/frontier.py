@@ -50,8 +50,13 @@ def select_learning_rates(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, A
     return choices
 
 
+def chosen_rates(selection: Sequence[Mapping[str, Any]]) -> dict[tuple, Any]:
+    """(method, rank) -> the learning rate validation chose."""
+    return {(c["method"], c["rank"]): c["lr"] for c in selection}
+
+
 def mark_selected(runs: list[dict[str, Any]], selection: Sequence[Mapping[str, Any]]) -> None:
-    chosen = {(c["method"], c["rank"]): c["lr"] for c in selection}
+    chosen = chosen_rates(selection)
     for run in runs:
         run["selected"] = chosen.get(_group_key(run), object()) == run.get("lr")
 

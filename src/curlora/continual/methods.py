@@ -17,8 +17,8 @@ Adding a method is one :func:`register` call (and its test).
 from __future__ import annotations
 
 import copy
-import math
 import dataclasses
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field

@@ -16,7 +16,7 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
-from curlora.continual.frontier import analyse
+from curlora.continual.frontier import analyse, chosen_rates
 from curlora.continual.metrics import SCHEMA_VERSION, constant, separated, summarize
 from curlora.continual.plots import DASH, plot_accuracy_matrix, plot_frontier, plot_perplexity
 from curlora.fileio import atomic_write_bytes
@@ -233,8 +233,7 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list
     edge = [c["method"] for c in frontier["selection"] if c.get("at_grid_edge")]
     if edge:
         md += [f"At the edge of the rate grid (the best rate may lie beyond it): {', '.join(edge)}.", ""]
-    plot_frontier(frontier["points"], run_dir / "frontier.png",
-                  {(c["method"], c["rank"]): c["lr"] for c in frontier["selection"]})
+    plot_frontier(frontier["points"], run_dir / "frontier.png", chosen_rates(frontier["selection"]))
 
     def point_stat(p: Mapping[str, Any], name: str) -> Stat:
         if p[name] is None:

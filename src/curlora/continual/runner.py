@@ -495,7 +495,7 @@ class ContinualRunner:
         train the same runs again and overwrite their files."""
         if not self.is_main or self._lock is not None:
             return
-        self._lock = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 - held until the process exits
+        self._lock = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 - held until run() ends
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
