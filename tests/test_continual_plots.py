@@ -94,3 +94,19 @@ def test_a_crowded_frontier_drops_rate_labels_rings_the_chosen_rate_and_bars_spa
     segments = [seg for coll in left.collections for seg in coll.get_segments()]
     spans = {(round(seg[0][1], 6), round(seg[1][1], 6)) for seg in segments if seg[0][0] == seg[1][0]}
     assert (5.6, 7.6) in spans and "min–max over 3 seeds" in left.get_title()
+
+
+def test_a_rate_that_broke_the_language_model_is_named_beneath_the_frontier_not_drawn(tmp_path, captured):
+    points = [{"method": "curlora-wide", "rank": 16, "lr": lr, "n_seeds": 1, "plasticity": x,
+               "ppl_increase": inc, "forgetting": 0.05}
+              for lr, x, inc in ((1e-3, 0.60, 3.0), (3e-3, 0.44, 4211.3))]
+    plots.plot_frontier(points, tmp_path / "frontier.png", base_ppl=14.53)
+    (fig,) = captured
+    drawn = [y for ax in fig.axes[:2] for line in ax.lines for y in line.get_ydata()]
+    assert drawn and max(drawn) < 100  # the 4211 point does not stretch the axis
+    assert [p["lr"] for p in plots.off_scale(points, 14.53)] == [3e-3]
+    (note,) = [t.get_text() for t in fig.texts if "Left out" in t.get_text()]
+    assert "curlora-wide r16 lr 0.003 (+4211)" in note and "10× the base model" in note
+    # Without the base perplexity nothing is left out.
+    plots.plot_frontier(points, tmp_path / "frontier.png")
+    assert max(y for ax in captured[-1].axes[:2] for line in ax.lines for y in line.get_ydata()) > 4000

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,17 @@ from matplotlib.text import Text
 from curlora.fileio import atomic_write_bytes
 
 DASH = "—"
+# A rate whose final perplexity is this many times the base model's has broken the language model:
+# the frontier plot leaves it out (named beneath the plot) rather than stretch every axis to reach it.
+OFF_SCALE_FACTOR = 10.0
+
+
+def off_scale(points: Sequence[Mapping[str, Any]], base_ppl: float | None) -> list[Mapping[str, Any]]:
+    """The frontier points whose perplexity rose past ``OFF_SCALE_FACTOR`` × the base model's."""
+    if base_ppl is None:
+        return []
+    limit = (OFF_SCALE_FACTOR - 1.0) * base_ppl
+    return [p for p in points if p.get("ppl_increase") is not None and p["ppl_increase"] > limit]
 
 
 def new_figure(figsize: tuple[float, float]) -> Figure:
@@ -134,13 +146,24 @@ def _seed_range(points: Sequence[Mapping[str, Any]], name: str) -> list[list[flo
             [hi - p[name] for p, (_, hi) in zip(points, ranges)]]
 
 
+def point_name(p: Mapping[str, Any]) -> str:
+    rank = "" if p["rank"] is None else f" r{p['rank']}"
+    lr = "" if p["lr"] is None else f" lr {p['lr']:g}"
+    return f"{p['method']}{rank}{lr}"
+
+
 def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path,
-                  chosen: Mapping[tuple, Any] | None = None) -> None:
+                  chosen: Mapping[tuple, Any] | None = None, base_ppl: float | None = None) -> None:
     """Plasticity (x) against perplexity increase and forgetting (y), one curve per method × rank;
     error bars: min–max over seeds; a ringed point: the rate chosen on validation (``chosen`` maps
-    (method, rank) to it). With few curves each point is labelled with its learning rate."""
+    (method, rank) to it). With few curves each point is labelled with its learning rate. Given the
+    base model's perplexity, rates that broke the language model (:func:`off_scale`) are left out
+    and named beneath the plot."""
+    dropped = off_scale(points, base_ppl)
     curves: dict[tuple, list[Mapping[str, Any]]] = {}
     for p in points:
+        if any(p is d for d in dropped):
+            continue
         curves.setdefault((p["method"], p["rank"]), []).append(p)
     many = len(curves) > LABELLED_CURVES
     fig = new_figure((14, 6.5) if many else (12, 4.8))
@@ -176,9 +199,17 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path,
         ax.set_title(f"{title} vs plasticity\n({how}{bars})", fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].set_yscale("symlog", linthresh=1.0)  # a diverged rate would flatten every other point
+    note = ""
+    if dropped:
+        named = ", ".join(f"{point_name(p)} ({p['ppl_increase']:+.0f})" for p in dropped)
+        note = textwrap.fill(f"Left out, perplexity over {OFF_SCALE_FACTOR:g}× the base model's: {named}",
+                             180 if many else 150)
+        fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8)
+    note_height = 0.18 * (note.count("\n") + 1) / fig.get_figheight() if note else 0.0  # 8-pt lines
     handles, names = axes[0].get_legend_handles_labels()
-    fig.tight_layout(rect=(0, 0.12 if many else 0.08, 1, 1))
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 6), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (0.12 if many else 0.08) + note_height, 1, 1))
+    fig.legend(handles, names, loc="lower center", bbox_to_anchor=(0.5, note_height), ncol=min(len(names), 6),
+               fontsize=8, frameon=False)
     for texts in labels:
         declutter(fig, texts)
     save_figure(fig, path)

@@ -18,7 +18,9 @@ from typing import Any
 
 from curlora.continual.frontier import analyse, chosen_rates
 from curlora.continual.metrics import SCHEMA_VERSION, constant, separated, summarize
-from curlora.continual.plots import DASH, plot_accuracy_matrix, plot_frontier, plot_perplexity
+from curlora.continual.plots import (
+    DASH, OFF_SCALE_FACTOR, off_scale, plot_accuracy_matrix, plot_frontier, plot_perplexity, point_name,
+)
 from curlora.fileio import atomic_write_bytes
 
 
@@ -219,7 +221,13 @@ def _cost(m: Mapping[str, Any], cost: str, digits: int, signed: bool = True) -> 
     return _ms(stat, digits, signed) if stat is not None else _num(m[cost], digits, signed)
 
 
-def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list[str]:
+def _base_perplexity(runs: Sequence[Mapping[str, Any]]) -> float | None:
+    """The base model's perplexity (every run scores the same one before training)."""
+    return next((r["perplexity"]["before"] for r in runs
+                 if r.get("status") == "ok" and (r.get("perplexity") or {}).get("before") is not None), None)
+
+
+def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path, base_ppl: float | None) -> list[str]:
     """Rate selection, the frontier plot and the matched-accuracy table, when rates were swept."""
     if not frontier or not any(len(c["validation_accuracy"]) > 1 for c in frontier["selection"]):
         return []
@@ -233,7 +241,8 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list
     edge = [c["method"] for c in frontier["selection"] if c.get("at_grid_edge")]
     if edge:
         md += [f"At the edge of the rate grid (the best rate may lie beyond it): {', '.join(edge)}.", ""]
-    plot_frontier(frontier["points"], run_dir / "frontier.png", chosen_rates(frontier["selection"]))
+    plot_frontier(frontier["points"], run_dir / "frontier.png", chosen_rates(frontier["selection"]), base_ppl)
+    dropped = off_scale(frontier["points"], base_ppl)
 
     def point_stat(p: Mapping[str, Any], name: str) -> Stat:
         if p[name] is None:
@@ -246,6 +255,8 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path) -> list
             "on evaluation data) against its cost; error bars: the lowest to the highest seed (the "
             "tables give the 95 % intervals); a ringed point: the rate chosen on validation."), "",
            "![frontier](frontier.png)", "",
+           *([f"Left out of the plot (they are in the table), their perplexity past {OFF_SCALE_FACTOR:g}× "
+              f"the base model's: {', '.join(point_name(p) for p in dropped)}.", ""] if dropped else []),
            format_table([[p["method"], p["rank"], _lr(p["lr"]), p["n_seeds"], _ms(point_stat(p, "plasticity")),
                           _ms(point_stat(p, "acc")), _ms(point_stat(p, "ppl_increase"), 2, signed=True),
                           _ms(point_stat(p, "forgetting"), signed=True), _ms(point_stat(p, "bwt"), signed=True)]
@@ -380,7 +391,7 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     md = [*_header(results, runs), *_tasks_section(tasks),
           "## Reading", "", *_reading(groups, tasks, runs), "",
           *_accuracy_section(keys, groups, tasks), *_perplexity_section(keys, groups, task_names),
-          *_metrics_section(keys, groups, runs), *_frontier_section(frontier, run_dir),
+          *_metrics_section(keys, groups, runs), *_frontier_section(frontier, run_dir, _base_perplexity(runs)),
           *_runs_section(runs, task_names), *_plots_section(groups, task_names, run_dir)]
     path = run_dir / "report.md"
     atomic_write_bytes(path, "\n".join(md).encode("utf-8"))
