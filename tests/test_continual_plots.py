@@ -110,3 +110,10 @@ def test_a_rate_that_broke_the_language_model_is_named_beneath_the_frontier_not_
     # Without the base perplexity nothing is left out.
     plots.plot_frontier(points, tmp_path / "frontier.png")
     assert max(y for ax in captured[-1].axes[:2] for line in ax.lines for y in line.get_ydata()) > 4000
+
+
+def test_the_perplexity_plot_claims_interval_bars_only_where_seeds_gave_them(tmp_path, captured):
+    one_seed = [("lora r16", [{"mean": 14.5, "std": 0.0, "n": 1, "ci95": None}] * 4)]
+    plots.plot_perplexity(one_seed, TASKS, tmp_path / "perplexity.png")
+    plots.plot_perplexity([("lora r16", [stat(14.5)] * 4)], TASKS, tmp_path / "perplexity.png")
+    assert ["95 %" in fig.axes[0].get_title() for fig in captured] == [False, True]

@@ -109,13 +109,14 @@ def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]]
     where several seeds ran. False if nothing was measured."""
     fig = new_figure((3.0 + 1.4 * len(task_names), 4.2))
     ax = fig.add_subplot()
-    drawn = False
+    drawn = intervals = False
     for label, stats in series:
         pts = [(i, s) for i, s in enumerate(stats) if s is not None]
         if not pts:
             continue
         errors = [[s["mean"] - s["ci95"][0] if s.get("ci95") else 0.0 for _, s in pts],
                   [s["ci95"][1] - s["mean"] if s.get("ci95") else 0.0 for _, s in pts]]
+        intervals = intervals or any(s.get("ci95") for _, s in pts)
         ax.errorbar([i for i, _ in pts], [s["mean"] for _, s in pts], yerr=errors, marker="o",
                     capsize=3, label=label)
         drawn = True
@@ -123,7 +124,8 @@ def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]]
         return False
     ax.set_xticks(range(len(task_names) + 1), stage_labels(task_names), fontsize=8)
     ax.set_ylabel("perplexity")
-    ax.set_title("LM perplexity across the task sequence (bars: 95 % interval over seeds)", fontsize=9)
+    bars = " (bars: 95 % interval over seeds)" if intervals else ""
+    ax.set_title(f"LM perplexity across the task sequence{bars}", fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)
     return True
