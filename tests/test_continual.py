@@ -1,6 +1,7 @@
 """The continual benchmark end to end on a tiny model and tiny slices of the real tasks."""
 
 import copy
+import dataclasses
 import json
 from collections import Counter
 
@@ -335,3 +336,16 @@ def test_resume_extends_the_grid_and_keeps_finished_runs(tmp_path, tiny_model_di
     with pytest.raises(ValueError, match=r"method_variants\['lora-r'\]"):  # ... not redefined
         ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"], seeds=[1], method_variants=changed),
                         tmp_path, resume=True)
+
+
+def test_the_paper_small_preset_keeps_the_papers_setup_at_a_cpu_size(tmp_path, tiny_model_dir, smol_tokenizer, data_dir):
+    paper, small = load_config("paper"), load_config("paper-small", overrides={"data_dir": str(data_dir)})
+    kept = ("tasks", "corpus", "ranks", "alpha", "epochs", "max_length", "ppl_window", "ppl_stride", "target_modules")
+    assert {k: getattr(small, k) for k in kept} == {k: getattr(paper, k) for k in kept}
+    assert small.tasks == ["mrpc", "sst2", "sentiment140"] and small.ranks == [8, 16, 24] and small.epochs == 3
+    runner = ContinualRunner(dataclasses.replace(small, model=tiny_model_dir), tmp_path / "run")
+    runner._load_data(smol_tokenizer)
+    # 120 training rows a task and a validation split large enough to choose a rate on (80, not 21).
+    assert [len(t.train) for t in runner.tasks] == [120, 120, 121]
+    assert [len(v) for v in runner.validation] == [80, 80, 79]
+    assert len(runner.corpus_ids) == 8192
