@@ -87,6 +87,10 @@ CONFIG_CASES = [
     (["--method-lrs", "dora=1e-2"], "method_lrs names 'dora', which is not one of this run's methods"),
     (["--method-lrs", "head=1e-2"], "method_lrs names 'head'"),
     (["--method-lrs", "lora=1e-2,0"], "every value of method_lrs['lora']"),
+    (["--ranks", "8,16", "--method-lrs", "lora@8=1e-2"],
+     "method_lrs['lora'] gives rates per rank for ranks [8], but this run's ranks are [8, 16]"),
+    (["--method-lrs", "lora@16=1e-2", "--method-lrs", "lora=3e-3"], "both one grid for all ranks"),
+    (["--method-lrs", "lora@16=-1e-2"], "every value of method_lrs['lora'][16]"),
 ]
 
 

@@ -180,6 +180,11 @@ def test_sweep_enumerates_methods_rates_and_penalties():
                                     method_lrs={"curlora": [1e-2, 3e-2, 1e-1]}))
     assert [(s.method, s.lr) for s in own] == [("curlora", 1e-2), ("curlora", 3e-2), ("curlora", 1e-1),
                                                ("lora", 1e-3), ("lora", 1e-2), ("head", None)]
+    # Or one grid per rank: each rank at the rate it chose on validation, over more seeds.
+    chosen = run_specs(ContinualConfig(methods=["curlora", "lora"], ranks=[8, 16], lrs=[1e-3], seeds=[1],
+                                       method_lrs={"curlora": {8: [1e-2], 16: [3e-3]}}))
+    assert [(s.method, s.rank, s.lr) for s in chosen] == [("curlora", 8, 1e-2), ("curlora", 16, 3e-3),
+                                                          ("lora", 8, 1e-3), ("lora", 16, 1e-3)]
 
 
 def test_presets_files_and_flags_layer(tmp_path):
@@ -210,6 +215,9 @@ def test_cli_method_lrs_become_the_config_field(tmp_path, monkeypatch):
     assert main(["continual", "--lrs", "1e-3", "--method-lrs", "curlora=1e-2,3e-2", "--method-lrs", "lora=3e-3",
                  "--output-dir", str(tmp_path)]) == 0
     assert seen["config"].method_lrs == {"curlora": [1e-2, 3e-2], "lora": [3e-3]}
+    assert main(["continual", "--ranks", "8,16", "--method-lrs", "curlora@8=1e-2", "--method-lrs", "curlora@16=3e-3",
+                 "--output-dir", str(tmp_path)]) == 0
+    assert seen["config"].method_lrs == {"curlora": {8: [1e-2], 16: [3e-3]}}
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):

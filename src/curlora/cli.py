@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 from pathlib import Path
 
 from curlora.continual.config import PRESETS, load_config
@@ -31,12 +32,28 @@ def _strings(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
-def _method_rates(text: str) -> tuple[str, list[float]]:
-    """``curlora=1e-3,1e-2`` -> ("curlora", [0.001, 0.01])."""
+def _method_rates(text: str) -> tuple[str, int | None, list[float]]:
+    """``curlora=1e-3,1e-2`` -> ("curlora", None, [0.001, 0.01]); ``curlora@8=1e-2`` -> ("curlora", 8, [0.01])."""
     name, sep, rates = text.partition("=")
-    if not sep or not name.strip():
-        raise argparse.ArgumentTypeError(f"expected METHOD=RATE,RATE,... (e.g. curlora=1e-3,1e-2), got {text!r}")
-    return name.strip(), _floats(rates)
+    method, at, rank = name.strip().partition("@")
+    if not sep or not method or (at and not rank.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"expected METHOD=RATE,RATE,... or METHOD@RANK=RATE,... (e.g. "
+                                         f"curlora=1e-3,1e-2 or curlora@8=1e-2), got {text!r}")
+    return method, int(rank) if at else None, _floats(rates)
+
+
+def _method_rate_grid(entries: list[tuple[str, int | None, list[float]]]) -> dict[str, Any]:
+    """The ``method_lrs`` config field from repeated --method-lrs flags."""
+    grid: dict[str, Any] = {}
+    for method, rank, rates in entries:
+        if method in grid and isinstance(grid[method], dict) != (rank is not None):
+            raise ValueError(f"--method-lrs gives {method!r} both one grid for all ranks ({method}=...) and "
+                             f"grids per rank ({method}@RANK=...); use one form.")
+        if rank is None:
+            grid[method] = rates
+        else:
+            grid.setdefault(method, {})[rank] = rates
+    return grid
 
 
 def _continual_parser(sub) -> None:
@@ -68,7 +85,8 @@ def _continual_parser(sub) -> None:
     p.add_argument("--lr", type=float, help="adapter learning rate")
     p.add_argument("--lrs", type=_floats, help="adapter learning-rate sweep, e.g. 1e-4,3e-4,1e-3")
     p.add_argument("--method-lrs", type=_method_rates, action="append",
-                   help="one method's own rates instead of --lrs, e.g. curlora=1e-3,1e-2,3e-2 (repeat per method)")
+                   help="one method's own rates instead of --lrs, e.g. curlora=1e-3,1e-2,3e-2 (repeat per method), "
+                        "or per rank: curlora@8=1e-2 --method-lrs curlora@16=3e-3 (every rank of the run)")
     p.add_argument("--head-lr", type=float, help="task-head learning rate (same for every method)")
     p.add_argument("--u-penalties", type=_floats, help="λ values of the paper's Eq. 11 (loss + λ‖U‖_F)")
     p.add_argument("--ewc-lambda", type=float, help="X+ewc methods: EWC strength λ (default 1)")
@@ -108,7 +126,7 @@ def _run_continual(args: argparse.Namespace) -> int:
         )
     }
     if args.method_lrs:
-        overrides["method_lrs"] = dict(args.method_lrs)
+        overrides["method_lrs"] = _method_rate_grid(args.method_lrs)
     if overrides["ppl_max_tokens"] == 0:
         overrides["ppl_max_tokens"] = None
     config = load_config(args.preset, args.config, overrides)

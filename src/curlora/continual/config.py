@@ -52,8 +52,10 @@ class ContinualConfig:
     lr: float = 1e-3
     lrs: list[float] | None = None  # a sweep; the headline uses the best rate on validation
     # A method's own rate grid instead of lrs: {"curlora": [1e-3, 1e-2, 3e-2]} (rates that suit one
-    # method diverge another, and a method whose best rate is the grid's top deserves a higher one).
-    method_lrs: dict[str, list[float]] = field(default_factory=dict)
+    # method diverge another, and a method whose best rate is the grid's top deserves a higher one),
+    # or one grid per rank, {"curlora": {8: [1e-2], 16: [3e-3]}}: e.g. more seeds at the rate each
+    # rank chose on validation (CURLoRA's update is not scaled by 1/r, so ranks choose differently).
+    method_lrs: dict[str, list[float] | dict[int, list[float]]] = field(default_factory=dict)
     head_lr: float = 1e-3
     u_penalties: list[float] = field(default_factory=lambda: [0.0])  # the paper's Eq. 11 λ
     ewc_lambda: float = 1.0  # X+ewc: strength of the pull toward earlier tasks' parameters
@@ -122,14 +124,24 @@ class ContinualConfig:
         if not isinstance(self.method_lrs, dict):
             raise ValueError(f"method_lrs must map method names to rate lists, e.g. {{curlora: [1e-3, 1e-2]}}, "
                              f"got {self.method_lrs!r}.")
-        for name, rates in self.method_lrs.items():
+        for name, entry in self.method_lrs.items():
             if name not in self.methods or not self.method(name).takes_lr:
                 raise ValueError(f"method_lrs names {name!r}, which is not one of this run's methods that take a "
                                  f"learning rate ({[m for m in self.methods if self.method(m).takes_lr]}).")
-            if not isinstance(rates, (list, tuple)) or not rates:
-                raise ValueError(f"method_lrs[{name!r}] must be a non-empty list of rates, got {rates!r}.")
-            for value in rates:
-                checks.positive(f"every value of method_lrs[{name!r}]", value)
+            grids = {f"method_lrs[{name!r}]": entry}
+            if isinstance(entry, dict):
+                if not self.method(name).takes_rank or sorted(entry) != sorted(self.ranks):
+                    raise ValueError(
+                        f"method_lrs[{name!r}] gives rates per rank for ranks {sorted(entry)}, but this run's "
+                        f"ranks are {sorted(self.ranks)}" + ("" if self.method(name).takes_rank else
+                                                             f" and {name!r} takes no rank") +
+                        "; give one rate list per rank of the run, or one list for all ranks.")
+                grids = {f"method_lrs[{name!r}][{rank}]": rates for rank, rates in entry.items()}
+            for where, rates in grids.items():
+                if not isinstance(rates, (list, tuple)) or not rates:
+                    raise ValueError(f"{where} must be a non-empty list of rates, got {rates!r}.")
+                for value in rates:
+                    checks.positive(f"every value of {where}", value)
         checks.integers("ranks", self.ranks, minimum=1)
         checks.integers("seeds", self.seeds)
         checks.integer("data_seed", self.data_seed)
@@ -193,9 +205,13 @@ class ContinualConfig:
     def learning_rates(self) -> list[float]:
         return list(self.lrs) if self.lrs else [self.lr]
 
-    def rates_for(self, name: str) -> list[float]:
-        """The learning rates method ``name`` runs at: its own grid if it has one, else the shared one."""
-        return list(self.method_lrs.get(name) or self.learning_rates)
+    def rates_for(self, name: str, rank: int | None = None) -> list[float]:
+        """The learning rates method ``name`` runs at (at ``rank``): its own grid if it has one, else
+        the shared one."""
+        entry = self.method_lrs.get(name)
+        if isinstance(entry, dict):
+            entry = entry[rank]
+        return list(entry or self.learning_rates)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

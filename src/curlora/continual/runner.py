@@ -84,10 +84,9 @@ def run_specs(config: ContinualConfig) -> list[RunSpec]:
         for name in config.methods:
             method = config.method(name)
             ranks = config.ranks if method.takes_rank else [None]
-            lrs = config.rates_for(name) if method.takes_lr else [None]
             penalties = config.u_penalties if method.takes_u_penalty else [0.0]
             for rank in ranks:
-                for lr in lrs:
+                for lr in config.rates_for(name, rank) if method.takes_lr else [None]:
                     for penalty in penalties:
                         specs.append(RunSpec(name, rank, lr, penalty, seed))
     return specs
@@ -305,7 +304,7 @@ class ContinualRunner:
     def _perplexity_curve(self, spec: RunSpec) -> bool:
         """Whether a run scores perplexity after every task: a learning-rate sweep's frontier reads
         only each rate's final value, so swept runs score only after the last task."""
-        return not (self.config.method(spec.method).takes_lr and len(self.config.rates_for(spec.method)) > 1)
+        return not (self.config.method(spec.method).takes_lr and len(self.config.rates_for(spec.method, spec.rank)) > 1)
 
     def run_one(self, spec: RunSpec, base_lm: nn.Module) -> dict[str, Any]:
         cfg = self.config
