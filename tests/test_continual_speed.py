@@ -62,6 +62,10 @@ def test_sweep_scores_perplexity_after_the_last_task_only(tmp_path, tiny_model_d
     assert None not in alone["perplexity"]["after_task"]
     assert alone["perplexity"]["final"] == swept["curlora", 1e-2]["perplexity"]["final"]
     assert alone["accuracy_matrix"] == swept["curlora", 1e-2]["accuracy_matrix"]
+    # Asked for, a single rate scores only the end too (more seeds beside a sweep's runs) and ends the same.
+    (last,) = ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["curlora"], lr=1e-2,
+                                          ppl_after_every_task=False), tmp_path / "last").run()["runs"]
+    assert last["perplexity"]["after_task"][0] is None and last["perplexity"]["final"] == alone["perplexity"]["final"]
 
 
 def _numbers(results):

@@ -101,6 +101,8 @@ def _continual_parser(sub) -> None:
     p.add_argument("--ppl-max-tokens", type=int, help="score only the corpus's first N tokens (0: all)")
     p.add_argument("--ppl-window", type=int, help="tokens per perplexity window")
     p.add_argument("--ppl-stride", type=int, help="tokens between window starts (less than --ppl-window)")
+    p.add_argument("--ppl-after-every-task", action=argparse.BooleanOptionalAction, default=None,
+                   help="score perplexity after every task (default: yes, except for a method swept over rates)")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 autocast for training and accuracy (default: on a GPU with bf16, float32 on a CPU, where its speed varies by chip); "
                    "perplexity is always computed in float32")
@@ -122,7 +124,7 @@ def _run_continual(args: argparse.Namespace) -> int:
             "data_dir", "source", "model", "tasks", "corpus", "corpus_file", "methods", "ranks", "seeds", "examples_per_task",
             "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "ewc_lambda", "ewc_fisher_examples", "replay_per_task", "olora_lambda",
             "corda_samples", "corda_sample_tokens", "alpha",
-            "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "bf16", "device", "workers", "progress", "quantize",
+            "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "ppl_after_every_task", "bf16", "device", "workers", "progress", "quantize",
         )
     }
     if args.method_lrs:

@@ -71,6 +71,9 @@ class ContinualConfig:
     ppl_max_tokens: int | None = 4096
     ppl_window: int = 512
     ppl_stride: int = 256
+    # Perplexity after every task (the curve) or after the last only. None: the curve, except for a
+    # method swept over rates, whose frontier reads only each rate's final value.
+    ppl_after_every_task: bool | None = None
     device: str = "cpu"
     progress: bool = True
     workers: int = 1  # runs side by side in this many processes on a CPU (same numbers, sooner)

@@ -302,8 +302,10 @@ class ContinualRunner:
         return self._base_features[splits, j]
 
     def _perplexity_curve(self, spec: RunSpec) -> bool:
-        """Whether a run scores perplexity after every task: a learning-rate sweep's frontier reads
-        only each rate's final value, so swept runs score only after the last task."""
+        """Whether a run scores perplexity after every task: as configured, else not for a method swept
+        over rates (its frontier reads only each rate's final value)."""
+        if self.config.ppl_after_every_task is not None:
+            return self.config.ppl_after_every_task
         return not (self.config.method(spec.method).takes_lr and len(self.config.rates_for(spec.method, spec.rank)) > 1)
 
     def run_one(self, spec: RunSpec, base_lm: nn.Module) -> dict[str, Any]:
