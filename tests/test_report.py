@@ -113,3 +113,14 @@ def test_format_table():
     )
     with pytest.raises(ValueError, match="row 0"):
         format_table([[1]], ["x", "y"])
+
+
+def test_a_rate_chosen_at_the_grid_edge_is_named_with_its_rank(results, tmp_path):
+    runs = []
+    for rank, best in ((8, 1e-3), (16, 3e-3)):
+        for lr in (1e-3, 3e-3):
+            run = _run("curlora", rank, 0, [[0.5, None], [0.9, 0.25], [0.88, 0.8]], [30.3, 30.4])
+            runs.append({**run, "lr": lr, "validation_accuracy": [0.7 if lr == best else 0.6] * 2})
+    write_report({**results, "runs": runs, "frontier": {}}, tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert "At the edge of the rate grid (the best rate may lie beyond it): curlora r8, curlora r16." in text

@@ -238,7 +238,7 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path, base_pp
                          ", ".join(f"{_lr(lr)}: {acc:.3f}" for lr, acc in c["validation_accuracy"].items())]
                         for c in frontier["selection"]],
                        ["Method", "Rank", "Chosen LR", "Validation ACC by LR"]), ""]
-    edge = [c["method"] for c in frontier["selection"] if c.get("at_grid_edge")]
+    edge = [_label(c) for c in frontier["selection"] if c.get("at_grid_edge")]
     if edge:
         md += [f"At the edge of the rate grid (the best rate may lie beyond it): {', '.join(edge)}.", ""]
     plot_frontier(frontier["points"], run_dir / "frontier.png", chosen_rates(frontier["selection"]), base_ppl)
