@@ -358,7 +358,7 @@ class ContinualRunner:
             state["elapsed_s"] = time.perf_counter() - started
             self._checkpoint(ckpt_dir, adapted, heads, state)
             seen = ", ".join(f"{self.tasks[j].name} {test_row[j]:.3f}" for j in range(i + 1))
-            scored = "not scored (a sweep scores the last task only)" if ppl is None else f"{ppl:.2f}"
+            scored = "not scored (only after the last task in this run)" if ppl is None else f"{ppl:.2f}"
             self._say(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {scored}")
         # Validation rows (carved from training data) are only for choosing rates: the final state suffices.
         validation = self._accuracies(adapted, heads, "validation", len(self.tasks) - 1, method.frozen_backbone)
