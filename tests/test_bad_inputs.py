@@ -105,7 +105,7 @@ def test_a_malformed_method_rate_grid_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["continual", "--method-lrs", "curlora:1e-2"])
     assert exit_.value.code == 2
-    assert "argument --method-lrs: expected METHOD=RATE,RATE,... (e.g. curlora=1e-3,1e-2)" in capsys.readouterr().err
+    assert "argument --method-lrs: expected METHOD=RATE,RATE,... or METHOD@RANK=RATE,..." in capsys.readouterr().err
 
 
 YAML_CASES = [
