@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from curlora.continual.config import PRESETS, load_config
 from curlora.continual.methods import describe

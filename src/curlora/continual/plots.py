@@ -155,16 +155,18 @@ def point_name(p: Mapping[str, Any]) -> str:
 
 
 def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path,
-                  chosen: Mapping[tuple, Any] | None = None, base_ppl: float | None = None) -> None:
+                  chosen: Mapping[tuple, Any] | None = None,
+                  base_ppl: float | None = None) -> list[Mapping[str, Any]]:
     """Plasticity (x) against perplexity increase and forgetting (y), one curve per method × rank;
     error bars: min–max over seeds; a ringed point: the rate chosen on validation (``chosen`` maps
     (method, rank) to it). With few curves each point is labelled with its learning rate. Given the
     base model's perplexity, rates that broke the language model (:func:`off_scale`) are left out
-    and named beneath the plot."""
+    and named beneath the plot; they are returned."""
     dropped = off_scale(points, base_ppl)
+    left_out = {id(p) for p in dropped}
     curves: dict[tuple, list[Mapping[str, Any]]] = {}
     for p in points:
-        if any(p is d for d in dropped):
+        if id(p) in left_out:
             continue
         curves.setdefault((p["method"], p["rank"]), []).append(p)
     many = len(curves) > LABELLED_CURVES
@@ -215,3 +217,4 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path,
     for texts in labels:
         declutter(fig, texts)
     save_figure(fig, path)
+    return dropped

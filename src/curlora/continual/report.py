@@ -19,7 +19,7 @@ from typing import Any
 from curlora.continual.frontier import analyse, chosen_rates
 from curlora.continual.metrics import SCHEMA_VERSION, constant, separated, summarize
 from curlora.continual.plots import (
-    DASH, OFF_SCALE_FACTOR, off_scale, plot_accuracy_matrix, plot_frontier, plot_perplexity, point_name,
+    DASH, OFF_SCALE_FACTOR, plot_accuracy_matrix, plot_frontier, plot_perplexity, point_name,
 )
 from curlora.fileio import atomic_write_bytes
 
@@ -241,8 +241,7 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path, base_pp
     edge = [_label(c) for c in frontier["selection"] if c.get("at_grid_edge")]
     if edge:
         md += [f"At the edge of the rate grid (the best rate may lie beyond it): {', '.join(edge)}.", ""]
-    plot_frontier(frontier["points"], run_dir / "frontier.png", chosen_rates(frontier["selection"]), base_ppl)
-    dropped = off_scale(frontier["points"], base_ppl)
+    dropped = plot_frontier(frontier["points"], run_dir / "frontier.png", chosen_rates(frontier["selection"]), base_ppl)
 
     def point_stat(p: Mapping[str, Any], name: str) -> Stat:
         if p[name] is None:
