@@ -117,3 +117,21 @@ def test_the_perplexity_plot_claims_interval_bars_only_where_seeds_gave_them(tmp
     plots.plot_perplexity(one_seed, TASKS, tmp_path / "perplexity.png")
     plots.plot_perplexity([("lora r16", [stat(14.5)] * 4)], TASKS, tmp_path / "perplexity.png")
     assert ["95 %" in fig.axes[0].get_title() for fig in captured] == [False, True]
+
+
+def test_the_perplexity_plot_draws_no_trajectory_through_stages_never_scored(tmp_path, captured):
+    """A sweep run scores before and after the last task only: the two points are joined by a
+    dotted line (and the title says so), a fully scored run by solid segments."""
+    swept = ("curlora r8", [stat(24.8), None, None, stat(28.5)])
+    scored = ("head", [stat(24.8)] * 4)
+    plots.plot_perplexity([swept, scored], TASKS, tmp_path / "perplexity.png")
+    (fig,) = captured
+    ax = fig.axes[0]
+    segments = [(line.get_linestyle(), len(line.get_xdata())) for line in ax.lines if len(line.get_xdata()) == 2]
+    assert segments.count((":", 2)) == 1 and segments.count(("-", 2)) == 3
+    assert "dotted: stages not scored" in ax.get_title()
+    # Equal values of two series are drawn side by side, not on top of each other.
+    first_x = sorted(line.get_xdata()[0] for line in ax.lines if len(line.get_xdata()) == 2)
+    assert first_x[0] != first_x[-1]
+    plots.plot_perplexity([scored], TASKS, tmp_path / "perplexity.png")
+    assert "dotted" not in captured[-1].axes[0].get_title()

@@ -106,26 +106,38 @@ def plot_accuracy_matrix(grid: list[list[float]], task_names: list[str], title: 
 def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]], task_names: list[str],
                     path: Path) -> bool:
     """Perplexity across the sequence, one line per (label, stats); error bars: 95 % interval
-    where several seeds ran. False if nothing was measured."""
+    where several seeds ran. Stages that were not scored (a sweep scores the last task only) get
+    no point: a dotted line bridges them, so no trajectory is drawn that was never measured. Each
+    series is nudged sideways a little so that equal values and their bars stay apart. False if
+    nothing was measured."""
     fig = new_figure((3.0 + 1.4 * len(task_names), 4.2))
     ax = fig.add_subplot()
-    drawn = intervals = False
-    for label, stats in series:
+    drawn = intervals = gaps = False
+    nudge = 0.12 / max(len(series), 1)
+    for k, (label, stats) in enumerate(series):
         pts = [(i, s) for i, s in enumerate(stats) if s is not None]
         if not pts:
             continue
+        xs = [i + (k - (len(series) - 1) / 2) * nudge for i, _ in pts]
+        ys = [s["mean"] for _, s in pts]
         errors = [[s["mean"] - s["ci95"][0] if s.get("ci95") else 0.0 for _, s in pts],
                   [s["ci95"][1] - s["mean"] if s.get("ci95") else 0.0 for _, s in pts]]
         intervals = intervals or any(s.get("ci95") for _, s in pts)
-        ax.errorbar([i for i, _ in pts], [s["mean"] for _, s in pts], yerr=errors, marker="o",
-                    capsize=3, label=label)
+        bars = ax.errorbar(xs, ys, yerr=errors, marker="o", linestyle="none", capsize=3, label=label)
+        colour = bars.lines[0].get_color()
+        for j in range(len(pts) - 1):
+            skipped = pts[j + 1][0] - pts[j][0] > 1
+            gaps = gaps or skipped
+            ax.plot(xs[j:j + 2], ys[j:j + 2], color=colour, linestyle=":" if skipped else "-")
         drawn = True
     if not drawn:
         return False
     ax.set_xticks(range(len(task_names) + 1), stage_labels(task_names), fontsize=8)
     ax.set_ylabel("perplexity")
-    bars = " (bars: 95 % interval over seeds)" if intervals else ""
-    ax.set_title(f"LM perplexity across the task sequence{bars}", fontsize=9)
+    notes = [text for text, shown in (("bars: 95 % interval over seeds", intervals),
+                                       ("dotted: stages not scored", gaps)) if shown]
+    ax.set_title("LM perplexity across the task sequence" + (f" ({'; '.join(notes)})" if notes else ""),
+                 fontsize=9)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     save_figure(fig, path)
     return True
