@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 import torch
+import transformers
 import yaml
 
 from conftest import free_port, save_tiny_llama
@@ -318,7 +319,10 @@ def test_own_corpus_file_is_scored_and_named(tmp_path, tiny_model_dir, data_dir,
             "head", "--ranks", "4", "--examples-per-task", "24", "--eval-examples", "20", "--max-length", "32",
             "--head-lr", "1e-2", "--ppl-max-tokens", "96", "--ppl-window", "64", "--ppl-stride", "32",
             "--corpus-file", str(corpus), "--no-progress", "--output-dir", str(tmp_path / "flag")]
+    capsys.readouterr()
+    transformers.utils.logging.enable_progress_bar()
     assert main(args) == 0
+    assert "Loading weights" not in capsys.readouterr().err  # --no-progress silences transformers' bar too
     saved = json.loads((tmp_path / "flag" / "results.json").read_text())
     assert saved["corpus"]["name"] == "style-guide.txt"
     assert saved["runs"][0]["perplexity"]["before"] == pytest.approx(results["runs"][0]["perplexity"]["before"])

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import transformers
 import yaml
 from safetensors.torch import load_file, save
 from torch import nn
@@ -439,6 +440,8 @@ class ContinualRunner:
     def _prepare(self) -> nn.Module:
         """Load and check the model and the data (nothing is written); the base LM."""
         cfg = self.config
+        if not cfg.progress:  # transformers' own "Loading weights" bar, once per worker, in the logs
+            transformers.utils.logging.disable_progress_bar()
         base_lm, tokenizer = load_model_and_tokenizer(cfg.model, device=self.device)
         self._check_ranks(base_lm)
         if cfg.quantize:  # every run deep-copies this quantized base (bitsandbytes layers copy fine)
