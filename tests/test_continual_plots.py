@@ -135,3 +135,17 @@ def test_the_perplexity_plot_draws_no_trajectory_through_stages_never_scored(tmp
     assert first_x[0] != first_x[-1]
     plots.plot_perplexity([scored], TASKS, tmp_path / "perplexity.png")
     assert "dotted" not in captured[-1].axes[0].get_title()
+
+
+def test_a_rate_that_learned_nothing_stays_visible_on_the_head_only_floor(tmp_path, captured):
+    """CURLoRA at a low rate lands exactly where head-only does: the floor's star is hollow, so the
+    point (and whose rate label it is) is not hidden under it."""
+    floor = {"method": "head", "rank": None, "lr": None, "n_seeds": 1, "plasticity": 0.487,
+             "ppl_increase": 0.0, "forgetting": 0.0}
+    low = {**floor, "method": "curlora", "rank": 16, "lr": 1e-3, "ppl_increase": 0.01}
+    plots.plot_frontier([low, floor], tmp_path / "frontier.png")
+    (fig,) = captured
+    (star,) = [line for line in fig.axes[0].lines if line.get_marker() == "*"]
+    assert star.get_markerfacecolor() == "none"
+    (dot,) = [line for line in fig.axes[0].lines if line.get_marker() == "o" and len(line.get_xdata())]
+    assert list(dot.get_xdata()) == [0.487] and dot.get_markerfacecolor() != "none"

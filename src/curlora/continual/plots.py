@@ -193,6 +193,8 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path,
         style = {"color": colours(c % colours.N), "label": label, "capsize": 2, "elinewidth": 0.8,
                  "marker": "*" if pts and pts[0]["lr"] is None else MARKERS[c % len(MARKERS)]}
         style["markersize"] = 10 if style["marker"] == "*" else 5
+        if style["marker"] == "*":  # hollow: a rate that learned nothing sits on the floor and stays visible
+            style.update(markerfacecolor="none", markeredgewidth=1.2)
         for k, (ax, cost) in enumerate(zip(axes, ("ppl_increase", "forgetting"))):
             shown = [p for p in pts if p[cost] is not None]
             if not shown:
