@@ -38,6 +38,27 @@ def _windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, in
     return spans
 
 
+# Bytes of float32 logits one forward pass may hold: 4 windows of 1,024 tokens for SmolLM2's 49k
+# vocabulary, one for Gemma-3's 262k (4 of those, with the copies that logit soft-capping and the
+# cross-entropy make, peaked at 11 GB per process and ran 3.6x slower per window).
+LOGITS_BUDGET = 512 * 2**20
+
+
+def _batches(spans: list[tuple[int, int, int]], batch_size: int, vocab: int) -> list[list[tuple[int, int, int]]]:
+    """Consecutive windows per forward pass: at most ``batch_size``, and beyond the first only while
+    the logits they keep fit in :data:`LOGITS_BUDGET`."""
+    batches: list[list[tuple[int, int, int]]] = []
+    size = 0
+    for span in spans:
+        need = min(span[1] - span[0], span[2] + 1) * vocab * 4
+        if not batches or len(batches[-1]) == batch_size or size + need > LOGITS_BUDGET:
+            batches.append([])
+            size = 0
+        batches[-1].append(span)
+        size += need
+    return batches
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,
@@ -59,7 +80,7 @@ def perplexity(
     spans = _windows(ids.numel(), window, stride)
     keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     total_nll, scored = 0.0, 0
-    batches = [spans[i : i + batch_size] for i in range(0, len(spans), batch_size)]
+    batches = _batches(spans, batch_size, _vocab_size(model))
     for batch in tqdm(batches, desc="perplexity", disable=not progress, leave=False):
         # Windows of one batch share a length except possibly the last one: group by length.
         for length in sorted({end - begin for begin, end, _ in batch}):
@@ -82,3 +103,10 @@ def perplexity(
     model.train(was_training)
     mean = total_nll / scored
     return Perplexity(math.exp(mean), mean, scored, window, stride)
+
+
+def _vocab_size(model: nn.Module) -> int:
+    """Rows of the LM head (0 if it cannot be found: then only ``batch_size`` bounds a batch)."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    return int(head.weight.shape[0]) if head is not None else 0
