@@ -44,13 +44,19 @@ def _windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int, in
 LOGITS_BUDGET = 512 * 2**20
 
 
+def _kept(span: tuple[int, int, int]) -> int:
+    """Positions whose logits a window needs: its new tokens and the one before them."""
+    begin, end, new = span
+    return min(end - begin, new + 1)
+
+
 def _batches(spans: list[tuple[int, int, int]], batch_size: int, vocab: int) -> list[list[tuple[int, int, int]]]:
     """Consecutive windows per forward pass: at most ``batch_size``, and beyond the first only while
     the logits they keep fit in :data:`LOGITS_BUDGET`."""
     batches: list[list[tuple[int, int, int]]] = []
     size = 0
     for span in spans:
-        need = min(span[1] - span[0], span[2] + 1) * vocab * 4
+        need = _kept(span) * vocab * 4
         if not batches or len(batches[-1]) == batch_size or size + need > LOGITS_BUDGET:
             batches.append([])
             size = 0
@@ -88,7 +94,7 @@ def perplexity(
             inputs = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
             # Logits only where a token is scored (the last `new` positions predict them): the LM head
             # is a large share of a forward pass (most of it for Gemma's 262k vocabulary).
-            keep = min(length, max(new for _, _, new in group) + 1)
+            keep = max(_kept(s) for s in group)
             kwargs = {"logits_to_keep": keep} if keeps_logits else {}
             logits = model(input_ids=inputs, **kwargs).logits.float()[:, -keep:]
             labels = inputs[:, length - keep:].clone()
