@@ -1,15 +1,21 @@
-"""The harness's exact speedups give exactly the numbers of the work they skip."""
+"""The harness's speedups give the numbers of the work they skip: exactly, or (packed batches)
+up to float rounding."""
 
+import copy
 import dataclasses
+import json
 
 import pytest
 import torch
 
 from conftest import save_tiny_llama
-
-from curlora.continual import ContinualRunner
-from curlora.continual import runner as runner_module
+from test_architectures import ARCHITECTURES, tiny
 from test_continual import _comparable, tiny_config
+
+from curlora.continual import ContinualRunner, training
+from curlora.continual.methods import Adapted
+from curlora.continual.runner import RunSpec
+from curlora.continual import runner as runner_module
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +89,26 @@ def test_runs_in_worker_processes_give_the_numbers_of_one_process(tmp_path, tiny
     assert pooled["frontier"] == alone["frontier"]
 
 
+def test_a_worker_scores_a_frozen_backbone_on_the_features_the_parent_computed(tmp_path, tiny_model_dir, data_dir,
+                                                                             monkeypatch):
+    """The pool's parent computed the base features for the before row; a worker's head-only run
+    computes only its validation splits, and ends on the numbers of one process."""
+    config = tiny_config(tiny_model_dir, data_dir, methods=["head"])
+    ContinualRunner(config, tmp_path / "alone").run()
+    parent = ContinualRunner(config, tmp_path / "pooled")
+    base_lm = parent._prepare()
+    parent._create_run_dir()
+    before = parent._accuracies(Adapted(base_lm), parent._heads(0, base_lm.config.hidden_size), "eval_splits", 1, True)
+    calls = _counting_feature_calls(monkeypatch)
+    queue = iter([RunSpec("head", None, None, 0.0, 0), None])
+    runner_module._worker(config, str(tmp_path / "pooled"), type("Q", (), {"get": lambda self: next(queue)})(),
+                          {0: before}, parent._base_features, 1)
+    assert len(calls) == 2  # the two validation splits
+    pooled = json.loads((tmp_path / "pooled" / "runs" / "head_s0.json").read_text())
+    one_process = json.loads((tmp_path / "alone" / "runs" / "head_s0.json").read_text())
+    assert _numbers({"runs": [pooled]}) == _numbers({"runs": [one_process]})
+
+
 def test_a_pool_resumes_the_runs_it_had_not_finished(tmp_path, tiny_model_dir, data_dir):
     config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lrs=[1e-2, 3e-3], workers=2)
     first = ContinualRunner(config, tmp_path / "run").run()
@@ -106,3 +132,59 @@ def test_a_failing_worker_is_reported_and_the_other_runs_are_kept(tmp_path, tiny
     with pytest.raises(ChildProcessError, match="rerun with --resume"):
         ContinualRunner(config, tmp_path / "run").run()
     assert [p.name for p in (tmp_path / "run" / "runs").glob("*.json")] == ["head_s0.json"]
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_packed_batches_give_the_padded_states_on_every_architecture(model_type):
+    model = tiny(model_type)
+    ids = torch.randint(1, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    for row, padding in enumerate((7, 5, 9, 0)):  # 25 of 48 slots real: packed where the model allows
+        mask[row, :padding] = 0
+    padded = training._padded_last_hidden(model, ids, mask)
+    got = training.last_hidden(model, ids, mask)
+    # OPT reads positions from the 2-D mask, not from position ids: the probe finds packed texts
+    # reading each other there, and its batches stay padded (the very same computation).
+    assert training.packs_exactly(model) == (model_type != "opt")
+    if model_type == "opt":
+        assert torch.equal(got, padded)
+    else:
+        torch.testing.assert_close(got, padded, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dense_batch_stays_padded(monkeypatch):
+    model = tiny("llama")
+    packed = []
+    monkeypatch.setattr(training, "_packed_last_hidden", lambda *a: packed.append(1))
+    ids = torch.randint(1, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # 45 of 48 slots real: the packed row's attention would cost more than it saves
+    training.last_hidden(model, ids, mask)
+    assert not packed
+
+
+def test_packed_training_steps_match_padded_ones_on_smollm2(smollm2, data_dir):
+    """The real model, CURLoRA on q/k/v, a shuffled batch of real short texts (mostly padding):
+    packed and padded give the same features and the same gradient of every U."""
+    from curlora import CURLoRAConfig, get_curlora_model
+    from curlora.data import ClassificationCollator, load_task
+
+    base, tokenizer = smollm2
+    model = get_curlora_model(copy.deepcopy(base), CURLoRAConfig(r=4, seed=0))
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.02)
+    task = load_task("rotten_tomatoes", "offline", data_dir, seed=0, max_train=8, max_eval=1)
+    batch = ClassificationCollator(tokenizer, 64)(task.train)
+    assert batch["attention_mask"].float().mean() <= training.PACK_BELOW_DENSITY
+    results = []
+    for forward in (training._padded_last_hidden, training.last_hidden):
+        model.zero_grad()
+        features = forward(model, batch["input_ids"], batch["attention_mask"])
+        features.square().sum().backward()
+        results.append((features.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    (padded, padded_grads), (packed, packed_grads) = results
+    assert training.packs_exactly(model)
+    torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-4)
+    for got, want in zip(packed_grads, padded_grads):
+        torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3)

@@ -540,14 +540,17 @@ class ContinualRunner:
         runs side by side finish sooner than the same runs one after the other."""
         context = torch.multiprocessing.get_context("spawn")
         queue = context.SimpleQueue()
-        for spec in pending:
+        # Longest first: a frozen-backbone run (a forward pass per batch) fills the end, not a training run.
+        for spec in sorted(pending, key=lambda spec: self.config.method(spec.method).frozen_backbone):
             queue.put(spec)
         for _ in range(workers):
             queue.put(None)
         threads = max(1, torch.get_num_threads() // workers)
         self._say(f"{len(pending)} runs in {workers} worker processes, {threads} thread(s) each")
-        processes = [context.Process(target=_worker, args=(self.config, str(self.run_dir), queue, before_rows, threads))
-                     for _ in range(workers)]
+        # The base model's split features (the before row computed them here) go along: a frozen-backbone
+        # run in a worker scores its heads on them instead of computing them again.
+        shared = (self.config, str(self.run_dir), queue, before_rows, self._base_features, threads)
+        processes = [context.Process(target=_worker, args=shared) for _ in range(workers)]
         for process in processes:
             process.start()
         for process in processes:
@@ -589,10 +592,12 @@ class ContinualRunner:
         return results
 
 
-def _worker(config: ContinualConfig, run_dir: str, queue, before_rows: dict[int, list], threads: int) -> None:
+def _worker(config: ContinualConfig, run_dir: str, queue, before_rows: dict[int, list],
+            base_features: dict[tuple[str, int], Features], threads: int) -> None:
     """A worker process of ``ContinualRunner._run_in_workers``: runs specs from ``queue`` until None."""
     torch.set_num_threads(threads)
     runner = ContinualRunner(dataclasses.replace(config, progress=False, workers=1), run_dir, resume=True)
+    runner._base_features.update(base_features)
     base_lm = runner._prepare()
     runner.ppl_before = runner._cached("base_perplexity", lambda: runner._perplexity(base_lm))
     parent = os.getppid()

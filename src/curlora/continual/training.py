@@ -9,6 +9,7 @@ same hidden states as the unpadded sequence for absolute-position models (GPT-2)
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -40,13 +41,73 @@ def backbone_of(model: nn.Module) -> nn.Module:
 
 
 def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The final-layer hidden state at each row's last real token (batch × hidden)."""
+    """The final-layer hidden state at each row's last real token (batch × hidden).
+
+    A batch that is mostly padding (shuffled training batches of short texts) runs packed: its real
+    tokens in one row, each text attending only to itself, which is the padded batch's computation
+    without the padding (the same numbers up to float rounding, in far fewer token-steps). Only on
+    models where a probe shows packing gives the padded result; otherwise, and for dense batches
+    (where the packed row's longer attention would cost more than the padding), padded."""
+    mask = attention_mask.bool()
+    if mask.sum() <= PACK_BELOW_DENSITY * mask.numel() and packs_exactly(model):
+        return _packed_last_hidden(model, input_ids[mask], mask.sum(-1))
+    return _padded_last_hidden(model, input_ids, attention_mask)
+
+
+# Pack a batch when at most this share of its token slots holds real tokens: above it, the packed
+# row's attention (quadratic in the row's length) costs more than the padding it saves.
+PACK_BELOW_DENSITY = 0.75
+_PACKING_WORKS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+
+
+def _padded_last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
     hidden = backbone_of(model)(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
     rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, last_token_index(attention_mask)]
+
+
+def _packed_last_hidden(model: nn.Module, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Last-token states of texts given back to back in ``tokens`` (``lengths`` each): one row whose
+    position ids restart at every text, which transformers reads as packed sequences (a block-
+    diagonal causal mask; no padding, no 2-D mask)."""
+    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    position_ids = torch.arange(tokens.numel(), device=tokens.device) - starts
+    hidden = backbone_of(model)(
+        input_ids=tokens.unsqueeze(0), position_ids=position_ids.unsqueeze(0), use_cache=False
+    ).last_hidden_state[0]
+    return hidden[lengths.cumsum(0) - 1]
+
+
+@torch.no_grad()
+def packs_exactly(model: nn.Module) -> bool:
+    """Whether ``model`` keeps packed texts apart (decided once per model): two short texts, packed
+    and padded, must give the same last-token states. Architectures whose masks ignore packed
+    position ids would let the second text read the first; they are caught here and stay padded."""
+    backbone = backbone_of(model)
+    if backbone not in _PACKING_WORKS:
+        device = next(backbone.parameters()).device
+        first, second = torch.arange(1, 6, device=device), torch.arange(6, 9, device=device)
+        ids = torch.zeros(2, 5, dtype=torch.long, device=device)
+        mask = torch.zeros_like(ids)
+        for row, text in enumerate((first, second)):
+            ids[row, 5 - len(text):], mask[row, 5 - len(text):] = text, 1
+        training = backbone.training
+        backbone.eval()
+        try:
+            with torch.autocast(device.type, enabled=False):
+                padded = _padded_last_hidden(model, ids, mask).float()
+                packed = _packed_last_hidden(model, torch.cat([first, second]), torch.tensor([5, 3], device=device))
+            # Rounding moves a few ulps of the states' own dtype; a text reading another moves them by O(1).
+            tolerance = max(1e-4, 8 * torch.finfo(packed.dtype).eps) * padded.abs().max()
+            _PACKING_WORKS[backbone] = bool((packed.float() - padded).abs().max() <= tolerance)
+        except (TypeError, ValueError, RuntimeError):  # a forward that refuses these arguments
+            _PACKING_WORKS[backbone] = False
+        finally:
+            backbone.train(training)
+    return _PACKING_WORKS[backbone]
 
 
 def batches(
