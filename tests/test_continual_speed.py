@@ -188,3 +188,17 @@ def test_packed_training_steps_match_padded_ones_on_smollm2(smollm2, data_dir):
     torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-4)
     for got, want in zip(packed_grads, padded_grads):
         torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3)
+
+
+def test_evaluation_batches_hold_similar_token_counts(smol_tokenizer, data_dir, monkeypatch):
+    """Evaluation batches are cut from the split sorted by token count, so each batch pads little."""
+    from curlora.data import ClassificationCollator, load_task
+
+    task = load_task("rotten_tomatoes", "offline", data_dir, seed=0, max_train=8, max_eval=96)
+    collator = ClassificationCollator(smol_tokenizer, 64)
+    seen = []
+    monkeypatch.setattr(training, "last_hidden", lambda model, ids, mask: seen.append(mask.sum(-1)) or ids[:, :1].float())
+    features = training.split_features(torch.nn.Linear(1, 1), task.eval, collator, batch_size=32)
+    counts = torch.cat(seen)
+    assert torch.equal(counts, counts.sort().values) and len(counts) == len(task.eval)
+    assert sorted(torch.cat(features.labels).tolist()) == sorted(e.label for e in task.eval)
