@@ -202,3 +202,12 @@ def test_evaluation_batches_hold_similar_token_counts(smol_tokenizer, data_dir, 
     counts = torch.cat(seen)
     assert torch.equal(counts, counts.sort().values) and len(counts) == len(task.eval)
     assert sorted(torch.cat(features.labels).tolist()) == sorted(e.label for e in task.eval)
+
+
+def test_the_packing_probe_leaves_every_module_in_its_mode():
+    model = tiny("llama").train()
+    model.model.layers[0].eval()  # e.g. a frozen block kept in eval mode while the rest trains
+    modes = {name: m.training for name, m in model.named_modules()}
+    training._PACKING_WORKS.pop(model.model, None)
+    assert training.packs_exactly(model)
+    assert {name: m.training for name, m in model.named_modules()} == modes

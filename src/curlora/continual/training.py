@@ -94,7 +94,7 @@ def packs_exactly(model: nn.Module) -> bool:
         mask = torch.zeros_like(ids)
         for row, text in enumerate((first, second)):
             ids[row, 5 - len(text):], mask[row, 5 - len(text):] = text, 1
-        training = backbone.training
+        modes = {module: module.training for module in backbone.modules()}
         backbone.eval()
         try:
             with torch.autocast(device.type, enabled=False):
@@ -106,7 +106,8 @@ def packs_exactly(model: nn.Module) -> bool:
         except (TypeError, ValueError, RuntimeError):  # a forward that refuses these arguments
             _PACKING_WORKS[backbone] = False
         finally:
-            backbone.train(training)
+            for module, mode in modes.items():
+                module.training = mode
     return _PACKING_WORKS[backbone]
 
 
