@@ -4,6 +4,7 @@ up to float rounding."""
 import copy
 import dataclasses
 import json
+import queue
 
 import pytest
 import torch
@@ -100,9 +101,10 @@ def test_a_worker_scores_a_frozen_backbone_on_the_features_the_parent_computed(t
     parent._create_run_dir()
     before = parent._accuracies(Adapted(base_lm), parent._heads(0, base_lm.config.hidden_size), "eval_splits", 1, True)
     calls = _counting_feature_calls(monkeypatch)
-    queue = iter([RunSpec("head", None, None, 0.0, 0), None])
-    runner_module._worker(config, str(tmp_path / "pooled"), type("Q", (), {"get": lambda self: next(queue)})(),
-                          {0: before}, parent._base_features, 1)
+    specs = queue.SimpleQueue()
+    for spec in (RunSpec("head", None, None, 0.0, 0), None):
+        specs.put(spec)
+    runner_module._worker(config, str(tmp_path / "pooled"), specs, {0: before}, parent._base_features, 1)
     assert len(calls) == 2  # the two validation splits
     pooled = json.loads((tmp_path / "pooled" / "runs" / "head_s0.json").read_text())
     one_process = json.loads((tmp_path / "alone" / "runs" / "head_s0.json").read_text())
@@ -208,6 +210,5 @@ def test_the_packing_probe_leaves_every_module_in_its_mode():
     model = tiny("llama").train()
     model.model.layers[0].eval()  # e.g. a frozen block kept in eval mode while the rest trains
     modes = {name: m.training for name, m in model.named_modules()}
-    training._PACKING_WORKS.pop(model.model, None)
     assert training.packs_exactly(model)
     assert {name: m.training for name, m in model.named_modules()} == modes

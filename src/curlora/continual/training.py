@@ -49,8 +49,9 @@ def last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch
     models where a probe shows packing gives the padded result; otherwise, and for dense batches
     (where the packed row's longer attention would cost more than the padding), padded."""
     mask = attention_mask.bool()
-    if mask.sum() <= PACK_BELOW_DENSITY * mask.numel() and packs_exactly(model):
-        return _packed_last_hidden(model, input_ids[mask], mask.sum(-1))
+    lengths = mask.sum(-1)
+    if lengths.sum() <= PACK_BELOW_DENSITY * mask.numel() and packs_exactly(model):
+        return _packed_last_hidden(model, input_ids[mask], lengths)
     return _padded_last_hidden(model, input_ids, attention_mask)
 
 
@@ -89,17 +90,15 @@ def packs_exactly(model: nn.Module) -> bool:
     backbone = backbone_of(model)
     if backbone not in _PACKING_WORKS:
         device = next(backbone.parameters()).device
-        first, second = torch.arange(1, 6, device=device), torch.arange(6, 9, device=device)
-        ids = torch.zeros(2, 5, dtype=torch.long, device=device)
-        mask = torch.zeros_like(ids)
-        for row, text in enumerate((first, second)):
-            ids[row, 5 - len(text):], mask[row, 5 - len(text):] = text, 1
+        # Texts 1..5 and 6..8, left-padded as the collator pads them, and back to back.
+        ids = torch.tensor([[1, 2, 3, 4, 5], [0, 0, 6, 7, 8]], device=device)
+        mask = torch.tensor([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], device=device)
         modes = {module: module.training for module in backbone.modules()}
         backbone.eval()
         try:
             with torch.autocast(device.type, enabled=False):
                 padded = _padded_last_hidden(model, ids, mask).float()
-                packed = _packed_last_hidden(model, torch.cat([first, second]), torch.tensor([5, 3], device=device))
+                packed = _packed_last_hidden(model, ids[mask.bool()], mask.sum(-1))
             # Rounding moves a few ulps of the states' own dtype; a text reading another moves them by O(1).
             tolerance = max(1e-4, 8 * torch.finfo(packed.dtype).eps) * padded.abs().max()
             _PACKING_WORKS[backbone] = bool((packed.float() - padded).abs().max() <= tolerance)
