@@ -137,3 +137,31 @@ def test_adapted_model_traces_as_one_graph_for_torch_compile(build):
     ids = torch.randint(0, 128, (2, 16))
     explanation = torch._dynamo.explain(model)(input_ids=ids)
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_a_layer_with_a_dead_column_still_learns():
+    """A zero column in q_proj used to take every inverse-probability draw (C = 0: a dead adapter)."""
+    base = tiny_llama()
+    q = base.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.weight[:, 3] = 0  # input feature 3 unused by this layer
+        q.weight[10, :] = 0  # output row 10 dead too
+    model = get_curlora_model(base, CURLoRAConfig(r=8))
+    adapter = dict(curlora_layers(model.base_model))["model.layers.0.self_attn.q_proj"].adapters["default"]
+    assert 3 not in adapter.cols.tolist() and 10 not in adapter.rows.tolist()
+    assert adapter.C.abs().sum(0).min() > 0 and adapter.R.abs().sum(1).min() > 0
+    model.train()
+    model(input_ids=IDS, labels=IDS).loss.backward()
+    assert adapter.U.grad.abs().sum() > 0
+
+
+def test_a_layer_that_cannot_be_sampled_is_named_and_leaves_the_model_untouched():
+    base = tiny_llama()
+    with torch.no_grad():
+        base.model.layers[1].self_attn.k_proj.weight[:, 2:] = 0  # 2 live columns of 48
+    before = {n: p.clone() for n, p in base.state_dict().items()}
+    with pytest.raises(ValueError, match=r"Layer 'model\.layers\.1\.self_attn\.k_proj': Only 2 of"):
+        get_curlora_model(base, CURLoRAConfig(r=4, replacement=False))
+    assert not list(curlora_layers(base))
+    after = base.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[n], after[n]) for n in before)

@@ -57,11 +57,52 @@ def test_half_precision_weights_sample_without_overflow(dtype):
     assert cols.shape == rows.shape == (16,)
 
 
-def test_zero_column_stays_finite():
-    w = torch.randn(8, 8)
-    w[:, 3] = 0
+def test_paper_formula_where_defined():
+    """Without dead columns the probabilities are exactly (1/p) / Σ(1/p), p the squared-norm share."""
+    w = torch.randn(12, 9, generator=torch.Generator().manual_seed(3))
+    share = w.pow(2).sum(0) / w.pow(2).sum()
+    expected = (1 / share) / (1 / share).sum()
+    assert torch.allclose(selection_probabilities(w, dim=1, mode="inverse"), expected, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1e-8])
+@pytest.mark.parametrize("mode", ["inverse", "standard", "uniform"])
+def test_dead_columns_and_rows_are_never_drawn(scale, mode):
+    """A zero (or negligible) column took almost all the inverse probability: every draw picked it,
+    C was zero and the adapter could never learn. It must get probability 0 and never be drawn."""
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    w[:, 5] *= scale
+    w[7, :] *= scale
+    col_p = selection_probabilities(w, dim=1, mode=mode)
+    row_p = selection_probabilities(w, dim=0, mode=mode)
+    assert col_p[5] == 0 and row_p[7] == 0
+    assert abs(float(col_p.sum()) - 1) < 1e-5
+    # Elsewhere the paper's formula over the usable columns.
+    keep = torch.arange(64) != 5
+    share = w.pow(2).sum(0)[keep] / w.pow(2).sum()
+    if mode == "inverse":
+        assert torch.allclose(col_p[keep], (1 / share) / (1 / share).sum(), rtol=1e-5)
+    for seed in range(20):
+        cols, rows = sample_indices(w, 8, mode, generator=module_generator(seed, "x", "cpu"))
+        assert 5 not in cols.tolist() and 7 not in rows.tolist()
+        assert w[:, cols].abs().sum(0).min() > 0 and w[rows].abs().sum(1).min() > 0
+
+
+def test_a_small_but_live_column_keeps_the_paper_share():
+    """Above the negligible share the formula stands: a weak column is the likeliest, as the paper wants."""
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(1))
+    w[:, 9] *= 1e-3
     p = selection_probabilities(w, dim=1, mode="inverse")
-    assert torch.isfinite(p).all()
+    assert int(p.argmax()) == 9 and 0 < float(p[9]) < 1
+
+
+def test_too_few_live_columns_for_distinct_draws_is_refused():
+    w = torch.zeros(16, 16)
+    w[:, :3] = torch.randn(16, 3)
+    with pytest.raises(ValueError, match="Only 3 of the weight's 16 columns carry any weight.*r=4"):
+        sample_indices(w, 4, replacement=False, generator=module_generator(0, "x", "cpu"))
+    cols, _ = sample_indices(w, 4, replacement=True, generator=module_generator(0, "x", "cpu"))
+    assert set(cols.tolist()) <= {0, 1, 2}
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -149,11 +149,17 @@ class CURLoRAModel(nn.Module):
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name.")
         self._modules_to_save(config)  # validate before changing anything
+        drawn = []  # every layer's draw first: a layer that cannot be sampled leaves the model as it was
         for name, module in self._targets(config):
-            layer = self._layer_for(name, module)
-            weight = weight_out_in(layer.base_layer)
+            weight = weight_out_in(module.base_layer if isinstance(module, CURLoRALayer) else module)
             generator = module_generator(config.seed, name, weight.device)
-            cols, rows = sample_indices(weight, config.r, config.sampling, config.replacement, generator)
+            try:
+                drawn.append((name, module, sample_indices(weight, config.r, config.sampling,
+                                                           config.replacement, generator)))
+            except ValueError as error:
+                raise ValueError(f"Layer {name!r}: {error}") from None
+        for name, module, (cols, rows) in drawn:
+            layer = self._layer_for(name, module)
             layer.add_adapter(adapter_name, cols, rows, config.alpha, config.dropout, config.normalize)
         self.peft_config[adapter_name] = config
         if self.active_adapter is None:
