@@ -111,10 +111,14 @@ def test_replay_buffer_holds_training_rows_only_and_replays_them_through_their_h
     seen, heads_after = [], []
     original = training.train_task
 
-    def spy(model, head, examples, *args, replay=(), **kwargs):
-        seen.append((list(examples), list(replay), head))
-        losses = original(model, head, examples, *args, replay=replay, **kwargs)
-        heads_after.append(copy.deepcopy(head.state_dict()))
+    def spy(model, items, loss_fn, task_params, *args, **kwargs):
+        current = max(j for _, j in items)
+        heads = loss_fn.__self__.heads  # the run's HeadsRun
+        seen.append(([e for e, j in items if j == current], [(e, heads[j]) for e, j in items if j != current],
+                     heads[current]))
+        assert [id(p) for p in task_params] == [id(p) for p in heads[current].parameters()]
+        losses = original(model, items, loss_fn, task_params, *args, **kwargs)
+        heads_after.append(copy.deepcopy(heads[current].state_dict()))
         return losses
 
     monkeypatch.setattr("curlora.continual.runner.train_task", spy)
@@ -135,7 +139,6 @@ def test_replay_buffer_holds_training_rows_only_and_replays_them_through_their_h
     assert sum(counts.values()) == 6 and all(abs(counts[label] - exact[label]) < 1 for label in exact)
     # The old head scored its replayed rows but stayed exactly as its own task left it.
     assert all(torch.equal(first_head.state_dict()[k], heads_after[0][k]) for k in heads_after[0])
-    assert all(p.requires_grad for p in first_head.parameters())
     assert "keeps 6 training rows of every task for replay" in (tmp_path / "report.md").read_text()
 
 

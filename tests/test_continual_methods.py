@@ -232,7 +232,12 @@ def test_ewc_fisher_is_the_mean_squared_per_example_gradient_and_the_penalty_pul
         for acc, p in zip(expected, params):
             acc += p.grad.pow(2) / len(examples)
     assert adapted.penalty() is None  # nothing to hold on to before the first task ends
-    adapted.end_task(0, FinishedTask(examples, head, char_collator, bf16=False))
+    def loss(model, items, backbone_trains):  # the heads protocol's loss for these rows: CE through `head`
+        inputs = char_collator([e for e, _ in items])
+        features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+        return torch.nn.functional.cross_entropy(head(features), inputs["labels"], reduction="sum")
+
+    adapted.end_task(0, FinishedTask(examples, 0, loss))
     (fisher, anchor), = adapted.anchors
     for got, want in zip(fisher, expected):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-8)

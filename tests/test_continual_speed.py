@@ -16,6 +16,7 @@ from test_continual import _comparable, tiny_config
 from curlora.continual import ContinualRunner, training
 from curlora.continual.methods import Adapted
 from curlora.continual.runner import RunSpec
+from curlora.continual import protocols
 from curlora.continual import runner as runner_module
 
 
@@ -26,13 +27,13 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer):
 
 def _counting_feature_calls(monkeypatch) -> list[int]:
     calls = []
-    original = runner_module.split_features
+    original = protocols.split_features
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(runner_module, "split_features", counted)
+    monkeypatch.setattr(protocols, "split_features", counted)
     return calls
 
 
@@ -43,9 +44,8 @@ def test_head_only_cached_features_give_the_uncached_results(tmp_path, tiny_mode
     cached = ContinualRunner(config, tmp_path / "cached").run()
     # Both seeds share one pass per split: 2 evaluation splits + 2 validation splits.
     assert len(calls) == 4
-    original = ContinualRunner._features
-    monkeypatch.setattr(ContinualRunner, "_features",
-                        lambda self, model, splits, j, base: original(self, model, splits, j, False))
+    original = protocols.Protocol._cached
+    monkeypatch.setattr(protocols.Protocol, "_cached", lambda self, key, base, compute: original(self, key, False, compute))
     calls.clear()
     uncached = ContinualRunner(config, tmp_path / "uncached").run()
     # Per seed: before row 2, after task 1: 1, after task 2: 2, validation 2.
@@ -99,12 +99,12 @@ def test_a_worker_scores_a_frozen_backbone_on_the_features_the_parent_computed(t
     parent = ContinualRunner(config, tmp_path / "pooled")
     base_lm = parent._prepare()
     parent._create_run_dir()
-    before = parent._accuracies(Adapted(base_lm), parent._heads(0, base_lm.config.hidden_size), "eval_splits", 1, True)
+    before = parent._accuracies(Adapted(base_lm), parent.protocol.start_run(0, base_lm), "eval_splits", 1, True)
     calls = _counting_feature_calls(monkeypatch)
     specs = queue.SimpleQueue()
     for spec in (RunSpec("head", None, None, 0.0, 0), None):
         specs.put(spec)
-    runner_module._worker(config, str(tmp_path / "pooled"), specs, {0: before}, parent._base_features, 1)
+    runner_module._worker(config, str(tmp_path / "pooled"), specs, {0: before}, parent.protocol.base_cache, 1)
     assert len(calls) == 2  # the two validation splits
     pooled = json.loads((tmp_path / "pooled" / "runs" / "head_s0.json").read_text())
     one_process = json.loads((tmp_path / "alone" / "runs" / "head_s0.json").read_text())
@@ -199,8 +199,8 @@ def test_evaluation_batches_hold_similar_token_counts(smol_tokenizer, data_dir, 
     task = load_task("rotten_tomatoes", "offline", data_dir, seed=0, max_train=8, max_eval=96)
     collator = ClassificationCollator(smol_tokenizer, 64)
     seen = []
-    monkeypatch.setattr(training, "last_hidden", lambda model, ids, mask: seen.append(mask.sum(-1)) or ids[:, :1].float())
-    features = training.split_features(torch.nn.Linear(1, 1), task.eval, collator, batch_size=32)
+    monkeypatch.setattr(protocols, "last_hidden", lambda model, ids, mask: seen.append(mask.sum(-1)) or ids[:, :1].float())
+    features = protocols.split_features(torch.nn.Linear(1, 1), task.eval, collator, batch_size=32)
     counts = torch.cat(seen)
     assert torch.equal(counts, counts.sort().values) and len(counts) == len(task.eval)
     assert sorted(torch.cat(features.labels).tolist()) == sorted(e.label for e in task.eval)

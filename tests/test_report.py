@@ -72,16 +72,16 @@ def test_write_report(results, tmp_path):
     assert "99.00" not in md
 
     # Reading states facts either way.
-    assert ("- curlora r8 (lr 0.00025): ACC 0.850 ± 0.014 [0.723, 0.977]; vs head-only (head) 0.760 ± 0.014 "
+    assert ("- curlora r8 (lr 0.00025): ACC 0.850 ± 0.014 [0.723, 0.977]; vs the floor (head) 0.760 ± 0.014 "
             "[0.633, 0.887] (+0.090, not resolved: intervals overlap), higher on 2/2 tasks (sst2 +0.080, "
             "agnews +0.100)") in md
     assert "vs majority class 0.380 (+0.470, resolved: intervals separate)" in md
-    assert "lora r8 (lr 0.00025): ACC 0.755 ± 0.007 [0.691, 0.819]; vs head-only (head) 0.760 ± 0.014 " \
+    assert "lora r8 (lr 0.00025): ACC 0.755 ± 0.007 [0.691, 0.819]; vs the floor (head) 0.760 ± 0.014 " \
            "[0.633, 0.887] (-0.005, not resolved: intervals overlap), higher on 1/2 tasks (sst2 -0.190, agnews +0.180)" in md
     assert "BWT -0.300 ± 0.042 [-0.681, 0.081] (earlier tasks lost accuracy)" in md
     assert "perplexity +3.30 (30.20 → 33.50)" in md
     assert "BWT +0.000 ± 0.000 [0.000, 0.000] (no net change on earlier tasks)" in md
-    assert "head (lr 0.00025) [head-only floor]" in md and "perplexity +0.00 (30.20 → 30.20)" in md
+    assert "head (lr 0.00025) [floor]" in md and "perplexity +0.00 (30.20 → 30.20)" in md
 
     pngs = ["perplexity.png", "accuracy_matrix_curlora_r8.png", "accuracy_matrix_lora_r8.png",
             "accuracy_matrix_head.png"]

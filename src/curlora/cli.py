@@ -10,6 +10,7 @@ from typing import Any
 
 from curlora.continual.config import PRESETS, load_config
 from curlora.continual.methods import describe
+from curlora.continual.protocols import PROTOCOLS
 from curlora.quantization import SCHEMES
 
 
@@ -72,6 +73,14 @@ def _continual_parser(sub) -> None:
     p.add_argument("--data-dir", help="directory with the paper's data files (e.g. ../shared/data)")
     p.add_argument("--source", choices=["offline", "local", "hub"], help="where task data comes from")
     p.add_argument("--model", help="smollm2 (default, offline), gemma3-270m (fetched at first use, Gemma terms), a .gguf file, a local directory or a hub id")
+    p.add_argument("--protocol", choices=sorted(PROTOCOLS),
+                   help="heads: a fresh classification head per task (the paper's, the default); generative: "
+                        "prompt -> answer text, loss on the answer only, no heads (floors: zero-shot, k-shot)")
+    p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
+                   help="generative: prompts as chat turns (default: when the tokenizer has a chat template)")
+    p.add_argument("--k-shot", type=int, help="generative: training rows shown in the k-shot floor's prompts (default 4)")
+    p.add_argument("--generation-examples", type=int,
+                   help="generative: evaluation rows per task checked for a valid greedy answer (default 32)")
     p.add_argument("--tasks", type=_strings, help="comma-separated task names, in training order")
     p.add_argument("--corpus", help="perplexity corpus name (wiki_summaries, wikitext2)")
     p.add_argument("--corpus-file", help="your own plain UTF-8 text file as the perplexity corpus (replaces --corpus)")
@@ -121,7 +130,7 @@ def _run_continual(args: argparse.Namespace) -> int:
     overrides = {
         key: getattr(args, key)
         for key in (
-            "data_dir", "source", "model", "tasks", "corpus", "corpus_file", "methods", "ranks", "seeds", "examples_per_task",
+            "data_dir", "source", "model", "protocol", "chat_template", "k_shot", "generation_examples", "tasks", "corpus", "corpus_file", "methods", "ranks", "seeds", "examples_per_task",
             "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "ewc_lambda", "ewc_fisher_examples", "replay_per_task", "olora_lambda",
             "corda_samples", "corda_sample_tokens", "alpha",
             "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "ppl_after_every_task", "bf16", "device", "workers", "progress", "quantize",

@@ -10,6 +10,7 @@ import yaml
 
 from curlora import checks
 from curlora.continual.methods import Method, resolve
+from curlora.continual.protocols import PROTOCOLS
 from curlora.data import CALIBRATION_CORPUS, CORPORA, OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS, TASKS
 
 SOURCES = ("offline", "local", "hub")
@@ -33,7 +34,13 @@ class ContinualConfig:
     corpus_file: str | None = None  # a plain UTF-8 text file as the perplexity corpus (replaces corpus)
     source: str | None = None  # "offline" | "local" | "hub"; None picks per task
     data_dir: str | None = None
-    methods: list[str] = field(default_factory=lambda: ["curlora", "lora", "head"])
+    # How tasks are learned and scored (curlora.continual.protocols): "heads" (the paper's) or
+    # "generative" (prompt → answer, loss on the answer, no heads).
+    protocol: str = "heads"
+    chat_template: bool | None = None  # generative: prompts as chat turns; None: where the tokenizer has a template
+    k_shot: int = 4  # generative: training rows shown in the prompt by the k-shot floor
+    generation_examples: int = 32  # generative: evaluation rows per task checked for a valid greedy answer
+    methods: list[str] | None = None  # None: the protocol's defaults (curlora, lora and its floors)
     peft_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # "peft:vera" -> VeraConfig kwargs
     # Named variants run beside their base: {"lora-pissa": {"base": "lora", "init_lora_weights": "pissa"}}
     method_variants: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -80,6 +87,10 @@ class ContinualConfig:
     quantize: str | None = None  # quantize the base's linear layers (curlora.quantization.SCHEMES)
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"Unknown protocol {self.protocol!r}; choose one of {sorted(PROTOCOLS)}.")
+        if self.methods is None:
+            self.methods = list(PROTOCOLS[self.protocol].default_methods)
         for name in ("tasks", "task_files", "methods", "ranks", "seeds", "u_penalties", "lrs"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (list, tuple)):
@@ -89,6 +100,11 @@ class ContinualConfig:
             if not value and not (name == "tasks" and self.task_files):
                 raise ValueError(f"Config field {name!r} must not be empty.")
         methods = [self.method(name) for name in self.methods]  # unknown names fail here
+        floors = PROTOCOLS[self.protocol].floors
+        misplaced = [m.name for m in methods if m.frozen_backbone and m.name not in floors]
+        if misplaced:
+            raise ValueError(f"Methods {misplaced} are floors of another protocol; the {self.protocol!r} protocol's "
+                             f"floors are {list(floors)} (protocol: {sorted(PROTOCOLS)}).")
         calibrated = [m.name for m in methods if m.needs_calibration]
         if calibrated:
             from curlora.extras import require_extra
@@ -161,6 +177,10 @@ class ContinualConfig:
         checks.integer("corda_samples", self.corda_samples, minimum=1)
         checks.integer("corda_sample_tokens", self.corda_sample_tokens, minimum=2)
         checks.integer("warmup_steps", self.warmup_steps, minimum=0)
+        checks.integer("k_shot", self.k_shot, minimum=1)
+        checks.integer("generation_examples", self.generation_examples, minimum=1)
+        if self.chat_template is not None and not isinstance(self.chat_template, bool):
+            raise ValueError(f"chat_template must be true, false or unset, got {self.chat_template!r}.")
         checks.fraction("validation_fraction", self.validation_fraction)
         checks.fraction("max_warmup_fraction", self.max_warmup_fraction, low_open=False, high_open=False)
         if self.ppl_max_tokens is not None:

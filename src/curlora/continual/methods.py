@@ -28,8 +28,8 @@ import torch
 from torch import nn
 
 from curlora import CURLoRAConfig, get_curlora_model
-from curlora.continual.training import fisher_diagonal
-from curlora.data import ClassificationCollator, Example
+from curlora.continual.training import Item, LossFn, fisher_diagonal
+from curlora.data import Example
 from curlora.model import DEFAULT_ADAPTER
 from curlora.targets import default_targets
 
@@ -49,12 +49,11 @@ PEFT_SIZE_ARGUMENTS = {
 
 @dataclass(frozen=True)
 class FinishedTask:
-    """A task just trained, for methods that learn something from it (EWC's Fisher)."""
+    """A task just trained, for methods that learn something from it (EWC's Fisher, replay's rows)."""
 
     examples: Sequence[Example]  # its training rows (never validation or evaluation rows)
-    head: nn.Module
-    collator: ClassificationCollator
-    bf16: bool
+    index: int  # its place in the sequence
+    loss: LossFn  # the protocol's loss (a row of this task goes through its own head or prompt)
 
 
 @dataclass
@@ -67,6 +66,7 @@ class Adapted:
     model: nn.Module
     u_params: list[torch.Tensor] = field(default_factory=list)
     needs_task_identity: bool = False  # whether evaluating a task needs to know which task it is
+    demonstrations: int = 0  # training rows shown in the prompt when a task is scored (k-shot)
 
     def start_task(self, task_index: int) -> None:
         """Called before training task ``task_index``."""
@@ -96,8 +96,8 @@ class Adapted:
     def resume(self, tasks_done: int, finished: Sequence[FinishedTask]) -> None:
         """Rebuild the per-task structure of ``tasks_done`` finished tasks before a checkpoint loads."""
 
-    def replay_examples(self) -> list[tuple[Example, nn.Module]]:
-        """Earlier tasks' examples to mix into this task's batches, each with its own task's head."""
+    def replay_examples(self) -> list[Item]:
+        """Earlier tasks' rows to mix into this task's batches, each with its own task's index."""
         return []
 
     def stored_per_task(self) -> int:
@@ -405,8 +405,21 @@ register(Method("osf", "PEFT OSF: top singular directions frozen, the orthogonal
                 takes_rank=False))
 register(Method("o-lora", "O-LoRA: a new LoRA per task, earlier ones frozen, new A kept orthogonal to "
                 "earlier As (λ: --olora-lambda)", _build_olora, new_parameters_per_task=True))
-register(Method("head", "frozen backbone, task heads only (the zero-forgetting floor)", _build_head,
-                takes_rank=False, takes_lr=False, frozen_backbone=True))
+register(Method("head", "frozen backbone, task heads only (the heads protocol's zero-forgetting floor)",
+                _build_head, takes_rank=False, takes_lr=False, frozen_backbone=True))
+register(Method("zero-shot", "the untouched model answering each task's prompt (the generative protocol's floor)",
+                _build_head, takes_rank=False, takes_lr=False, frozen_backbone=True))
+
+
+def _build_k_shot(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    adapted = _build_head(lm, context, kwargs)
+    adapted.demonstrations = context.knobs.get("k_shot", 4)
+    return adapted
+
+
+register(Method("k-shot", "the untouched model with k training rows answered in the prompt (--k-shot; the "
+                "generative protocol's in-context floor)", _build_k_shot, takes_rank=False, takes_lr=False,
+                frozen_backbone=True))
 register(Method("full", "full fine-tuning", _build_full, takes_rank=False, trains_base_weights=True))
 
 
@@ -434,8 +447,8 @@ class EWC(Adapted):
     def end_task(self, task_index: int, finished: FinishedTask) -> None:
         self.inner.end_task(task_index, finished)
         params = self._params()
-        fisher = fisher_diagonal(self.model, finished.head, finished.examples[: self.max_examples],
-                                 finished.collator, params, finished.bf16)
+        rows = [(e, finished.index) for e in finished.examples[: self.max_examples]]
+        fisher = fisher_diagonal(self.model, finished.loss, rows, params)
         self.anchors.append((fisher, [p.detach().clone() for p in params]))
 
     def penalty(self) -> torch.Tensor | None:
@@ -471,7 +484,7 @@ class EWC(Adapted):
     def resume(self, tasks_done: int, finished: Sequence[FinishedTask]) -> None:
         self.inner.resume(tasks_done, finished)
 
-    def replay_examples(self) -> list[tuple[Example, nn.Module]]:
+    def replay_examples(self) -> list[Item]:
         return self.inner.replay_examples()
 
     def rows_kept_per_task(self) -> int:
@@ -503,15 +516,16 @@ class Replay(Adapted):
     """Experience replay: after each task, ``per_task`` of its training rows (never validation or
     evaluation rows; seeded, stratified by label) join a buffer, and every later task's epoch mixes
     the whole buffer into its batches (the current task keeps all its rows; batch size unchanged, so
-    the epoch grows by the buffer). A replayed example's loss goes through its own task's head, which
-    stays frozen: the old task is evaluated with that head, so replay trains the shared adapter to keep
-    serving it, while refitting the head on a few rows could only move it away from what it learned
-    on the whole task. Every other hook is the inner method's."""
+    the epoch grows by the buffer). A replayed row is learned as its own task's row: under the heads
+    protocol through that task's head, which stays frozen (the old task is evaluated with it, so
+    replay trains the shared adapter to keep serving it, while refitting the head on a few rows could
+    only move it away from what it learned on the whole task); under the generative protocol as that
+    task's prompt → answer pair. Every other hook is the inner method's."""
 
     inner: Adapted | None = None
     per_task: int = 20
     seed: int = 0
-    buffer: list[tuple[Example, nn.Module]] = field(default_factory=list)
+    buffer: list[Item] = field(default_factory=list)
 
     def start_task(self, task_index: int) -> None:
         self.inner.start_task(task_index)
@@ -531,13 +545,13 @@ class Replay(Adapted):
         quota = {label: math.floor(share) for label, share in exact.items()}
         for label in sorted(exact, key=lambda lab: (quota[lab] - exact[lab], lab))[: n - sum(quota.values())]:
             quota[label] += 1
-        self.buffer += [(row, finished.head) for label in sorted(by_label) for row in by_label[label][:quota[label]]]
+        self.buffer += [(row, finished.index) for label in sorted(by_label) for row in by_label[label][:quota[label]]]
 
     def end_task(self, task_index: int, finished: FinishedTask) -> None:
         self.inner.end_task(task_index, finished)
         self._remember(task_index, finished)
 
-    def replay_examples(self) -> list[tuple[Example, nn.Module]]:
+    def replay_examples(self) -> list[Item]:
         return self.buffer + self.inner.replay_examples()
 
     def penalty(self) -> torch.Tensor | None:

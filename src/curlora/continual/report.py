@@ -26,7 +26,8 @@ from curlora.fileio import atomic_write_bytes
 
 
 def floor_methods(runs: Sequence[Mapping[str, Any]]) -> set[str]:
-    """Methods whose backbone stayed frozen (the head-only floor), as the runs recorded it; files
+    """Methods whose backbone stayed frozen (the protocol's floors: head-only, zero-shot, k-shot), as the
+    runs recorded it; files
     written before runs carried ``frozen_backbone`` name that method "head"."""
     return {r.get("method") for r in runs
             if r.get("frozen_backbone", r.get("base_method", r.get("method")) == "head")}
@@ -139,7 +140,7 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
                      "from all aggregates (see Runs).")
     if not groups:
         return lines + ["- No successful runs: nothing to compare."]
-    # With several head-only groups (e.g. an lr sweep) the strongest is the floor to beat.
+    # With several floor groups (head-only at several rates; zero-shot and k-shot) the strongest is the one to beat.
     floors = floor_methods(runs)
     heads = [g for g in groups if g["method"] in floors]
     head = max(heads, key=lambda g: g["acc"]["mean"]) if heads else None
@@ -149,13 +150,13 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
     task_aware = {r.get("method") for r in runs if r.get("needs_task_identity")}
     replaying = {r.get("method"): r.get("rows_kept_per_task") for r in runs if r.get("rows_kept_per_task")}
     if head is None:
-        lines.append("- No successful head-only run: no frozen-backbone floor.")
+        lines.append("- No successful frozen-backbone run (head-only, zero-shot or k-shot): no floor.")
     for g in groups:
         is_head = g["method"] in floors
         clauses = [f"ACC {_ms(g['acc'])}"]
         if head is not None and not is_head:
             clauses.append(_compare(g, head["acc"], head["task_accuracy"], task_names,
-                                    f"head-only ({_label(head)})"))
+                                    f"the floor ({_label(head)})"))
         if maj_acc is not None:
             clauses.append(_compare(g, maj_acc, maj_stats, task_names, "majority class"))
         if len(task_names) == 1:
@@ -177,7 +178,7 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
             clauses.append("needs the task's identity at inference (evaluates each task with its own U), "
                            f"storing {_int(g['stored_per_task'])} numbers per task")
         name = f"{_label(g)} (lr {_lr(g.get('lr'))})" if g.get("lr") is not None else _label(g)
-        lines.append(f"- {name}{' [head-only floor]' if is_head else ''}: " + "; ".join(clauses)
+        lines.append(f"- {name}{' [floor]' if is_head else ''}: " + "; ".join(clauses)
                      + ".")
     lines.append(f"- {INTERVAL_NOTE}")
     return lines
@@ -346,8 +347,9 @@ def _runs_section(runs: list[Mapping[str, Any]], task_names: list[str]) -> list[
          for r in runs],
         ["Method", "Rank", "Seed", "LR", "Head LR", "Status", "Wall time (s)", "Error"]), ""]
     md += ["## Accuracy matrices per run", "",
-           ("Row 'before' is measured before any training (heads untrained; unseen tasks may be "
-            "missing); row 'after X' after training through task X."), ""]
+           ("Row 'before' is measured before any training (heads untrained under the heads protocol, the "
+            "model zero-shot under the generative one; unseen tasks may be missing); row 'after X' after "
+            "training through task X."), ""]
     for r in runs:
         if r.get("status") == "ok":
             md += [f"### {_label(r)}, seed {r.get('seed')}, lr {_lr(r.get('lr'))}", "",

@@ -1,10 +1,10 @@
 """The continual-learning benchmark: tasks in sequence, every method, honest metrics.
 
 For each method, rank, learning rate and seed: a fresh copy of the base model gets the method's
-adapter; for each task in order a fresh head is trained together with the (continually trained)
-adapter; then every task seen so far is evaluated with its own head, on held-out evaluation data
-and on a validation split carved from the training data (used only to pick learning rates), and
-the LM perplexity is measured with the original ``lm_head`` (in a learning-rate sweep, whose
+adapter; for each task in order the (continually trained) adapter learns the task under the run's
+protocol (curlora.continual.protocols: with a fresh head per task, or as prompt → answer text);
+then every task seen so far is scored, on held-out evaluation data and on a validation split
+carved from the training data (used only to pick learning rates), and the LM perplexity is measured with the original ``lm_head`` (in a learning-rate sweep, whose
 frontier reads final values, after the last task only). Each finished task is checkpointed
 atomically, so a killed run resumes where it stopped and ends with the same numbers.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fcntl
-import hashlib
 import json
 import os
 import resource
@@ -31,25 +30,24 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from curlora import CURLoRAConfig, stability_diagnostics
-from curlora.data import CALIBRATION_CORPUS, ClassificationCollator, DataError, TaskSplits, load_corpus, load_corpus_file, load_task, load_task_file, make_validation_split
+from curlora.data import CALIBRATION_CORPUS, DataError, TaskSplits, load_corpus, load_corpus_file, load_task, load_task_file, make_validation_split
 from curlora.continual.evaluation import perplexity
 from curlora.continual.config import GRID_FIELDS, GRID_MAPPINGS, RUNTIME_FIELDS, ContinualConfig
 from curlora.continual.frontier import analyse
 from curlora.continual.methods import Adapted, BuildContext, FinishedTask
+from curlora.continual.protocols import PROTOCOLS, RunState
 from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from curlora.continual.metrics import SCHEMA_VERSION, summarize
 from curlora.model import CURLoRAModel, target_layers
 from curlora.pretrained import load_model_and_tokenizer
 from curlora.continual.report import write_report
 from curlora.continual.training import (
-    Features,
     NonFiniteLossError,
     TrainSettings,
     bf16_supported,
     causal_lm_of,
     data_parallel_rank,
-    head_accuracy,
-    split_features,
+    derived_seed,
     train_task,
 )
 
@@ -93,15 +91,11 @@ def run_specs(config: ContinualConfig) -> list[RunSpec]:
     return specs
 
 
-def derived_seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
-
-
 def build_method(lm: nn.Module, spec: RunSpec, config: ContinualConfig,
                  calibration_ids: torch.Tensor | None = None) -> Adapted:
     """A fresh copy of the base LM, prepared by ``spec``'s method (see curlora.continual.methods)."""
     knobs = {"ewc_lambda": config.ewc_lambda, "ewc_fisher_examples": config.ewc_fisher_examples,
-             "replay_per_task": config.replay_per_task, "olora_lambda": config.olora_lambda}
+             "replay_per_task": config.replay_per_task, "olora_lambda": config.olora_lambda, "k_shot": config.k_shot}
     context = BuildContext(rank=spec.rank, seed=spec.seed, alpha=config.alpha, target_modules=config.target_modules,
                            knobs=knobs, calibration_ids=None if calibration_ids is None else lambda: calibration_ids)
     return config.method(spec.method).adapt(lm, context, config.peft_kwargs.get(spec.method))
@@ -158,7 +152,6 @@ class ContinualRunner:
             )
         self._check_run_dir(resume)
         self.bf16 = bf16_supported(self.device) if config.bf16 is None else config.bf16
-        self._base_features: dict[tuple[str, int], Features] = {}
         self._lock = None  # the run directory's lock file, held while this command runs
 
     # setup ------------------------------------------------------------------------------------
@@ -226,7 +219,6 @@ class ContinualRunner:
 
     def _load_data(self, tokenizer) -> None:
         cfg = self.config
-        self.collator = ClassificationCollator(tokenizer, cfg.max_length)
         # Load enough training rows that ``examples_per_task`` remain after carving the validation split.
         wanted = round(cfg.examples_per_task / (1 - cfg.validation_fraction))
         common = {"seed": cfg.data_seed, "max_train": wanted, "max_eval": cfg.eval_examples}
@@ -237,9 +229,11 @@ class ContinualRunner:
             train, validation = make_validation_split(
                 task.train, cfg.validation_fraction, cfg.data_seed, origin=f"task {task.name!r} training data"
             )
-            self.tasks.append(TaskSplits(task.name, task.label_names, train, task.eval, notes=task.notes))
+            self.tasks.append(TaskSplits(task.name, task.label_names, train, task.eval, notes=task.notes,
+                                         prompt=task.prompt))
             self.validation.append(validation)
         self.eval_splits = [task.eval for task in self.tasks]
+        self.protocol = PROTOCOLS[cfg.protocol](self.tasks, tokenizer, cfg, self.device, self.bf16)
         # Tokenize only what will be scored (no tokenizer packs more than 10 characters a token).
         max_chars = 10 * cfg.ppl_max_tokens if cfg.ppl_max_tokens else None
         if cfg.corpus_file is not None:
@@ -269,38 +263,19 @@ class ContinualRunner:
         ).perplexity
 
     # one run ----------------------------------------------------------------------------------
-    def _heads(self, seed: int, hidden: int) -> nn.ModuleList:
-        heads = []
-        for i, task in enumerate(self.tasks):
-            torch.manual_seed(derived_seed(seed, "head", i))
-            heads.append(nn.Linear(hidden, task.num_labels))
-        return nn.ModuleList(heads).to(self.device)
-
-    def _accuracies(self, adapted: Adapted, heads, splits: str, upto: int, base: bool) -> list[float | None]:
+    def _accuracies(self, adapted: Adapted, state: RunState, splits: str, upto: int, base: bool) -> list[float | None]:
         """Accuracy of tasks 0..upto (inclusive) on ``splits`` ("eval_splits" or "validation"), each
         in the state its method evaluates it in; None for tasks not yet seen. ``base``: the model's
-        backbone is the unchanged base model."""
+        backbone is the unchanged base model (what it computes is cached across runs)."""
         row: list[float | None] = []
         for j in range(len(self.tasks)):
             if j > upto:
                 row.append(None)
                 continue
             with adapted.evaluating(j):
-                row.append(head_accuracy(heads[j], self._features(adapted.model, splits, j, base)))
+                row.append(state.accuracy(adapted.model, j, splits, getattr(self, splits)[j], base,
+                                          adapted.demonstrations))
         return row
-
-    def _features(self, model: nn.Module, splits: str, j: int, base: bool) -> Features:
-        """Features of split ``j``. The base model's (the before row, frozen-backbone runs) never
-        change: computed once, on the same batches, they are exactly what each run would compute."""
-        def compute() -> Features:
-            split = getattr(self, splits)[j]
-            return split_features(model, split, self.collator, self.config.eval_batch_size, self.bf16, self.device)
-
-        if not base:
-            return compute()
-        if (splits, j) not in self._base_features:
-            self._base_features[splits, j] = compute()
-        return self._base_features[splits, j]
 
     def _perplexity_curve(self, spec: RunSpec) -> bool:
         """Whether a run scores perplexity after every task: as configured, else not for a method swept
@@ -318,18 +293,19 @@ class ContinualRunner:
         adapted = build_method(copy.deepcopy(base_lm), spec, cfg, self.calibration_ids)
         build_s = time.perf_counter() - building
         model = adapted.model.to(self.device)
-        heads = self._heads(spec.seed, base_lm.config.hidden_size)
+        protocol = self.protocol.start_run(spec.seed, base_lm)
         settings = TrainSettings(
             lr=spec.lr or 0.0, head_lr=cfg.head_lr, epochs=cfg.epochs, batch_size=cfg.batch_size,
             warmup_steps=cfg.warmup_steps, max_warmup_fraction=cfg.max_warmup_fraction,
             weight_decay=cfg.weight_decay, u_penalty=spec.u_penalty, bf16=self.bf16,
         )
-        state = self._resume_state(ckpt_dir, adapted, heads)
+        state = self._resume_state(ckpt_dir, adapted, protocol)
         if state is None:
             state = {
                 "accuracy_matrix": [self.before_row],
                 "ppl_after_task": [],
                 "final_losses": [],
+                "train_loss": [],
                 "elapsed_s": build_s,
                 "tasks_done": 0,
             }
@@ -341,30 +317,37 @@ class ContinualRunner:
             torch.manual_seed(derived_seed(spec.seed, "task", i, spec.key))
             generator = torch.Generator().manual_seed(derived_seed(spec.seed, "shuffle", i))
             adapted.start_task(i)
-            losses = train_task(
-                model, heads[i], task.train, self.collator, settings, generator, adapted.u_params,
-                progress=cfg.progress and self.is_main, description=f"{spec.key} · {task.name}",
-                penalty=adapted.penalty, replay=adapted.replay_examples(),
-            )
-            adapted.end_task(i, FinishedTask(task.train, heads[i], self.collator, self.bf16))
-            test_row = self._accuracies(adapted, heads, "eval_splits", i, method.frozen_backbone)
+            if method.frozen_backbone and not protocol.task_parameters(i):
+                losses = []  # a floor that trains nothing (zero-shot, k-shot)
+            else:
+                losses = train_task(
+                    model, [(e, i) for e in task.train] + adapted.replay_examples(), protocol.loss,
+                    protocol.task_parameters(i), settings, generator, adapted.u_params,
+                    progress=cfg.progress and self.is_main, description=f"{spec.key} · {task.name}",
+                    penalty=adapted.penalty,
+                )
+            adapted.end_task(i, FinishedTask(task.train, i, protocol.loss))
+            test_row = self._accuracies(adapted, protocol, "eval_splits", i, method.frozen_backbone)
             # A frozen backbone cannot change the LM: its perplexity is the base model's by construction.
             ppl = self.ppl_before if method.frozen_backbone else None
             if ppl is None and (curve or i == len(self.tasks) - 1):
                 ppl = self._perplexity(model)
             state["accuracy_matrix"].append(test_row)
             state["ppl_after_task"].append(ppl)
-            state["final_losses"].append(sum(losses[-10:]) / len(losses[-10:]))
+            state["final_losses"].append(sum(losses[-10:]) / len(losses[-10:]) if losses else None)
+            state.setdefault("train_loss", []).append(losses)
             state["tasks_done"] = i + 1
             state["elapsed_s"] = time.perf_counter() - started
-            self._checkpoint(ckpt_dir, adapted, heads, state)
+            self._checkpoint(ckpt_dir, adapted, protocol, state)
             seen = ", ".join(f"{self.tasks[j].name} {test_row[j]:.3f}" for j in range(i + 1))
             scored = "not scored (only after the last task in this run)" if ppl is None else f"{ppl:.2f}"
             self._say(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {scored}")
         # Validation rows (carved from training data) are only for choosing rates: the final state suffices.
-        validation = self._accuracies(adapted, heads, "validation", len(self.tasks) - 1, method.frozen_backbone)
+        validation = self._accuracies(adapted, protocol, "validation", len(self.tasks) - 1, method.frozen_backbone)
+        checks = protocol.final_checks(model, self.eval_splits, adapted.demonstrations)
         diagnostics = stability_diagnostics(model) if isinstance(model, CURLoRAModel) else []
-        trained = [p for p in [*model.parameters(), *heads.parameters()] if p.requires_grad]
+        trained = [p for p in model.parameters() if p.requires_grad] + [
+            t.to(self.device) for t in protocol.state_dict().values()]
         data_parallel = {"world_size": self.world}
         if self.world > 1:
             data_parallel["max_difference_across_ranks"] = rank_divergence(trained)
@@ -376,9 +359,11 @@ class ContinualRunner:
             "perplexity": {"before": self.ppl_before, "after_task": state["ppl_after_task"],
                            "final": state["ppl_after_task"][-1]},
             "final_train_loss": state["final_losses"],
+            "train_loss": state.get("train_loss"),
+            **checks,
             "trainable_params": {
                 "adapter": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                "heads": sum(p.numel() for p in heads.parameters()),
+                "heads": protocol.num_parameters(),
             },
             "frozen_backbone": method.frozen_backbone,
             "stored_per_task": adapted.stored_per_task(),
@@ -409,29 +394,28 @@ class ContinualRunner:
         except (OSError, IndexError):
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # since process start
 
-    def _checkpoint(self, ckpt_dir: Path, adapted: Adapted, heads: nn.ModuleList, state: dict) -> None:
+    def _checkpoint(self, ckpt_dir: Path, adapted: Adapted, protocol: RunState, state: dict) -> None:
         """Tensors first, then the state that points at them: a half-written task is never read back."""
         if not self.is_main:
             return
         i = state["tasks_done"]
         tensors = {f"model.{k}": v for k, v in adapted.checkpoint_tensors().items()}
-        tensors.update({f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()})
+        tensors.update({f"heads.{k}": v for k, v in protocol.state_dict().items()})
         atomic_write_bytes(ckpt_dir / f"task{i}.safetensors", save(tensors))
         atomic_write_json(ckpt_dir / f"task{i}.json", state)
         for older in range(1, i):
             (ckpt_dir / f"task{older}.safetensors").unlink(missing_ok=True)
 
-    def _resume_state(self, ckpt_dir: Path, adapted: Adapted, heads: nn.ModuleList) -> dict | None:
+    def _resume_state(self, ckpt_dir: Path, adapted: Adapted, protocol: RunState) -> dict | None:
         done = sorted(int(p.stem[4:]) for p in ckpt_dir.glob("task*.json")) if ckpt_dir.is_dir() else []
         for i in reversed(done):
             tensors_path = ckpt_dir / f"task{i}.safetensors"
             if not tensors_path.is_file():
                 continue
             tensors = load_file(str(tensors_path))
-            adapted.resume(i, [FinishedTask(t.train, heads[j], self.collator, self.bf16)
-                               for j, t in enumerate(self.tasks[:i])])
+            adapted.resume(i, [FinishedTask(t.train, j, protocol.loss) for j, t in enumerate(self.tasks[:i])])
             adapted.load_checkpoint({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-            heads.load_state_dict({k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")})
+            protocol.load_state_dict({k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")})
             self._say(f"[{ckpt_dir.name}] resuming after task {i}")
             return json.loads((ckpt_dir / f"task{i}.json").read_text())
         return None
@@ -475,8 +459,8 @@ class ContinualRunner:
         self.ppl_before = self._cached("base_perplexity", lambda: self._perplexity(base_lm))
         runs_dir = self.run_dir / "runs"
         pending = [spec for spec in run_specs(cfg) if not (runs_dir / f"{spec.key}.json").is_file()]
-        # The row before training: each seed's fresh heads on the base model's features.
-        before_rows = {seed: self._accuracies(Adapted(base_lm), self._heads(seed, base_lm.config.hidden_size),
+        # The row before training: each seed's fresh protocol state (untrained heads, or zero-shot) on the base model.
+        before_rows = {seed: self._accuracies(Adapted(base_lm), self.protocol.start_run(seed, base_lm),
                                               "eval_splits", len(self.tasks) - 1, True)
                        for seed in dict.fromkeys(spec.seed for spec in pending)}
         workers = min(cfg.workers, len(pending))
@@ -547,9 +531,9 @@ class ContinualRunner:
             queue.put(None)
         threads = max(1, torch.get_num_threads() // workers)
         self._say(f"{len(pending)} runs in {workers} worker processes, {threads} thread(s) each")
-        # The base model's split features (the before row computed them here) go along: a frozen-backbone
-        # run in a worker scores its heads on them instead of computing them again.
-        shared = (self.config, str(self.run_dir), queue, before_rows, self._base_features, threads)
+        # What the base model computed for the before row (split features, zero-shot scores) goes along:
+        # a frozen-backbone run in a worker uses it instead of computing it again.
+        shared = (self.config, str(self.run_dir), queue, before_rows, self.protocol.base_cache, threads)
         processes = [context.Process(target=_worker, args=shared) for _ in range(workers)]
         for process in processes:
             process.start()
@@ -578,6 +562,7 @@ class ContinualRunner:
             "schema_version": SCHEMA_VERSION,
             "config": cfg.to_dict(),
             "model": self.model_name,
+            "protocol": self.protocol.describe(),
             "tasks": [
                 {"name": t.name, "label_names": t.label_names, "n_train": len(t.train),
                  "n_validation": len(v), "n_eval": len(t.eval), "majority_accuracy": t.majority_accuracy(),
@@ -593,12 +578,12 @@ class ContinualRunner:
 
 
 def _worker(config: ContinualConfig, run_dir: str, queue, before_rows: dict[int, list],
-            base_features: dict[tuple[str, int], Features], threads: int) -> None:
+            base_cache: dict[tuple, Any], threads: int) -> None:
     """A worker process of ``ContinualRunner._run_in_workers``: runs specs from ``queue`` until None."""
     torch.set_num_threads(threads)
     runner = ContinualRunner(dataclasses.replace(config, progress=False, workers=1), run_dir, resume=True)
-    runner._base_features.update(base_features)
     base_lm = runner._prepare()
+    runner.protocol.base_cache.update(base_cache)
     runner.ppl_before = runner._cached("base_perplexity", lambda: runner._perplexity(base_lm))
     parent = os.getppid()
     # A killed command leaves no orphan training on: a worker whose parent is gone stops at the next run.

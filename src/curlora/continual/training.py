@@ -1,17 +1,21 @@
-"""Training and evaluating a classification head on a (possibly adapted) causal LM.
+"""Running a (possibly adapted) causal LM for the benchmark's protocols, and the training loop.
 
-A task head reads the hidden state of each sequence's last real token, as the paper's
-``lm_head`` replacement did; the language-model head stays untouched, so perplexity can be
-measured between tasks. Position ids follow the attention mask, so left padding gives the
-same hidden states as the unpadded sequence for absolute-position models (GPT-2) too.
+The heads protocol reads the hidden state of each sequence's last real token, as the paper's
+``lm_head`` replacement did; the generative protocol reads the LM's own logits at the answer
+positions. Position ids follow the attention mask, so left padding gives the same states as the
+unpadded sequence for absolute-position models (GPT-2) too. ``train_task`` trains whatever loss a
+protocol defines on a task's rows (and replayed rows of earlier tasks).
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import inspect
 import math
 import weakref
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +25,22 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_cosine_schedule_with_warmup
 
-from curlora.data import ClassificationCollator, Example, last_token_index
+from curlora.data import Example, last_token_index
 
 
 class NonFiniteLossError(RuntimeError):
     """Training diverged; the runner stops that method's run and keeps the others going."""
+
+
+def derived_seed(*parts: object) -> int:
+    """A seed for one purpose of one run (head init, shuffling, demonstrations), from its parts."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+
+
+# A training row: an example and the index of the task it belongs to (replayed rows are earlier tasks').
+Item = tuple[Example, int]
+# A protocol's loss: (model, rows, whether the backbone trains) -> the loss summed over the rows.
+LossFn = Callable[[nn.Module, Sequence[Item], bool], torch.Tensor]
 
 
 def causal_lm_of(model: nn.Module) -> nn.Module:
@@ -62,7 +77,7 @@ _PACKING_WORKS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDi
 
 
 def _padded_last_hidden(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+    position_ids = _positions(attention_mask)
     hidden = backbone_of(model)(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
     ).last_hidden_state
@@ -80,6 +95,66 @@ def _packed_last_hidden(model: nn.Module, tokens: torch.Tensor, lengths: torch.T
         input_ids=tokens.unsqueeze(0), position_ids=position_ids.unsqueeze(0), use_cache=False
     ).last_hidden_state[0]
     return hidden[lengths.cumsum(0) - 1]
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def _keeps_logits(lm: nn.Module) -> bool:
+    return "logits_to_keep" in inspect.signature(lm.forward).parameters
+
+
+def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+              wanted: torch.Tensor) -> torch.Tensor:
+    """The LM's next-token logits at the positions ``wanted`` marks (a batch × length bool mask),
+    row by row (n_wanted × vocab). Only those positions go through the LM head, which is a large
+    share of a forward pass; a mostly-padding batch runs packed, as in :func:`last_hidden`."""
+    lm = causal_lm_of(model)
+    mask = attention_mask.bool()
+    lengths = mask.sum(-1)
+    if lengths.sum() <= PACK_BELOW_DENSITY * mask.numel() and packs_exactly(model):
+        starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+        position_ids = torch.arange(int(lengths.sum()), device=input_ids.device) - starts
+        keep = wanted[mask].nonzero().squeeze(-1)
+        kwargs = {"logits_to_keep": keep} if _keeps_logits(lm) else {}
+        logits = lm(input_ids=input_ids[mask].unsqueeze(0), position_ids=position_ids.unsqueeze(0),
+                    use_cache=False, **kwargs).logits[0]
+        return logits if kwargs else logits[keep]
+    columns = wanted.any(0).nonzero().squeeze(-1)
+    kwargs = {"logits_to_keep": columns} if _keeps_logits(lm) else {}
+    logits = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=_positions(attention_mask),
+                use_cache=False, **kwargs).logits
+    return logits[wanted[:, columns]] if kwargs else logits[wanted]
+
+
+@torch.no_grad()
+def answer_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     answers: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Log-probability of each answer after each (left-padded) prompt: batch × answers, the sum over
+    the answer's tokens (lm-evaluation-harness's multiple-choice score, not length-normalised).
+
+    The prompt runs once for all answers: its last position scores every answer's first token, and
+    only answers of several tokens continue, from a copy of the prompt's key/value cache."""
+    lm = causal_lm_of(model)
+    longer = any(len(a) > 1 for a in answers)
+    positions = _positions(attention_mask)
+    kwargs = {"logits_to_keep": 1} if _keeps_logits(lm) else {}
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=longer, **kwargs)
+    # transformers 5.x renamed past_key_values to cache (the old name warns, then goes in 5.40).
+    cache_name = "cache" if "cache" in inspect.signature(lm.forward).parameters else "past_key_values"
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+    scores = first[:, [a[0] for a in answers]].clone()
+    for k, answer in enumerate(answers):
+        if len(answer) == 1:
+            continue
+        rest = torch.tensor(answer, device=input_ids.device).expand(input_ids.shape[0], -1)
+        steps = rest.shape[1] - 1
+        more = lm(input_ids=rest[:, :-1], attention_mask=torch.cat([attention_mask, torch.ones_like(rest[:, :-1])], 1),
+                  position_ids=positions[:, -1:] + 1 + torch.arange(steps, device=input_ids.device),
+                  **{cache_name: copy.deepcopy(getattr(out, cache_name))}, use_cache=True).logits
+        scores[:, k] += F.log_softmax(more.float(), dim=-1).gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
+    return scores
 
 
 @torch.no_grad()
@@ -175,167 +250,78 @@ def autocast(device: torch.device, enabled: bool):
 
 def train_task(
     model: nn.Module,
-    head: nn.Linear,
-    examples: Sequence[Example],
-    collator: ClassificationCollator,
+    items: Sequence[Item],
+    loss_fn: LossFn,
+    task_params: Sequence[torch.Tensor],
     settings: TrainSettings,
     generator: torch.Generator,
     u_params: Sequence[torch.Tensor] = (),
     progress: bool = True,
     description: str = "train",
     penalty: Callable[[], torch.Tensor | None] | None = None,
-    replay: Sequence[tuple[Example, nn.Module]] = (),
 ) -> list[float]:
-    """Train the model's trainable parameters and ``head`` on one task; returns per-step losses.
-    ``penalty`` is a method's extra loss term (EWC's pull toward earlier solutions), added each step;
-    ``replay`` are earlier tasks' rows, shuffled into the epoch, each scored by its own task's head,
-    which stays as its task left it (the rows train the shared adapter, never the old head)."""
-    device = head.weight.device
+    """Train the model's trainable parameters (at ``settings.lr``) and a protocol's ``task_params``
+    (a task head, at ``settings.head_lr``) on ``items``: a task's rows and any replayed rows of
+    earlier tasks, shuffled together. Returns the loss of every step (the mean over the batch's
+    rows). ``penalty`` is a method's extra loss term (EWC's pull toward earlier solutions)."""
     adapter_params = [p for p in model.parameters() if p.requires_grad]
-    items = [(e, head) for e in examples] + list(replay)
-    groups = [{"params": list(head.parameters()), "lr": settings.head_lr}]
+    groups = [{"params": list(task_params), "lr": settings.head_lr}] if task_params else []
     if adapter_params:
         groups.append({"params": adapter_params, "lr": settings.lr})
+    if not groups:
+        raise ValueError(f"{description}: nothing to train (no trainable parameters).")
     optimizer = torch.optim.AdamW(groups, weight_decay=settings.weight_decay)
     steps_per_epoch = math.ceil(len(items) / settings.batch_size)
     total = steps_per_epoch * settings.epochs
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_for(total, settings), total)
-    frozen_backbone = not adapter_params
     model.train()
-    head.train()
     losses: list[float] = []
     bar = tqdm(total=total, desc=description, disable=not progress, leave=False)
     rank, world = data_parallel_rank()
     trained = [p for group in groups for p in group["params"]]
-    old_heads = {id(h): h for _, h in replay if h is not head}.values()
-    with frozen(old_heads):
-        for _ in range(settings.epochs):
-            for batch in batches(items, settings.batch_size, generator):
-                # Data parallel: each process takes its share of the global batch; summed gradients
-                # over processes then equal the single-process gradient of the whole batch.
-                shard = batch[rank::world]
-                mine = shard or batch[:1]
-                inputs = {k: v.to(device) for k, v in collator([e for e, _ in mine]).items()}
-                with autocast(device, settings.bf16), torch.no_grad() if frozen_backbone else nullcontext():
-                    features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
-                loss = _batch_loss(features.float(), inputs["labels"], [h for _, h in mine]) / len(batch)
-                if not shard:
-                    loss = loss * 0.0
-                if settings.u_penalty and u_params:
-                    loss = loss + settings.u_penalty * sum(u.norm() for u in u_params) / world
-                extra = penalty() if penalty is not None else None
-                if extra is not None:
-                    loss = loss + extra / world
-                loss.backward()
-                total_loss = loss.detach()
-                if world > 1:
-                    _all_reduce_gradients(trained, total_loss)
-                if not torch.isfinite(total_loss):
-                    raise NonFiniteLossError(
-                        f"{description}: loss became {total_loss.item()} at step {len(losses) + 1}; "
-                        f"lower the learning rate (lr={settings.lr}, head_lr={settings.head_lr})."
-                    )
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(total_loss.item())
-                bar.update()
-                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    for _ in range(settings.epochs):
+        for batch in batches(items, settings.batch_size, generator):
+            # Data parallel: each process takes its share of the global batch; summed gradients
+            # over processes then equal the single-process gradient of the whole batch.
+            shard = batch[rank::world]
+            loss = loss_fn(model, shard or batch[:1], bool(adapter_params)) / len(batch)
+            if not shard:
+                loss = loss * 0.0
+            if settings.u_penalty and u_params:
+                loss = loss + settings.u_penalty * sum(u.norm() for u in u_params) / world
+            extra = penalty() if penalty is not None else None
+            if extra is not None:
+                loss = loss + extra / world
+            loss.backward()
+            total_loss = loss.detach()
+            if world > 1:
+                _all_reduce_gradients(trained, total_loss)
+            if not torch.isfinite(total_loss):
+                raise NonFiniteLossError(
+                    f"{description}: loss became {total_loss.item()} at step {len(losses) + 1}; "
+                    f"lower the learning rate (lr={settings.lr}, head_lr={settings.head_lr})."
+                )
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(total_loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     model.eval()
-    head.eval()
     return losses
 
 
-@contextmanager
-def frozen(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Parameters that pass gradients through but collect none (earlier tasks' heads under replay)."""
-    params = [p for m in modules for p in m.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
-
-
-def _batch_loss(features: torch.Tensor, labels: torch.Tensor, heads: Sequence[nn.Module]) -> torch.Tensor:
-    """Summed cross-entropy, each row through its own task's head (one matmul when all share one)."""
-    if all(h is heads[0] for h in heads):
-        return F.cross_entropy(heads[0](features), labels, reduction="sum")
-    total = features.new_zeros(())
-    for h in {id(h): h for h in heads}.values():
-        rows = torch.tensor([i for i, other in enumerate(heads) if other is h], device=features.device)
-        total = total + F.cross_entropy(h(features[rows]), labels[rows], reduction="sum")
-    return total
-
-
-@dataclass(frozen=True)
-class Features:
-    """Last-token features of a split, batch by batch as ``accuracy`` computes them, with labels.
-
-    Kept per batch so a head applied to them does the very matmuls it would do inline: a frozen
-    backbone's features can be computed once and scored by any head, bit for bit the same."""
-
-    batches: list[torch.Tensor]
-    labels: list[torch.Tensor]
-
-
-@torch.no_grad()
-def split_features(
-    model: nn.Module,
-    examples: Sequence[Example],
-    collator: ClassificationCollator,
-    batch_size: int = 32,
-    bf16: bool = False,
-    device: torch.device | None = None,
-) -> Features:
-    """The model's last-token features of ``examples`` (in eval mode), for ``head_accuracy``."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    features, labels = [], []
-    # Similar token counts in one batch waste little compute on padding (characters were a poor
-    # proxy: such batches were a third padding); order does not change accuracy.
-    tokens = collator(examples)["attention_mask"].sum(-1).tolist() if examples else []
-    by_length = [examples[i] for i in sorted(range(len(examples)), key=tokens.__getitem__)]
-    for batch in batches(by_length, batch_size):
-        inputs = {k: v.to(device) for k, v in collator(batch).items()}
-        with autocast(device, bf16):
-            features.append(last_hidden(model, inputs["input_ids"], inputs["attention_mask"]))
-        labels.append(inputs["labels"])
-    return Features(features, labels)
-
-
-@torch.no_grad()
-def head_accuracy(head: nn.Linear, features: Features) -> float:
-    """Accuracy of ``head`` on precomputed features."""
-    head.eval()
-    correct = sum(int((head(f.float()).argmax(dim=-1) == y).sum()) for f, y in zip(features.batches, features.labels))
-    return correct / sum(len(y) for y in features.labels)
-
-
-def fisher_diagonal(
-    model: nn.Module,
-    head: nn.Linear,
-    examples: Sequence[Example],
-    collator: ClassificationCollator,
-    params: Sequence[torch.Tensor],
-    bf16: bool = False,
-) -> list[torch.Tensor]:
-    """The empirical diagonal Fisher of ``params`` on a task: the mean over examples of the squared
-    gradient of each example's log-likelihood of its label (one example per backward, so it is the
-    per-example Fisher, not the square of a batch-mean gradient)."""
-    device = head.weight.device
+def fisher_diagonal(model: nn.Module, loss_fn: LossFn, items: Sequence[Item],
+                    params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The empirical diagonal Fisher of ``params`` on a task: the mean over rows of the squared
+    gradient of each row's negative log-likelihood under the protocol's loss (one row per backward,
+    so it is the per-example Fisher, not the square of a batch-mean gradient)."""
     fisher = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     model.eval()
-    for example in examples:
-        inputs = {k: v.to(device) for k, v in collator([example]).items()}
-        with autocast(device, bf16):
-            features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
-        loss = F.cross_entropy(head(features.float()), inputs["labels"])
-        grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    for item in items:
+        grads = torch.autograd.grad(loss_fn(model, [item], True), list(params), allow_unused=True)
         for f, g in zip(fisher, grads):
             if g is not None:
                 f.add_(g.detach().float().pow(2))
-    return [f.div_(max(len(examples), 1)) for f in fisher]
+    return [f.div_(max(len(items), 1)) for f in fisher]

@@ -26,7 +26,8 @@ from .tasks import (
     load_task,
     load_task_file,
 )
-from .tokenization import ClassificationCollator, last_token_index, prepare_tokenizer
+from .prompts import PROMPTS, Prompt, default_prompt, prompt_for
+from .tokenization import ClassificationCollator, PromptCollator, last_token_index, prepare_tokenizer
 
 __all__ = [
     "ARCHIVES",
@@ -38,6 +39,9 @@ __all__ = [
     "PAPER_TASKS",
     "TASKS",
     "ClassificationCollator",
+    "PROMPTS",
+    "Prompt",
+    "PromptCollator",
     "CorpusSpec",
     "DataError",
     "Example",
@@ -45,6 +49,7 @@ __all__ = [
     "TaskSplits",
     "cache_dir",
     "deduplicate",
+    "default_prompt",
     "fetch_archive",
     "last_token_index",
     "load_corpus",
@@ -53,6 +58,7 @@ __all__ = [
     "load_task_file",
     "make_validation_split",
     "prepare_tokenizer",
+    "prompt_for",
     "stratified_split",
     "stratified_subsample",
 ]

@@ -12,6 +12,7 @@ import random
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "DataError",
@@ -49,6 +50,7 @@ class TaskSplits:
     eval: list[Example]
     metric: str = "accuracy"
     notes: list[str] = field(default_factory=list)
+    prompt: Any = None  # data.prompts.Prompt: how the generative protocol asks for the label
 
     @property
     def num_labels(self) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import offline, sources
+from .prompts import prompt_for
 from .splits import (
     DataError,
     Example,
@@ -239,8 +240,10 @@ def load_task(
     spec = TASKS[name]
     src = _pick_source(name, spec.sources, source, data_dir)
     train, eval_ = spec.loaders[src](data_dir)
-    return _finish(name, spec.label_names, train, eval_, seed, eval_fraction,
-                   max_train, max_eval, f"task {name!r} ({src})")
+    splits = _finish(name, spec.label_names, train, eval_, seed, eval_fraction,
+                     max_train, max_eval, f"task {name!r} ({src})")
+    splits.prompt = prompt_for(name, spec.label_names, splits.is_pair)
+    return splits
 
 
 def _cut(text: str, max_chars: int | None) -> str:
@@ -290,13 +293,17 @@ def load_task_file(
     max_eval: int | None = None,
     eval_path: str | Path | None = None,
     name: str | None = None,
+    template: str | None = None,
+    label_words: Sequence[str] | None = None,
 ) -> TaskSplits:
     """A user's own task from a CSV, TSV (no quoting, GLUE-style) or JSONL file.
 
     Labels are names from ``label_names`` or integer indices into it; without
     ``label_names`` the sorted distinct label values are the classes. With
     ``eval_path`` that file is the eval split; otherwise a seeded, stratified,
-    text-disjoint split of ``path`` is made.
+    text-disjoint split of ``path`` is made. ``template`` and ``label_words`` say how the
+    generative protocol asks for the label (default: the label names as answers, see
+    :mod:`curlora.data.prompts`); they are checked here, before any work.
     """
     p = Path(path).expanduser()
     columns, rows = sources.read_table(p)
@@ -316,6 +323,8 @@ def load_task_file(
         raise DataError(f"{p}: no labelled rows")
     splits = _finish(name or p.stem, names, train, eval_, seed, eval_fraction,
                      max_train, max_eval, str(p))
+    splits.prompt = prompt_for(splits.name, names, text_pair_column is not None, template, label_words,
+                               origin=f"{p} (template / label_words)")
     if eval_path is not None:
         overlap = {text_key(e) for e in splits.train} & {text_key(e) for e in splits.eval}
         if overlap:

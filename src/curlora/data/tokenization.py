@@ -15,14 +15,16 @@ paper's setup did, and it is kept for fidelity.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from .prompts import Prompt
 from .splits import DataError, Example
 
-__all__ = ["ClassificationCollator", "last_token_index", "prepare_tokenizer"]
+__all__ = ["ClassificationCollator", "PromptCollator", "last_token_index", "prepare_tokenizer"]
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:
@@ -84,6 +86,137 @@ class ClassificationCollator:
             max_length=self.max_length,
             return_tensors="pt",
         )
+
+
+# Stand-ins for an example's texts while a prompt is rendered (private-use characters no tokenizer
+# merges across), so the texts can be tokenized and truncated apart from the template around them.
+_SLOT = re.compile("\ue000(\\d+)\ue001")
+
+
+def _slot(index: int) -> str:
+    return f"\ue000{index}\ue001"
+
+
+class PromptCollator:
+    """Prompt → answer batches for a causal LM (the generative protocol), left padded.
+
+    A prompt is the task's template filled with the example (and, for k-shot, the filled templates
+    of k demonstrations each followed by its answer). With ``chat_template`` (default: when the
+    tokenizer has one, e.g. SmolLM2-Instruct's ChatML) each template is a user turn and each answer
+    an assistant turn, the prompt ending with the template's generation cue; without it, the filled
+    templates are joined by blank lines and an answer follows its cue after one space.
+
+    ``max_length`` bounds an example's own text tokens (a pair's longer text is cut first), as in
+    :class:`ClassificationCollator`, so both protocols read the same words; the template comes on top.
+    An answer is the label word's tokens and then one end-of-answer token (the tokenizer's eos, or
+    the chat template's end of turn): training predicts both, so generation stops after the word;
+    scoring sums the word's tokens only.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int = 128, chat_template: bool | None = None) -> None:
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.tokenizer = prepare_tokenizer(tokenizer)
+        self.max_length = max_length
+        has_template = getattr(self.tokenizer, "chat_template", None) is not None
+        if chat_template and not has_template:
+            raise DataError("chat_template is on, but the tokenizer has no chat template; set it off (or leave it unset)")
+        self.chat = has_template if chat_template is None else bool(chat_template)
+        bos = self.tokenizer.bos_token_id
+        self._bos = [bos] if not self.chat and bos is not None and self._ids("a", special=True)[:1] == [bos] else []
+        self.end_ids = self._end_of_answer()
+        self._cache: dict[tuple, list[int]] = {}
+
+    def _ids(self, text: str, special: bool = False) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special).input_ids
+
+    def _end_of_answer(self) -> list[int]:
+        if not self.chat:
+            if self.tokenizer.eos_token_id is None:
+                raise DataError("the tokenizer has no eos token to end an answer with")
+            return [self.tokenizer.eos_token_id]
+        turn = [{"role": "user", "content": "x"}]
+        cue = self.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template(turn + [{"role": "assistant", "content": "y"}], tokenize=False)
+        if not full.startswith(cue + "y") or not full[len(cue) + 1:].strip():
+            raise DataError("the chat template does not close an assistant turn after its answer; set chat_template off")
+        return self._ids(full[len(cue) + 1:])[:1]
+
+    def answers(self, prompt: Prompt) -> list[list[int]]:
+        """Each label's answer tokens (without the end-of-answer token)."""
+        return [self._ids(word if self.chat else " " + word) for word in prompt.label_words]
+
+    def _render(self, examples: Sequence[Example], prompt: Prompt) -> str:
+        """The prompt for the last example, the others as answered demonstrations; texts as slots."""
+        users = [prompt.template.format(text=_slot(2 * i), text_pair=_slot(2 * i + 1)) for i in range(len(examples))]
+        words = [prompt.label_words[e.label] for e in examples[:-1]]
+        if self.chat:
+            turns = []
+            for user, word in zip(users, words):
+                turns += [{"role": "user", "content": user}, {"role": "assistant", "content": word}]
+            turns.append({"role": "user", "content": users[-1]})
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return "".join(f"{user} {word}\n\n" for user, word in zip(users, words)) + users[-1]
+
+    def prompt_ids(self, example: Example, prompt: Prompt, demos: Sequence[Example] = ()) -> list[int]:
+        """Token ids of ``example``'s prompt (after ``demos`` as answered examples)."""
+        key = (example, prompt, tuple(demos))
+        if key not in self._cache:
+            owners = [*demos, example]
+            pieces = _SLOT.split(self._render(owners, prompt))  # literal, slot, literal, ..., literal
+            # Each text's tokens as it stands in the prompt (a space before a slot goes with the text:
+            # " word" is the natural token), then each example's texts cut to max_length, longest first.
+            texts: dict[int, list[int]] = {}
+            for k in range(1, len(pieces), 2):
+                slot, lead = int(pieces[k]), " " if pieces[k - 1].endswith(" ") else ""
+                texts[slot] = self._ids(lead + ((owners[slot // 2].text, owners[slot // 2].text_pair)[slot % 2] or ""))
+            for i in range(len(owners)):
+                parts = [texts[slot] for slot in (2 * i, 2 * i + 1) if slot in texts]
+                while sum(map(len, parts)) > self.max_length:
+                    max(parts, key=len).pop()
+            ids = list(self._bos)
+            for k, piece in enumerate(pieces):
+                if k % 2:
+                    ids += texts[int(piece)]
+                    continue
+                literal = piece[:-1] if k + 1 < len(pieces) and piece.endswith(" ") else piece
+                ids += self._ids(literal) if literal else []
+            self._cache[key] = ids
+        return self._cache[key]
+
+    def training_batch(self, items: Sequence[tuple[Example, Prompt]]) -> dict[str, torch.Tensor]:
+        """``input_ids``, ``attention_mask`` and ``targets``: the answer and end-of-answer tokens where
+        they stand, -100 elsewhere (prompt tokens carry no loss)."""
+        if not items:
+            raise DataError("cannot collate an empty batch")
+        rows, targets = [], []
+        for example, prompt in items:
+            prompt_part = self.prompt_ids(example, prompt)
+            answer = self.answers(prompt)[example.label] + self.end_ids
+            rows.append(prompt_part + answer)
+            targets.append([-100] * len(prompt_part) + answer)
+        batch = self._left_pad(rows)
+        batch["targets"] = self._left_pad(targets, pad=-100)["input_ids"]
+        return batch
+
+    def prompt_batch(self, examples: Sequence[Example], prompt: Prompt,
+                     demos: Sequence[Example] = ()) -> dict[str, torch.Tensor]:
+        """Left-padded prompts (``input_ids``, ``attention_mask``) and the gold ``labels``."""
+        if not examples:
+            raise DataError("cannot collate an empty batch")
+        batch = self._left_pad([self.prompt_ids(e, prompt, demos) for e in examples])
+        batch["labels"] = torch.tensor([e.label for e in examples], dtype=torch.long)
+        return batch
+
+    def _left_pad(self, rows: Sequence[list[int]], pad: int | None = None) -> dict[str, torch.Tensor]:
+        width = max(map(len, rows))
+        fill = self.tokenizer.pad_token_id if pad is None else pad
+        ids = torch.full((len(rows), width), fill, dtype=torch.long)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            mask[i, width - len(row):] = 1
+        return {"input_ids": ids, "attention_mask": mask}
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

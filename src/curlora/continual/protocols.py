@@ -1,0 +1,330 @@
+"""How a task is learned and scored: the benchmark's protocols, in one registry.
+
+* ``heads`` (the paper's): a fresh linear head per task reads the last token's hidden state; the
+  head trains beside the adapter, and the frozen backbone with heads alone (``head``) is the floor.
+* ``generative`` (how LLMs are fine-tuned, and how O-LoRA, TRACE and InfLoRA measure continual
+  learning): each task is instruction text (data.prompts), the LM is trained on the answer tokens
+  only, and a task is scored by which label's answer the LM finds likeliest. No head: the adapter
+  learns everything, and the floors are the untouched model answering zero-shot and with k training
+  rows shown in the prompt (``zero-shot``, ``k-shot``).
+
+A protocol says how a task becomes batches and a loss (``RunState.loss``), how a task is scored
+(``RunState.accuracy``) and which frozen-backbone methods are its floors. The runner, report and
+frontier read only this interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from curlora.data import ClassificationCollator, Example, PromptCollator, TaskSplits
+from curlora.continual.training import (
+    Item,
+    answer_log_probs,
+    autocast,
+    batches,
+    derived_seed,
+    last_hidden,
+    lm_logits,
+)
+
+
+class RunState(ABC):
+    """What a protocol keeps for one run (a method at one rate and seed) beside the adapted LM."""
+
+    def task_parameters(self, task_index: int) -> list[nn.Parameter]:
+        """Parameters trained with the task at ``head_lr`` (besides the method's own); none by default."""
+        return []
+
+    @abstractmethod
+    def loss(self, model: nn.Module, items: Sequence[Item], backbone_trains: bool) -> torch.Tensor:
+        """The loss summed over ``items`` (each row under its own task's head or prompt)."""
+
+    @abstractmethod
+    def accuracy(self, model: nn.Module, task_index: int, split: str, examples: Sequence[Example],
+                 base: bool, demonstrations: int = 0) -> float:
+        """Accuracy on ``examples`` of task ``task_index`` (``split`` names them for caching); ``base``:
+        the model is the unchanged base model, so what it computes can be cached across runs."""
+
+    def final_checks(self, model: nn.Module, evaluation: Sequence[Sequence[Example]],
+                     demonstrations: int = 0) -> dict[str, Any]:
+        """Extra per-run measurements after the last task (results.json fields); none by default."""
+        return {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors a checkpoint must hold to resume this state."""
+        return {}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Put :meth:`state_dict` back."""
+
+    def num_parameters(self) -> int:
+        return 0
+
+
+class Protocol(ABC):
+    """One way of learning and scoring the tasks of a run, set up once per command."""
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    floors: ClassVar[tuple[str, ...]]  # the frozen-backbone methods that mean something here
+    default_methods: ClassVar[tuple[str, ...]]
+
+    def __init__(self, tasks: Sequence[TaskSplits], tokenizer: Any, config: Any, device: torch.device,
+                 bf16: bool) -> None:
+        self.tasks = list(tasks)
+        self.config = config
+        self.device = device
+        self.bf16 = bf16
+        # What the unchanged base model computes never changes: kept across the runs of a command
+        # (and handed to worker processes), keyed by (split, task, ...).
+        self.base_cache: dict[tuple, Any] = {}
+
+    @abstractmethod
+    def start_run(self, seed: int, lm: nn.Module) -> RunState:
+        """A fresh state for a run with ``seed`` on ``lm``."""
+
+    def describe(self) -> dict[str, Any]:
+        """What results.json records about the protocol."""
+        return {"name": self.name}
+
+    def _cached(self, key: tuple, base: bool, compute):
+        if not base:
+            return compute()
+        if key not in self.base_cache:
+            self.base_cache[key] = compute()
+        return self.base_cache[key]
+
+
+# -- heads ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Features:
+    """Last-token features of a split, batch by batch as ``accuracy`` computes them, with labels.
+
+    Kept per batch so a head applied to them does the very matmuls it would do inline: a frozen
+    backbone's features can be computed once and scored by any head, bit for bit the same."""
+
+    batches: list[torch.Tensor]
+    labels: list[torch.Tensor]
+
+
+def by_length(examples: Sequence[Example], lengths: Sequence[int]) -> list[Example]:
+    """``examples`` sorted by token count: an evaluation batch of similar lengths wastes little on
+    padding (characters were a poor proxy: such batches were a third padding); order does not
+    change accuracy."""
+    return [examples[i] for i in sorted(range(len(examples)), key=lengths.__getitem__)]
+
+
+@torch.no_grad()
+def split_features(model: nn.Module, examples: Sequence[Example], collator: ClassificationCollator,
+                   batch_size: int = 32, bf16: bool = False, device: torch.device | None = None) -> Features:
+    """The model's last-token features of ``examples`` (in eval mode), for ``head_accuracy``."""
+    device = device or next(model.parameters()).device
+    model.eval()
+    features, labels = [], []
+    tokens = collator(examples)["attention_mask"].sum(-1).tolist() if examples else []
+    for batch in batches(by_length(examples, tokens), batch_size):
+        inputs = {k: v.to(device) for k, v in collator(batch).items()}
+        with autocast(device, bf16):
+            features.append(last_hidden(model, inputs["input_ids"], inputs["attention_mask"]))
+        labels.append(inputs["labels"])
+    return Features(features, labels)
+
+
+@torch.no_grad()
+def head_accuracy(head: nn.Linear, features: Features) -> float:
+    """Accuracy of ``head`` on precomputed features."""
+    head.eval()
+    correct = sum(int((head(f.float()).argmax(dim=-1) == y).sum()) for f, y in zip(features.batches, features.labels))
+    return correct / sum(len(y) for y in features.labels)
+
+
+class HeadsRun(RunState):
+    """A run's task heads: task t trains head t beside the adapter; every other head stays frozen
+    (a replayed row of an earlier task goes through that task's head, which stays as its task left
+    it: the old task is evaluated with it, so replay trains the shared adapter to keep serving it)."""
+
+    def __init__(self, protocol: "HeadsProtocol", seed: int, hidden: int) -> None:
+        self.protocol = protocol
+        heads = []
+        for i, task in enumerate(protocol.tasks):
+            torch.manual_seed(derived_seed(seed, "head", i))
+            heads.append(nn.Linear(hidden, task.num_labels))
+        self.heads = nn.ModuleList(heads).to(protocol.device)
+
+    def task_parameters(self, task_index: int) -> list[nn.Parameter]:
+        for j, head in enumerate(self.heads):
+            head.requires_grad_(j == task_index)
+        return list(self.heads[task_index].parameters())
+
+    def loss(self, model: nn.Module, items: Sequence[Item], backbone_trains: bool) -> torch.Tensor:
+        protocol = self.protocol
+        inputs = {k: v.to(protocol.device) for k, v in protocol.collator([e for e, _ in items]).items()}
+        with autocast(protocol.device, protocol.bf16), torch.no_grad() if not backbone_trains else nullcontext():
+            features = last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+        features, labels, owners = features.float(), inputs["labels"], [j for _, j in items]
+        if len(set(owners)) == 1:  # one matmul when every row is the same task's
+            return F.cross_entropy(self.heads[owners[0]](features), labels, reduction="sum")
+        total = features.new_zeros(())
+        for j in sorted(set(owners)):
+            rows = torch.tensor([i for i, owner in enumerate(owners) if owner == j], device=features.device)
+            total = total + F.cross_entropy(self.heads[j](features[rows]), labels[rows], reduction="sum")
+        return total
+
+    def accuracy(self, model: nn.Module, task_index: int, split: str, examples: Sequence[Example],
+                 base: bool, demonstrations: int = 0) -> float:
+        protocol = self.protocol
+        features = protocol._cached((split, task_index), base, lambda: split_features(
+            model, examples, protocol.collator, protocol.config.eval_batch_size, protocol.bf16, protocol.device))
+        return head_accuracy(self.heads[task_index], features)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.heads.state_dict().items()}
+
+    def load_state_dict(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self.heads.load_state_dict(dict(tensors))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.heads.parameters())
+
+
+class HeadsProtocol(Protocol):
+    name = "heads"
+    summary = "a fresh linear head per task on the last token's hidden state (the paper's protocol)"
+    floors = ("head",)
+    default_methods = ("curlora", "lora", "head")
+
+    def __init__(self, tasks, tokenizer, config, device, bf16) -> None:
+        super().__init__(tasks, tokenizer, config, device, bf16)
+        self.collator = ClassificationCollator(tokenizer, config.max_length)
+
+    def start_run(self, seed: int, lm: nn.Module) -> RunState:
+        return HeadsRun(self, seed, lm.config.hidden_size)
+
+
+# -- generative ---------------------------------------------------------------------------------
+class GenerativeRun(RunState):
+    """Prompt → answer: the LM's loss on the answer tokens, scoring by the answers' log-probabilities."""
+
+    def __init__(self, protocol: "GenerativeProtocol", seed: int) -> None:
+        self.protocol = protocol
+        self.seed = seed
+
+    def loss(self, model: nn.Module, items: Sequence[Item], backbone_trains: bool) -> torch.Tensor:
+        protocol = self.protocol
+        batch = protocol.collator.training_batch([(e, protocol.tasks[j].prompt) for e, j in items])
+        batch = {k: v.to(protocol.device) for k, v in batch.items()}
+        targets = batch["targets"]
+        wanted = torch.zeros_like(targets, dtype=torch.bool)
+        wanted[:, :-1] = targets[:, 1:] != -100  # the position before each answer token predicts it
+        with autocast(protocol.device, protocol.bf16):
+            logits = lm_logits(model, batch["input_ids"], batch["attention_mask"], wanted)
+        return F.cross_entropy(logits.float(), targets[:, 1:][wanted[:, :-1]], reduction="sum")
+
+    def demonstrations(self, task_index: int, k: int) -> list[Example]:
+        """The k-shot floor's training rows for a task: seeded per run, labels in turn (a label
+        appears once k reaches the number of labels), from training rows only."""
+        task = self.protocol.tasks[task_index]
+        order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(
+            derived_seed(self.seed, "demonstrations", task_index))).tolist()
+        by_label: dict[int, list[Example]] = {}
+        for i in order:
+            by_label.setdefault(task.train[i].label, []).append(task.train[i])
+        queues = [by_label[label] for label in sorted(by_label)]
+        chosen: list[Example] = []
+        while len(chosen) < min(k, len(task.train)):
+            for queue in queues:
+                if queue and len(chosen) < k:
+                    chosen.append(queue.pop(0))
+        shuffle = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(
+            derived_seed(self.seed, "demonstration order", task_index))).tolist()
+        return [chosen[i] for i in shuffle]
+
+    def accuracy(self, model: nn.Module, task_index: int, split: str, examples: Sequence[Example],
+                 base: bool, demonstrations: int = 0) -> float:
+        demos = tuple(self.demonstrations(task_index, demonstrations)) if demonstrations else ()
+        key = (split, task_index, demos)
+        return self.protocol._cached(key, base, lambda: self._accuracy(model, task_index, examples, demos))
+
+    @torch.no_grad()
+    def _accuracy(self, model: nn.Module, task_index: int, examples: Sequence[Example],
+                  demos: Sequence[Example]) -> float:
+        protocol = self.protocol
+        prompt, collator = protocol.tasks[task_index].prompt, protocol.collator
+        answers = collator.answers(prompt)
+        model.eval()
+        lengths = [len(collator.prompt_ids(e, prompt, demos)) for e in examples]
+        correct = 0
+        for batch in batches(by_length(examples, lengths), protocol.config.eval_batch_size):
+            inputs = {k: v.to(protocol.device) for k, v in collator.prompt_batch(batch, prompt, demos).items()}
+            with autocast(protocol.device, protocol.bf16):
+                scores = answer_log_probs(model, inputs["input_ids"], inputs["attention_mask"], answers)
+            correct += int((scores.argmax(-1) == inputs["labels"]).sum())  # ties: the first label
+        return correct / len(examples)
+
+    @torch.no_grad()
+    def final_checks(self, model: nn.Module, evaluation: Sequence[Sequence[Example]],
+                     demonstrations: int = 0) -> dict[str, Any]:
+        """Whether greedy generation gives a valid answer word at all, on the first
+        ``generation_examples`` evaluation rows of each task: the share whose generated text, up to
+        the end of the answer, is one of the task's label words (case and surrounding space ignored)."""
+        protocol = self.protocol
+        collator, tokenizer = protocol.collator, protocol.collator.tokenizer
+        lm = model.get_base_model() if hasattr(type(model), "get_base_model") else model
+        rates = []
+        for j, examples in enumerate(evaluation):
+            rows = list(examples[: protocol.config.generation_examples])
+            prompt = protocol.tasks[j].prompt
+            demos = tuple(self.demonstrations(j, demonstrations)) if demonstrations else ()
+            words = {w.casefold() for w in prompt.label_words}
+            longest = max(map(len, collator.answers(prompt))) + len(collator.end_ids)
+            valid = 0
+            for batch in batches(rows, protocol.config.eval_batch_size):
+                inputs = collator.prompt_batch(batch, prompt, demos)
+                out = lm.generate(input_ids=inputs["input_ids"].to(protocol.device),
+                                  attention_mask=inputs["attention_mask"].to(protocol.device),
+                                  max_new_tokens=longest, do_sample=False,
+                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=collator.end_ids[0])
+                for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+                    end = row.index(collator.end_ids[0]) if collator.end_ids[0] in row else len(row)
+                    valid += tokenizer.decode(row[:end]).strip().casefold() in words
+            rates.append(valid / len(rows))
+        return {"valid_answer_rate": rates}
+
+
+class GenerativeProtocol(Protocol):
+    name = "generative"
+    summary = ("instruction text, loss on the answer tokens only, scored by the likeliest label answer "
+               "(no heads; floors: zero-shot and k-shot)")
+    floors = ("zero-shot", "k-shot")
+    default_methods = ("curlora", "lora", "zero-shot", "k-shot")
+
+    def __init__(self, tasks, tokenizer, config, device, bf16) -> None:
+        super().__init__(tasks, tokenizer, config, device, bf16)
+        self.collator = PromptCollator(tokenizer, config.max_length, config.chat_template)
+
+    def start_run(self, seed: int, lm: nn.Module) -> RunState:
+        return GenerativeRun(self, seed)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "chat_template": self.collator.chat,
+            "end_of_answer": self.collator.tokenizer.convert_ids_to_tokens(self.collator.end_ids),
+            "scoring": "sum of the answer tokens' log-probabilities given the prompt (not length-normalised); "
+                       "the end-of-answer token is trained but not scored",
+            "k_shot": self.config.k_shot,
+            "prompts": {t.name: {"template": t.prompt.template, "label_words": list(t.prompt.label_words)}
+                        for t in self.tasks},
+        }
+
+
+PROTOCOLS: dict[str, type[Protocol]] = {p.name: p for p in (HeadsProtocol, GenerativeProtocol)}

@@ -1,0 +1,86 @@
+"""Classification tasks as instruction text: the generative protocol's prompt → answer pairs.
+
+A :class:`Prompt` is a template with ``{text}`` (and ``{text_pair}`` for sentence pairs) that
+ends in an answer cue, plus one answer word per label. Registered tasks have hand-written
+prompts (``PROMPTS``); any other task, a user's file among them, gets :func:`default_prompt`
+(its label names as answers) unless its YAML entry gives ``template`` / ``label_words``.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .splits import DataError
+
+__all__ = ["Prompt", "PROMPTS", "default_prompt", "prompt_for"]
+
+FIELDS = ("text", "text_pair")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A task's instruction template and the answer word of each label (in label order)."""
+
+    template: str
+    label_words: tuple[str, ...]
+
+    def check(self, label_names: Sequence[str], is_pair: bool, origin: str) -> "Prompt":
+        """Refuse a template or answer list that cannot express the task; ``origin`` names it."""
+        try:
+            used = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
+        except ValueError as error:
+            raise DataError(f"{origin}: template {self.template!r} is not a valid format string ({error}); "
+                            f"write fields as {{text}} and {{text_pair}}, literal braces as {{{{ }}}}") from None
+        unknown = sorted(used - set(FIELDS))
+        if unknown:
+            raise DataError(f"{origin}: template fields {unknown} are unknown; use {{text}} and {{text_pair}}")
+        if "text" not in used or ("text_pair" in used) != is_pair:
+            need = "{text} and {text_pair}" if is_pair else "{text} and no {text_pair}"
+            raise DataError(f"{origin}: the template must use {need} for this task, got {self.template!r}")
+        words = [w.strip() if isinstance(w, str) else w for w in self.label_words]
+        if len(words) != len(label_names) or not all(isinstance(w, str) and w for w in words):
+            raise DataError(f"{origin}: label_words needs one non-empty word per label {list(label_names)}, "
+                            f"got {list(self.label_words)}")
+        if len({w.casefold() for w in words}) != len(words):
+            raise DataError(f"{origin}: label_words {words} repeat a word; each label needs its own answer")
+        return Prompt(self.template, tuple(words))
+
+
+def _choices(words: Sequence[str]) -> str:
+    return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
+
+
+def default_prompt(label_names: Sequence[str], is_pair: bool) -> Prompt:
+    """The prompt of a task without one of its own: its label names (underscores as spaces) are the answers."""
+    words = tuple(name.replace("_", " ") for name in label_names)
+    inputs = "Text 1: {text}\nText 2: {text_pair}" if is_pair else "Text: {text}"
+    return Prompt(f"{inputs}\nAnswer with one of: {_choices(words)}.\nAnswer:", words)
+
+
+def _sentiment(kind: str, words: tuple[str, ...]) -> Prompt:
+    title = kind.capitalize()
+    return Prompt(f"{title}: {{text}}\nIs the sentiment of this {kind} {_choices(words)}?\nAnswer:", words)
+
+
+PROMPTS: dict[str, Prompt] = {
+    "mrpc": Prompt("Sentence 1: {text}\nSentence 2: {text_pair}\n"
+                   "Do the two sentences mean the same thing? Answer yes or no.\nAnswer:", ("no", "yes")),
+    "sst2": _sentiment("review", ("negative", "positive")),
+    "sentiment140": _sentiment("tweet", ("negative", "neutral", "positive")),
+    "rotten_tomatoes": _sentiment("review", ("negative", "positive")),
+    "vader_tweets": _sentiment("tweet", ("negative", "neutral", "positive")),
+    "bbc_news": Prompt("Article: {text}\nWhich topic is this news article about: business, entertainment, "
+                       "politics, sports or tech?\nAnswer:",
+                       ("business", "entertainment", "politics", "sports", "tech")),
+}
+
+
+def prompt_for(name: str, label_names: Sequence[str], is_pair: bool, template: str | None = None,
+               label_words: Sequence[str] | None = None, origin: str | None = None) -> Prompt:
+    """A task's prompt: the given template / words, else the registered prompt, else the default."""
+    registered = PROMPTS.get(name) or default_prompt(label_names, is_pair)
+    prompt = Prompt(template if template is not None else registered.template,
+                    tuple(label_words) if label_words is not None else registered.label_words)
+    return prompt.check(label_names, is_pair, origin or f"task {name!r}")
