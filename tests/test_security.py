@@ -15,7 +15,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from curlora import AdapterFileError, CURLoRAConfig, CURLoRAModel, get_curlora_model
+from curlora.cli import main
+from curlora.continual import ContinualRunner
 from curlora.continual.config import ContinualConfig
+from curlora.continual.rundir import RunFileError, read_run
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 LAYER = "model.layers.0.self_attn.q_proj"
@@ -223,3 +226,116 @@ def test_method_variant_names_that_are_paths_are_refused(name):
         ContinualConfig(methods=["lora"], method_variants={name: {"base": "lora"}})
     with pytest.raises(ValueError, match="method name"):
         ContinualConfig(methods=[f"lora+{name}"])
+
+
+# -- run directories ----------------------------------------------------------------------------------
+def _run_config(**overrides) -> ContinualConfig:
+    return ContinualConfig(methods=["head"], **overrides)
+
+
+def _created(run_dir: Path, config: ContinualConfig) -> None:
+    """A run directory as a command leaves it once it has written config.yaml and ended."""
+    runner = ContinualRunner(config, run_dir)
+    runner._create_run_dir()
+    runner._lock.close()
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_symlinked_lock_leaves_its_target_intact(tmp_path, resume):
+    run_dir, target = tmp_path / "run", tmp_path / "precious.txt"
+    run_dir.mkdir()
+    if resume:
+        _created(run_dir, _run_config())
+        (run_dir / ".lock").unlink()
+    target.write_text("precious")
+    (run_dir / ".lock").symlink_to(target)
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        ContinualRunner(_run_config(), run_dir, resume=resume).run()
+    assert target.read_text() == "precious"
+
+
+def test_two_commands_on_one_new_directory_leave_the_first_resumable(tmp_path):
+    run_dir = tmp_path / "run"
+    first = ContinualRunner(_run_config(), run_dir)
+    second = ContinualRunner(_run_config(epochs=2), run_dir)  # both looked while the directory was new
+    first._create_run_dir()  # the first writes its config.yaml, holding the lock
+    saved = (run_dir / "config.yaml").read_bytes()
+    with pytest.raises(FileExistsError, match="in use by a running curlora command"):
+        second.run()
+    first._lock.close()  # the first command ends
+    with pytest.raises(FileExistsError, match="another curlora command started a run"):
+        second.run()
+    assert (run_dir / "config.yaml").read_bytes() == saved
+    ContinualRunner(_run_config(), run_dir, resume=True)  # the first run resumes
+    with pytest.raises(ValueError, match="epochs"):
+        ContinualRunner(_run_config(epochs=2), run_dir, resume=True)
+
+
+def test_a_directory_with_other_files_is_not_taken_for_a_new_run(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds files but no curlora run"):
+        ContinualRunner(_run_config(), tmp_path)
+    (tmp_path / "notes.txt").unlink()
+    (tmp_path / ".lock").write_text("")  # a command killed before it wrote config.yaml
+    ContinualRunner(_run_config(), tmp_path)
+
+
+@pytest.mark.parametrize("content", ['{"value": -3.0}', '{"value": NaN}', '{"value": "17"}', "{", "[]"])
+def test_an_edited_base_perplexity_is_refused_naming_the_file(tmp_path, content):
+    _created(tmp_path, _run_config())
+    (tmp_path / "base_perplexity.json").write_text(content)
+    runner = ContinualRunner(_run_config(), tmp_path, resume=True)
+    with pytest.raises(RunFileError, match="base_perplexity.json"):
+        runner._cached("base_perplexity", lambda: pytest.fail("the cached value was used"))
+
+
+def _state(**changes):
+    return {"accuracy_matrix": [[0.5, None], [0.75, None]], "ppl_after_task": [20.0], "final_losses": [0.3],
+            "elapsed_s": 4.0, "tasks_done": 1, **changes}
+
+
+@pytest.mark.parametrize("state", [
+    _state(accuracy_matrix=[[0.5, None], [7.0, None]]), _state(ppl_after_task=[-1.0]), _state(final_losses=["x"]),
+    _state(tasks_done=2), {"tasks_done": 1}, _state(accuracy_matrix=[[0.5]]),
+])
+def test_a_damaged_checkpoint_state_is_refused_naming_the_file(tmp_path, state):
+    _created(tmp_path, _run_config())
+    ckpt = tmp_path / "checkpoints" / "head_s0"
+    ckpt.mkdir(parents=True)
+    (ckpt / "task1.json").write_text(json.dumps(state))
+    (ckpt / "task1.safetensors").write_bytes(b"")
+    runner = ContinualRunner(_run_config(), tmp_path, resume=True)
+    with pytest.raises(RunFileError, match="task1.json"):
+        runner._resume_state(ckpt, None, None)
+    (ckpt / "task1.json").write_text(json.dumps(_state()))  # a good state, damaged tensors
+    with pytest.raises(RunFileError, match="task1.safetensors"):
+        runner._resume_state(ckpt, None, None)
+
+
+@pytest.mark.parametrize("run", [
+    "not json", {"method": "head"}, {"method": "head", "status": "ok", "accuracy_matrix": [[0.5], [2.0]]},
+    {"method": "head", "status": "ok", "accuracy_matrix": [[0.5], [0.5]], "perplexity": {"before": -1}},
+])
+def test_a_damaged_run_result_is_refused_naming_the_file(tmp_path, run):
+    path = tmp_path / "head_s0.json"
+    path.write_text(run if isinstance(run, str) else json.dumps(run))
+    with pytest.raises(RunFileError, match="head_s0.json"):
+        read_run(path, tasks=1)
+
+
+# -- curlora generate -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("recorded", ["attacker/model", "relative/dir", "/no/such/model"])
+def test_generate_does_not_take_its_base_from_an_unchecked_field(saved, tmp_path, capsys, monkeypatch, recorded):
+    import curlora.pretrained
+
+    monkeypatch.setattr(curlora.pretrained, "load_model_and_tokenizer",
+                        lambda *a, **k: pytest.fail("a model was loaded"))
+    directory = tmp_path / "adapter"
+    directory.mkdir()
+    (directory / WEIGHTS).write_bytes((saved / WEIGHTS).read_bytes())
+    config = json.loads((saved / CONFIG).read_text())
+    (directory / CONFIG).write_text(json.dumps({**config, "base_model_name_or_path": recorded}))
+    (directory / "sft_summary.json").write_text(json.dumps({"settings": {"model": recorded}}))
+    assert main(["generate", "--adapter", str(directory), "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pass --model" in err[0] and CONFIG in err[0]

@@ -28,6 +28,11 @@ from curlora.submodules import replace_submodule
 DEFAULT_ADAPTER = "default"
 
 
+class TargetTypeError(TypeError, ValueError):
+    """A target module of a type CURLoRA cannot adapt: a TypeError to the API, a user error (ValueError)
+    to the command line, which prints it as one line."""
+
+
 def curlora_layers(model: nn.Module) -> Iterator[tuple[str, CURLoRALayer]]:
     """Every CURLoRA layer in ``model`` with its module name."""
     for name, module in model.named_modules():
@@ -62,7 +67,7 @@ def target_layers(model: nn.Module, config: CURLoRAConfig) -> list[tuple[str, nn
         )
     for name, module in matched:
         if not isinstance(module, (CURLoRALayer, *SUPPORTED_LAYERS)) and not is_quantized_linear(module):
-            raise TypeError(
+            raise TargetTypeError(
                 f"Target module {name!r} is a {type(module).__name__}; CURLoRA adapts only "
                 f"nn.Linear, transformers Conv1D and quantized linear layers (curlora.quantization). "
                 f"Narrow target_modules to those."
