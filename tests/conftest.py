@@ -60,6 +60,40 @@ def unreachable_index(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
 
 
+class LocalIndex:
+    """A PEP 503 package index in a directory (``file://``), the only index pip and curlora see."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.url = (root / "simple").as_uri()
+
+    def add(self, package: str, filename: str, data: bytes) -> Path:
+        """Serve ``data`` as ``filename`` of ``package``; the file's path."""
+        files = self.root / "files"
+        files.mkdir(parents=True, exist_ok=True)
+        (files / filename).write_bytes(data)
+        page = self.root / "simple" / package / "index.html"
+        page.parent.mkdir(parents=True, exist_ok=True)
+        links = "".join(f'<a href="../../files/{f.name}">{f.name}</a>\n' for f in sorted(files.iterdir())
+                        if f.name.replace("_", "-").startswith(package + "-"))
+        page.write_text(f"<html><body>\n{links}</body></html>\n")
+        return files / filename
+
+
+@pytest.fixture
+def local_index(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LocalIndex:
+    """pip (and curlora's sdist fetch) see only an empty local index: no config file, no find-links."""
+    index = LocalIndex(tmp_path / "index")
+    (index.root / "simple").mkdir(parents=True)
+    monkeypatch.setenv("PIP_INDEX_URL", index.url)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_FIND_LINKS", "")
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    for name in ("PIP_EXTRA_INDEX_URL", "PIP_NO_INDEX", "PIP_CONSTRAINT", "PIP_REQUIRE_HASHES"):
+        monkeypatch.delenv(name, raising=False)
+    return index
+
+
 @pytest.fixture(scope="session")
 def offline_cache() -> Path:
     """The offline-suite cache ($CURLORA_CACHE or ~/.cache/curlora): archives download once per machine."""

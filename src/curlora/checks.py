@@ -80,6 +80,15 @@ def device(value: Any) -> None:
         )
 
 
+def identifier(name: str, value: Any) -> None:
+    """A name that becomes a file or directory name (adapter names, method variants, run keys): non-empty,
+    no path separator, no ``..``, no NUL, so it can never point outside the directory it is put in."""
+    if not isinstance(value, str) or not value.strip() or value != value.strip():
+        raise ValueError(f"{name} must be a non-empty name without surrounding spaces, got {value!r}.")
+    if any(bad in value for bad in ("/", "\\", "\0", "..")) or value == ".":
+        raise ValueError(f"{name} {value!r} would become a path: use a plain name (no '/', '\\', '..' or NUL).")
+
+
 def looks_like_path(value: str) -> bool:
     """A value that can only mean a file or directory: absolute, ``.``/``~``-relative or a GGUF file."""
     return value.startswith((".", "~", "/")) or Path(value).is_absolute() or value.lower().endswith(".gguf")

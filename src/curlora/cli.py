@@ -205,7 +205,8 @@ def _generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="answer a prompt with a saved adapter (greedy)")
     p.add_argument("--adapter", type=Path, required=True, help="directory written by `curlora sft`")
     p.add_argument("--prompt", required=True, action="append", help="repeat for several prompts")
-    p.add_argument("--model", help="base model (default: the one the adapter was trained on, else SmolLM2)")
+    p.add_argument("--model", help="base model (default: the one the adapter records, if it is smollm2, gemma3-270m or an "
+                   "existing absolute path; else SmolLM2)")
     p.add_argument("--system", help="system message (use the one used in training)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--compare", action="store_true", help="also print the base model's answer")

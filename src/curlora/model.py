@@ -10,20 +10,27 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from curlora.config import CURLoRAConfig, matches_target
+from curlora import checks
+from curlora.config import CONFIG_NAME, WEIGHTS_NAME, AdapterFileError, CURLoRAConfig, matches_target
 from curlora.layer import SUPPORTED_LAYERS, CURAdapter, CURLoRALayer, cur_source_weight, weight_out_in
 from curlora.quantization import is_quantized_linear, merge_quantized
 from curlora.sampling import module_generator, sample_indices
-from curlora.saving import LayerState, check_layer, fingerprint, read_adapter, write_adapter
+from curlora.saving import AdapterMismatchError, LayerState, check_layer, fingerprint, read_adapter, write_adapter
 from curlora.submodules import replace_submodule
 
 DEFAULT_ADAPTER = "default"
+
+
+class TargetTypeError(TypeError, ValueError):
+    """A target module of a type CURLoRA cannot adapt: a TypeError to the API, a user error (ValueError)
+    to the command line, which prints it as one line."""
 
 
 def curlora_layers(model: nn.Module) -> Iterator[tuple[str, CURLoRALayer]]:
@@ -60,7 +67,7 @@ def target_layers(model: nn.Module, config: CURLoRAConfig) -> list[tuple[str, nn
         )
     for name, module in matched:
         if not isinstance(module, (CURLoRALayer, *SUPPORTED_LAYERS)) and not is_quantized_linear(module):
-            raise TypeError(
+            raise TargetTypeError(
                 f"Target module {name!r} is a {type(module).__name__}; CURLoRA adapts only "
                 f"nn.Linear, transformers Conv1D and quantized linear layers (curlora.quantization). "
                 f"Narrow target_modules to those."
@@ -75,6 +82,70 @@ def target_layers(model: nn.Module, config: CURLoRAConfig) -> list[tuple[str, nn
             f"({out_features} × {in_features}); choose r ≤ {min(out_features, in_features)}."
         )
     return matched
+
+
+def find_modules_to_save(model: nn.Module, config: CURLoRAConfig) -> dict[str, nn.Module]:
+    """The modules ``config.modules_to_save`` names in ``model``; ValueError for an entry that matches none."""
+    found = {}
+    for pattern in config.modules_to_save or []:
+        hits = {n: m for n, m in model.named_modules() if n and matches_target(n, [pattern])}
+        if not hits:
+            raise ValueError(f"modules_to_save entry {pattern!r} matches no module of the model.")
+        found.update(hits)
+    return found
+
+
+@dataclass
+class CheckedAdapter:
+    """A saved adapter read and checked against one model, ready to attach without further checks."""
+
+    config: CURLoRAConfig
+    states: dict[str, LayerState]
+    layers: dict[str, nn.Module]  # the modules the adapter's layers attach to
+    to_save: dict[str, tuple[nn.Module, dict[str, torch.Tensor]]]  # module -> its state dict from the file
+
+
+def check_adapter(model: nn.Module, directory: str | Path) -> CheckedAdapter:
+    """Read the adapter in ``directory`` and check every part of it against ``model`` without changing
+    it: a refused adapter leaves the model exactly as it was. AdapterFileError / AdapterMismatchError
+    (ValueErrors) name the file, the field or the layer."""
+    config, states, extra = read_adapter(directory)
+    path = Path(directory) / WEIGHTS_NAME
+    trained_on = config.base_model_name_or_path or ""
+    layers = {}
+    for name, state in states.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise AdapterMismatchError(
+                f"Adapter layer {name!r} does not exist in {type(model).__name__}; "
+                f"the adapter was trained on {trained_on!r}."
+            ) from None
+        base = module.base_layer if isinstance(module, CURLoRALayer) else module
+        if not isinstance(base, SUPPORTED_LAYERS) and not is_quantized_linear(base):
+            raise AdapterMismatchError(f"Adapter layer {name!r} is a {type(base).__name__} in this model, "
+                                       f"not a layer CURLoRA adapts.")
+        check_layer(name, state, weight_out_in(base), config.fingerprint_rtol, trained_on)
+        layers[name] = module
+    try:
+        modules = find_modules_to_save(model, config)
+    except ValueError as error:
+        raise AdapterMismatchError(f"{Path(directory) / CONFIG_NAME}: {error}") from None
+    to_save, expected = {}, set()
+    for module_name, module in modules.items():
+        own = {f"{module_name}.{key}": value for key, value in module.state_dict().items()}
+        for key, value in own.items():
+            if key not in extra or extra[key].shape != value.shape:
+                got = tuple(extra[key].shape) if key in extra else "nothing"
+                raise AdapterFileError(f"{path}: modules_to_save tensor {key!r} must be {tuple(value.shape)}, "
+                                       f"got {got}.")
+        expected.update(own)
+        to_save[module_name] = (module, {key[len(module_name) + 1:]: extra[key] for key in own})
+    unexpected = sorted(set(extra) - expected)
+    if unexpected:
+        raise AdapterFileError(f"{path}: modules_to_save tensors {unexpected[:5]} belong to no module that "
+                               f"modules_to_save names.")
+    return CheckedAdapter(config, states, layers, to_save)
 
 
 class CURLoRAModel(nn.Module):
@@ -95,6 +166,8 @@ class CURLoRAModel(nn.Module):
         config: CURLoRAConfig | None = None,
         adapter_name: str = DEFAULT_ADAPTER,
     ) -> None:
+        if config is not None:  # refused before the model is frozen
+            checks.identifier("adapter name", adapter_name)
         super().__init__()
         self.base_model = model
         self.peft_config: dict[str, CURLoRAConfig] = {}
@@ -146,8 +219,7 @@ class CURLoRAModel(nn.Module):
 
     def add_adapter(self, adapter_name: str, config: CURLoRAConfig) -> None:
         """Sample C and R for every target layer and attach a fresh (zero) U under ``adapter_name``."""
-        if adapter_name in self.peft_config:
-            raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name.")
+        self._new_adapter_name(adapter_name)
         self._modules_to_save(config)  # validate before changing anything
         drawn = []  # every layer's draw first: a layer that cannot be sampled leaves the model as it was
         for name, module in self._targets(config):
@@ -191,13 +263,7 @@ class CURLoRAModel(nn.Module):
                 self.set_adapter(next(iter(self.peft_config)))
 
     def _modules_to_save(self, config: CURLoRAConfig) -> dict[str, nn.Module]:
-        found = {}
-        for pattern in config.modules_to_save or []:
-            hits = {n: m for n, m in self.base_model.named_modules() if n and matches_target(n, [pattern])}
-            if not hits:
-                raise ValueError(f"modules_to_save entry {pattern!r} matches no module of the model.")
-            found.update(hits)
-        return found
+        return find_modules_to_save(self.base_model, config)
 
     def _set_trainable(self, trainable: bool = True) -> None:
         for param in self.base_model.parameters():
@@ -325,6 +391,9 @@ class CURLoRAModel(nn.Module):
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
         """Write each adapter as PEFT does: ``default`` at the top, others in sub-directories."""
         save_directory = Path(save_directory)
+        for adapter_name in selected_adapters or []:
+            if adapter_name not in self.peft_config:
+                raise ValueError(f"No adapter {adapter_name!r}; existing: {sorted(self.peft_config)}.")
         base_name = getattr(getattr(self.base_model, "config", None), "_name_or_path", None) or None
         for adapter_name in selected_adapters or list(self.peft_config):
             config = self.peft_config[adapter_name]
@@ -351,34 +420,27 @@ class CURLoRAModel(nn.Module):
             write_adapter(target, config, layers, extra)
 
     def load_adapter(self, directory: str | Path, adapter_name: str = DEFAULT_ADAPTER, is_trainable: bool = False) -> None:
-        """Attach a saved adapter; every layer is checked against this base before anything changes."""
+        """Attach a saved adapter; all of it is checked against this base before anything changes."""
+        self._new_adapter_name(adapter_name)
+        self._attach(check_adapter(self.base_model, directory), adapter_name, is_trainable)
+
+    def _new_adapter_name(self, adapter_name: str) -> None:
+        """An adapter name becomes a sub-directory in ``save_pretrained``: an identifier, and not taken."""
+        checks.identifier("adapter name", adapter_name)
         if adapter_name in self.peft_config:
             raise ValueError(f"Adapter {adapter_name!r} already exists; pick another name.")
-        config, states, extra = read_adapter(directory)
-        trained_on = config.base_model_name_or_path or ""
-        modules = {}
-        for name, state in states.items():
-            try:
-                module = self.base_model.get_submodule(name)
-            except AttributeError:
-                raise ValueError(
-                    f"Adapter layer {name!r} does not exist in {type(self.base_model).__name__}; "
-                    f"the adapter was trained on {trained_on!r}."
-                ) from None
-            base = module.base_layer if isinstance(module, CURLoRALayer) else module
-            check_layer(name, state, weight_out_in(base), config.fingerprint_rtol, trained_on)
-            modules[name] = module
-        to_save = self._modules_to_save(config)
-        for name, module in modules.items():
+
+    def _attach(self, checked: CheckedAdapter, adapter_name: str, is_trainable: bool) -> None:
+        config = checked.config
+        for name, module in checked.layers.items():
             layer = self._layer_for(name, module)
-            state = states[name]
+            state = checked.states[name]
             adapter = layer.add_adapter(adapter_name, state.cols, state.rows, config.alpha, config.dropout,
                                         config.normalize)
             with torch.no_grad():
                 adapter.U.copy_(state.U)
-        for module_name, module in to_save.items():
-            prefix = module_name + "."
-            module.load_state_dict({k[len(prefix):]: v for k, v in extra.items() if k.startswith(prefix)})
+        for module, tensors in checked.to_save.values():
+            module.load_state_dict(tensors)
         self.peft_config[adapter_name] = config
         self.set_adapter(adapter_name)
         self._set_trainable(is_trainable)
@@ -391,8 +453,11 @@ class CURLoRAModel(nn.Module):
         adapter_name: str = DEFAULT_ADAPTER,
         is_trainable: bool = False,
     ) -> "CURLoRAModel":
+        """Wrap ``model`` with a saved adapter; a refused adapter leaves ``model`` untouched (not even frozen)."""
+        checks.identifier("adapter name", adapter_name)
+        checked = check_adapter(model, directory)
         wrapper = cls(model)
-        wrapper.load_adapter(directory, adapter_name, is_trainable)
+        wrapper._attach(checked, adapter_name, is_trainable)
         return wrapper
 
 

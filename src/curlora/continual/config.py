@@ -99,6 +99,10 @@ class ContinualConfig:
             value = getattr(self, name)
             if not value and not (name == "tasks" and self.task_files):
                 raise ValueError(f"Config field {name!r} must not be empty.")
+        if not isinstance(self.method_variants, dict):
+            raise ValueError(f"method_variants must map variant names to settings, got {self.method_variants!r}.")
+        for name in [*self.methods, *self.method_variants]:  # each becomes part of run and checkpoint file names
+            checks.identifier("method name", name)
         methods = [self.method(name) for name in self.methods]  # unknown names fail here
         floors = PROTOCOLS[self.protocol].floors
         misplaced = [m.name for m in methods if m.frozen_backbone and m.name not in floors]

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import fcntl
-import json
 import os
 import resource
 import time
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 import transformers
 import yaml
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -34,6 +34,7 @@ from curlora.data import CALIBRATION_CORPUS, DataError, TaskSplits, load_corpus,
 from curlora.continual.evaluation import perplexity
 from curlora.continual.config import GRID_FIELDS, GRID_MAPPINGS, RUNTIME_FIELDS, ContinualConfig
 from curlora.continual.frontier import analyse
+from curlora.continual.rundir import RunFileError, check_fresh, open_lock, read_config, read_perplexity, read_run, read_task_state
 from curlora.continual.methods import Adapted, BuildContext, FinishedTask
 from curlora.continual.protocols import PROTOCOLS, RunState
 from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -164,6 +165,7 @@ class ContinualRunner:
         self._fresh = not saved.is_file()
         self._regrid = False
         if self._fresh:
+            check_fresh(self.run_dir)
             return
         if not resume:
             raise FileExistsError(
@@ -171,7 +173,7 @@ class ContinualRunner:
                 f"another --output-dir."
             )
         # A field added since that run was made counts as its default.
-        loaded = {**ContinualConfig().to_dict(), **(yaml.safe_load(saved.read_text()) or {})}
+        loaded = {**ContinualConfig().to_dict(), **read_config(saved)}
         current = self.config.to_dict()
         fixed = [k for k in current if k not in RUNTIME_FIELDS + GRID_FIELDS + GRID_MAPPINGS]
         changed = [k for k in fixed if loaded.get(k) != current[k]]
@@ -192,6 +194,8 @@ class ContinualRunner:
         # Every rank looked (in __init__) before this barrier, so none mistakes this run for an old one.
         self._barrier()
         if (self._fresh or self._regrid) and self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock_run_dir()  # before anything is written: a second command must not replace config.yaml
             atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
         self._barrier()
 
@@ -412,12 +416,17 @@ class ContinualRunner:
             tensors_path = ckpt_dir / f"task{i}.safetensors"
             if not tensors_path.is_file():
                 continue
-            tensors = load_file(str(tensors_path))
-            adapted.resume(i, [FinishedTask(t.train, j, protocol.loss) for j, t in enumerate(self.tasks[:i])])
-            adapted.load_checkpoint({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-            protocol.load_state_dict({k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")})
+            state = read_task_state(ckpt_dir / f"task{i}.json", i)
+            try:
+                tensors = load_file(str(tensors_path))
+                adapted.resume(i, [FinishedTask(t.train, j, protocol.loss) for j, t in enumerate(self.tasks[:i])])
+                adapted.load_checkpoint({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+                protocol.load_state_dict({k[len("heads."):]: v for k, v in tensors.items() if k.startswith("heads.")})
+            except (SafetensorError, RuntimeError, KeyError) as error:  # damaged, or another run's tensors
+                raise RunFileError(f"{tensors_path} does not fit this run ({error}); delete {ckpt_dir} to "
+                                   f"train the run again.") from None
             self._say(f"[{ckpt_dir.name}] resuming after task {i}")
-            return json.loads((ckpt_dir / f"task{i}.json").read_text())
+            return state
         return None
 
     # all runs ---------------------------------------------------------------------------------
@@ -483,7 +492,7 @@ class ContinualRunner:
         train the same runs again and overwrite their files."""
         if not self.is_main or self._lock is not None:
             return
-        self._lock = open(self.run_dir / ".lock", "a+")  # noqa: SIM115 - held until run() ends
+        self._lock = open_lock(self.run_dir / ".lock")  # held until run() ends
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -495,6 +504,11 @@ class ContinualRunner:
                 f"{self.run_dir} is in use by a running curlora command (pid {holder}); wait for it to "
                 f"finish, or stop it (its finished runs are kept) and rerun with --resume."
             ) from None
+        if self._fresh and (self.run_dir / "config.yaml").exists():
+            self._lock.close()
+            self._lock = None
+            raise FileExistsError(f"another curlora command started a run in {self.run_dir} while this one was "
+                                  f"preparing; choose another --output-dir, or --resume that run.")
         self._lock.truncate(0)
         self._lock.write(str(os.getpid()))
         self._lock.flush()
@@ -549,7 +563,7 @@ class ContinualRunner:
     def _cached(self, name: str, compute) -> float:
         path = self.run_dir / f"{name}.json"
         if path.is_file():
-            return json.loads(path.read_text())["value"]
+            return read_perplexity(path)
         value = compute()
         if self.is_main:
             atomic_write_json(path, {"value": value})
@@ -557,7 +571,7 @@ class ContinualRunner:
 
     def _results(self, runs_dir: Path) -> dict[str, Any]:
         cfg = self.config
-        runs = [json.loads((runs_dir / f"{spec.key}.json").read_text()) for spec in run_specs(cfg)]
+        runs = [read_run(runs_dir / f"{spec.key}.json", len(self.tasks)) for spec in run_specs(cfg)]
         results = {
             "schema_version": SCHEMA_VERSION,
             "config": cfg.to_dict(),

