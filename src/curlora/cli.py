@@ -223,13 +223,19 @@ def _run_generate(args: argparse.Namespace) -> int:
 COMMANDS = {"continual": _run_continual, "sft": _run_sft, "generate": _run_generate}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``curlora`` parser, built without running anything: ``main`` parses with it, and
+    the docs generate their CLI reference from it and check their examples against it."""
     parser = argparse.ArgumentParser(prog="curlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _continual_parser(sub)
     _sft_parser(sub)
     _generate_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:
