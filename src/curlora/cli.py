@@ -63,7 +63,7 @@ def _continual_parser(sub) -> None:
         description="The CURLoRA paper's continual-learning experiment with baselines and honest metrics. "
         "Settings come from --preset, then --config (YAML), then the flags below.",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), help="default: offline suite on SmolLM2 (~15 min on 2 cores)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="default: offline suite on SmolLM2 (about 10 min on 2 CPU cores)")
     p.add_argument("--config", type=Path, help="YAML file with any ContinualConfig field")
     p.add_argument("--output-dir", type=Path, default=Path("runs/continual"), help="run directory (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
