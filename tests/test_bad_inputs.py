@@ -128,6 +128,39 @@ def test_continual_yaml_settings_are_refused_before_any_work(settings, message, 
     assert not run_dir.exists()
 
 
+# A YAML file's mistakes are named by file and line (PyYAML alone names "<unicode string>").
+YAML_FILE_CASES = {
+    "unclosed-list": ("lr: 0.01\nranks: [8, 16\nseeds: [0]\n",
+                      "line 3, column 6: not valid YAML (expected ',' or ']', but got ':', while parsing a flow "
+                      "sequence started at line 2, column 8)"),
+    "tab-indent": ("lr: 0.01\n\tseeds: [0]\n", "line 2, column 1: not valid YAML (found character '\\t'"),
+    "bad-value": ("lr: 0.01\n# fractions are not seeds\nseeds: [0.5]\n",
+                  "line 3: every value of seeds must be an integer, got 0.5"),
+    "run-set-task-key": ("methods: [head]\ntask_files:\n  - {path: TASK, text_column: text, label_column: label, seed: 1}\n",
+                         "line 2: task_files entry 'TASK' has key 'seed', which it cannot take: the run sets it "
+                         "for every task from data_seed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(YAML_FILE_CASES))
+def test_config_file_mistakes_name_the_file_and_line(case, tmp_path, capsys, no_model):
+    text, message = YAML_FILE_CASES[case]
+    task = write_rows(tmp_path / "task.csv", distinct_rows())
+    config = tmp_path / "run.yaml"
+    config.write_text(text.replace("TASK", str(task)))
+    run_dir = tmp_path / "run"
+    error = refused(["continual", "--config", str(config), "--output-dir", str(run_dir)], capsys)
+    assert f"{config}, {message.replace('TASK', str(task))}" in error
+    assert not run_dir.exists()
+
+
+def test_a_flag_that_replaces_a_file_setting_is_not_blamed_on_the_file(tmp_path, capsys, no_model):
+    config = tmp_path / "run.yaml"
+    config.write_text("methods: [head]\nlr: 0.01\n")
+    error = refused(["continual", "--config", str(config), "--lr", "-1", "--output-dir", str(tmp_path / "run")], capsys)
+    assert "lr must be a finite number > 0" in error and str(config) not in error
+
+
 # -- data files: named with line (and column), refused before the run directory exists ---------
 def _binary(path: Path) -> Path:
     path.write_bytes(b"text,label\nfine words,pos\nbad \x80\x81 bytes,neg\n")

@@ -4,6 +4,7 @@ import copy
 import dataclasses
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ def test_tiny_end_to_end_writes_everything(tmp_path, tiny_model_dir, data_dir):
     results = ContinualRunner(tiny_config(tiny_model_dir, data_dir), tmp_path).run()
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["schema_version"] == 1 and len(saved["runs"]) == 3
+    assert saved["model"] == Path(tiny_model_dir).name  # the model's name, not a path of this machine
     for run in saved["runs"]:
         assert run["status"] == "ok"
         for key in ("accuracy_matrix", "validation_accuracy", "perplexity", "trainable_params", "diagnostics",

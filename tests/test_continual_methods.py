@@ -1,5 +1,7 @@
 """The method registry: lookup, variants, PEFT sizing, and what each entry builds."""
 
+import warnings
+
 import pytest
 import torch
 from conftest import tiny_llama
@@ -29,6 +31,22 @@ def test_every_registered_method_builds_and_trains_what_it_says():
             total = sum(p.numel() for p in adapted.model.parameters())
             assert 0 < n < (total // 10 if method.takes_rank else total // 2), name
         assert bool(adapted.u_params) == method.takes_u_penalty, name
+
+
+# What Python prints by default: every category but these, which it hides outside __main__.
+HIDDEN_BY_DEFAULT = (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning)
+
+
+def test_no_registered_method_prints_a_library_warning():
+    # PEFT 0.21 read transformers' deprecated is_gradient_checkpointing: a FutureWarning in every default run.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for method in REGISTRY.values():
+            adapted = method.adapt(tiny_llama(), CONTEXT)
+            for task in range(2):  # O-LoRA adds a PEFT adapter per task
+                adapted.start_task(task)
+    shown = [f"{w.category.__name__}: {w.message}" for w in caught if not issubclass(w.category, HIDDEN_BY_DEFAULT)]
+    assert not shown
 
 
 def test_every_registered_method_leaves_the_output_unchanged_at_init():

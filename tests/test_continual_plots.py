@@ -149,3 +149,51 @@ def test_a_rate_that_learned_nothing_stays_visible_on_the_head_only_floor(tmp_pa
     assert star.get_markerfacecolor() == "none"
     (dot,) = [line for line in fig.axes[0].lines if line.get_marker() == "o" and len(line.get_xdata())]
     assert list(dot.get_xdata()) == [0.487] and dot.get_markerfacecolor() != "none"
+
+
+def _loss_run(method, rank, lr, seed, validation, losses):
+    """A finished run as results.json holds it, with ``train_loss``: per task, one loss per step."""
+    return {"method": method, "base_method": method, "rank": rank, "seed": seed, "lr": lr, "head_lr": 1e-3,
+            "status": "ok", "error": None, "accuracy_matrix": [[0.5, 0.3], [0.7, 0.3], [0.68, 0.6]],
+            "validation_accuracy": [validation, validation], "final_train_loss": [x[-1] for x in losses],
+            "train_loss": losses, "perplexity": {"before": 14.5, "after_task": [14.6, 14.9], "final": 14.9},
+            "trainable_params": {"adapter": 0 if rank is None else 23040, "heads": 10},
+            "diagnostics": [], "wall_time_s": 10.0, "peak_memory_mb": 900.0}
+
+
+def _losses(start: float, slope: float, steps: int = 30) -> list[list[float]]:
+    return [[start * (1 - slope * k / steps) + 0.05 * (k % 3) for k in range(steps)] for _ in TASKS[:2]]
+
+
+def test_loss_curves_draw_each_method_at_its_chosen_rate_and_the_report_links_them(tmp_path, captured):
+    from curlora.continual.report import write_report
+
+    runs = [_loss_run(m, 16, lr, seed, val, _losses(1.1, slope))
+            for seed in (0, 1)
+            for m, lr, val, slope in (("curlora", 1e-3, 0.55, 0.0), ("curlora", 1e-2, 0.60, 0.5),
+                                      ("lora", 3e-3, 0.65, 0.6), ("lora", 1e-2, 0.40, -3.0))]
+    runs += [_loss_run("head", None, None, seed, 0.5, _losses(1.1, 0.2)) for seed in (0, 1)]
+    results = {"schema_version": 1, "config": {}, "model": "SmolLM2-135M-Instruct", "runs": runs,
+               "frontier": {}, "tasks": [{"name": name, "label_names": ["a", "b"], "n_train": 30, "n_eval": 20,
+                                          "majority_accuracy": 0.5} for name in TASKS[:2]],
+               "corpus": {"name": "wiki_summaries", "tokens_scored": 4095, "window": 512, "stride": 256}}
+    report = write_report(results, tmp_path).read_text(encoding="utf-8")
+    png = tmp_path / "train_loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and "![training loss](train_loss.png)" in report
+    (fig,) = [f for f in captured if f._suptitle is not None and "Training loss" in f._suptitle.get_text()]
+    assert len(fig.axes) == 2 and "mean of 2 seeds" in fig._suptitle.get_text()
+    names = [text.get_text() for text in fig.legends[0].get_texts()]
+    assert names == ["curlora r16 (lr 0.01)", "lora r16 (lr 0.003)", "head"]  # the rejected rates are not drawn
+    assert_no_overlap(fig)
+
+
+def test_results_without_per_step_losses_say_so_instead_of_a_plot(tmp_path):
+    from curlora.continual.report import write_report
+
+    runs = [{k: v for k, v in _loss_run("curlora", 16, 1e-2, 0, 0.6, _losses(1.1, 0.5)).items() if k != "train_loss"}]
+    results = {"schema_version": 1, "config": {}, "model": "m", "runs": runs, "frontier": None,
+               "tasks": [{"name": name, "label_names": ["a", "b"], "n_train": 30, "n_eval": 20,
+                          "majority_accuracy": 0.5} for name in TASKS[:2]], "corpus": {"name": "c"}}
+    report = write_report(results, tmp_path).read_text(encoding="utf-8")
+    assert not plots.plot_loss_curves(results, tmp_path / "train_loss.png")
+    assert not (tmp_path / "train_loss.png").exists() and "(`train_loss`)" in report

@@ -9,12 +9,22 @@ import pytest
 
 from curlora import fetch, gemma, pretrained
 from curlora.fetch import Pin
-from curlora.pretrained import resolve_model_path
+from curlora.pretrained import model_name, resolve_model_path
 
 
 def test_hub_ids_and_directories_pass_through(tmp_path):
     assert resolve_model_path("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     assert resolve_model_path(tmp_path) == str(tmp_path)
+
+
+def test_results_name_the_model_never_a_path_of_the_machine(tmp_path):
+    # A loaded model's _name_or_path is its cache directory: committed results carried /root/.cache/...
+    assert model_name() == model_name("smollm2") == "SmolLM2-135M-Instruct"
+    assert model_name("gemma3-270m") == "gemma-3-270m"
+    assert model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    (tmp_path / "merged-model").mkdir()
+    assert model_name(tmp_path / "merged-model") == "merged-model"
+    assert model_name(tmp_path / "SmolLM2-360M.Q8_0.gguf") == "SmolLM2-360M.Q8_0"
 
 
 @pytest.mark.parametrize("missing", ["./no/such/model", "/no/such/dir", "weights.gguf"])

@@ -64,7 +64,7 @@ def _continual_parser(sub) -> None:
         description="The CURLoRA paper's continual-learning experiment with baselines and honest metrics. "
         "Settings come from --preset, then --config (YAML), then the flags below.",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), help="default: offline suite on SmolLM2 (~15 min on 2 cores)")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="default: offline suite on SmolLM2 (about 10 min on 2 CPU cores)")
     p.add_argument("--config", type=Path, help="YAML file with any ContinualConfig field")
     p.add_argument("--output-dir", type=Path, default=Path("runs/continual"), help="run directory (default: %(default)s)")
     p.add_argument("--resume", action="store_true",
@@ -233,13 +233,19 @@ def _run_generate(args: argparse.Namespace) -> int:
 COMMANDS = {"continual": _run_continual, "sft": _run_sft, "generate": _run_generate}
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The whole ``curlora`` parser, built without running anything: ``main`` parses with it, and
+    the docs generate their CLI reference from it and check their examples against it."""
     parser = argparse.ArgumentParser(prog="curlora", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _continual_parser(sub)
     _sft_parser(sub)
     _generate_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:

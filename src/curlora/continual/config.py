@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,10 @@ import yaml
 from curlora import checks
 from curlora.continual.methods import Method, resolve
 from curlora.continual.protocols import PROTOCOLS
-from curlora.data import CALIBRATION_CORPUS, CORPORA, OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS, TASKS
+from curlora.data import (
+    CALIBRATION_CORPUS, CORPORA, OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS, TASKS, load_task_file,
+)
+from curlora.data.sources import read_text
 
 SOURCES = ("offline", "local", "hub")
 # How a run is executed, not what it computes: a run may resume with other values of these.
@@ -21,6 +26,10 @@ RUNTIME_FIELDS = ("progress", "workers")
 GRID_FIELDS = ("methods", "ranks", "lr", "lrs", "method_lrs", "seeds", "u_penalties")
 # Per-method settings: resuming may add entries, never change one that earlier runs used.
 GRID_MAPPINGS = ("method_variants", "peft_kwargs")
+# A task_files entry holds load_task_file's keyword arguments but these, which the run sets alike for
+# every task (from the config field named beside each).
+RUN_SET_TASK_KEYS = {"seed": "data_seed", "max_train": "examples_per_task", "max_eval": "eval_examples"}
+TASK_FILE_KEYS = tuple(k for k in inspect.signature(load_task_file).parameters if k not in RUN_SET_TASK_KEYS)
 
 
 @dataclass
@@ -218,8 +227,13 @@ class ContinualConfig:
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise FileNotFoundError(f"data_dir {self.data_dir} does not exist or is not a directory.")
         for spec in self.task_files:
-            if not isinstance(spec, dict) or "path" not in spec:
-                raise ValueError(f"Every task_files entry must be a mapping with a 'path' key, got {spec!r}.")
+            if not isinstance(spec, dict) or not {"path", "text_column", "label_column"} <= set(spec):
+                raise ValueError(f"Every task_files entry must be a mapping with keys path, text_column and "
+                                 f"label_column, got {spec!r}.")
+            for key in sorted(set(spec) - set(TASK_FILE_KEYS)):
+                set_by = (f"the run sets it for every task from {RUN_SET_TASK_KEYS[key]}"
+                          if key in RUN_SET_TASK_KEYS else f"known keys: {', '.join(TASK_FILE_KEYS)}")
+                raise ValueError(f"task_files entry {spec['path']!r} has key {key!r}, which it cannot take: {set_by}.")
             checks.existing_file("task file", spec["path"])
             if spec.get("eval_path") is not None:
                 checks.existing_file("task eval file", spec["eval_path"])
@@ -296,13 +310,44 @@ def load_config(
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose from {sorted(PRESETS)}.")
     data: dict[str, Any] = dict(PRESETS[preset or "default"])
+    lines: dict[str, int] = {}
     if config_file is not None:
         path = Path(config_file)
         if not path.is_file():
             raise FileNotFoundError(f"Config file {path} does not exist.")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"Config file {path} must hold a mapping of settings, got {type(loaded).__name__}.")
+        loaded, lines = _read_yaml(path)
         data.update(loaded)
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    return ContinualConfig.from_dict(data)
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data.update(given)
+    try:
+        return ContinualConfig.from_dict(data)
+    except ValueError as error:  # a setting the file gave (and no flag replaced) is named with its line
+        key = _named_key(str(error), [k for k in lines if k not in given])
+        if key is None:
+            raise
+        raise ValueError(f"{path}, line {lines[key]}: {error}") from None
+
+
+def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
+    """A config file's settings and the line of each; a syntax error names the file, line and column
+    (PyYAML's own message names only "<unicode string>")."""
+    text = read_text(path)
+    try:
+        loaded = yaml.safe_load(text) or {}
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as error:
+        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        if context is not None and getattr(error, "context", None):
+            problem += f", {error.context} started at line {context.line + 1}, column {context.column + 1}"
+        raise ValueError(f"{where}: not valid YAML ({problem})") from None
+    if not isinstance(loaded, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of settings, got {type(loaded).__name__}.")
+    return loaded, {key.value: key.start_mark.line + 1 for key, _ in node.value}
+
+
+def _named_key(message: str, keys: list[str]) -> str | None:
+    """The setting among ``keys`` that an error message names first, if any."""
+    found = [(m.start(), key) for key in keys if (m := re.search(rf"\b{re.escape(key)}\b", message))]
+    return min(found)[1] if found else None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -238,12 +239,23 @@ def _build_curlora_bank(lm: nn.Module, context: BuildContext, kwargs: Mapping[st
     return CURBank(model, [p for p in model.parameters() if p.requires_grad], config=config)
 
 
+def _get_peft_model(lm: nn.Module, config: Any) -> nn.Module:
+    """PEFT's ``get_peft_model`` without the FutureWarning it printed into every run: PEFT (0.21)
+    reads transformers' ``is_gradient_checkpointing``, an alias transformers 5 deprecated for
+    ``is_activation_checkpointing``. That one warning of that one call is dropped, nothing else."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(lm, config)
+
+
 def _peft_model(lm: nn.Module, peft_type: str, size: dict[str, Any], context: BuildContext,
                 kwargs: Mapping[str, Any]) -> Adapted:
-    from peft import get_peft_config, get_peft_model
+    from peft import get_peft_config
 
     settings = {"peft_type": peft_type, "target_modules": _targets(lm, context), **size, **kwargs}
-    return Adapted(get_peft_model(lm, get_peft_config(settings)))
+    return Adapted(_get_peft_model(lm, get_peft_config(settings)))
 
 
 def _lora_size(lm: nn.Module, context: BuildContext) -> dict[str, Any]:
@@ -304,10 +316,10 @@ class OLoRA(Adapted):
 
 
 def _build_olora(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
 
     config = LoraConfig(target_modules=_targets(lm, context), **_lora_size(lm, context), **kwargs)
-    model = get_peft_model(lm, copy.deepcopy(config))
+    model = _get_peft_model(lm, copy.deepcopy(config))
     return OLoRA(model, strength=context.knobs.get("olora_lambda", 0.5), lora_config=config)
 
 
@@ -316,7 +328,7 @@ def _build_lora_corda(lm: nn.Module, context: BuildContext, kwargs: Mapping[str,
     calibration text. With ``corda_method="kpm"`` (knowledge-preserving) the r smallest components,
     the ones that text uses least, become the trainable adapter and the rest stays frozen in the
     residual base weight; residual + adapter = W at init, so the output is unchanged."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig
     from peft.tuners.lora.config import CordaConfig
     from peft.tuners.lora.corda import preprocess_corda
 
@@ -333,7 +345,7 @@ def _build_lora_corda(lm: nn.Module, context: BuildContext, kwargs: Mapping[str,
             lm(input_ids=row[None])
 
     preprocess_corda(lm, config, run_model=run_model)
-    return Adapted(get_peft_model(lm, config))
+    return Adapted(_get_peft_model(lm, config))
 
 
 def peft_size_argument(peft_type: str) -> str | None:

@@ -1,4 +1,5 @@
-"""The report's PNG plots: accuracy matrices, perplexity across the sequence, the frontier.
+"""The report's PNG plots: accuracy matrices, perplexity across the sequence, the frontier, and
+the training loss per optimizer step.
 
 Every plot is meant to be read at the size it is written: long task names are wrapped, tick
 labels that would collide are rotated, and the frontier's learning-rate labels are moved apart
@@ -20,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
+from curlora.continual.frontier import chosen_rates, select_learning_rates
 from curlora.fileio import atomic_write_bytes
 
 DASH = "—"
@@ -232,3 +234,67 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path,
         declutter(fig, texts)
     save_figure(fig, path)
     return dropped
+
+
+def _smooth(values: Sequence[float], window: int) -> list[float]:
+    """Trailing mean over up to ``window`` steps: the trend of a noisy per-batch loss, without lag
+    at the start of a task."""
+    out, total = [], 0.0
+    for i, value in enumerate(values):
+        total += value - (values[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
+    """Training loss per optimizer step, one panel per task, each method × rank at the rate chosen on
+    validation (the rate its headline numbers come from): seeds averaged step by step, a faint raw
+    line and a trailing-mean trend. Shows whether a method learned at its rate (a flat loss is the
+    "learned nothing, so forgot nothing" case) or diverged. False when no run has ``train_loss``."""
+    runs = [r for r in results.get("runs") or [] if r.get("status") == "ok" and r.get("train_loss")]
+    if not runs:
+        return False
+    chosen = chosen_rates(select_learning_rates(runs))
+    curves: dict[tuple, list[list[list[float]]]] = {}
+    for run in runs:
+        key = (run["method"], run.get("rank"))
+        if chosen.get(key) == run.get("lr"):
+            curves.setdefault((*key, run.get("lr")), []).append(run["train_loss"])
+    task_names = [t["name"] for t in results.get("tasks") or []] or [f"task {i}" for i in range(len(runs[0]["train_loss"]))]
+    fig = new_figure((1.5 + 3.6 * len(task_names), 4.2))
+    axes = fig.subplots(1, len(task_names), sharey=True, squeeze=False)[0]
+    colours = colormaps["tab20" if len(curves) > 10 else "tab10"]
+    seeds = max(len(members) for members in curves.values())
+    drawn: list[float] = []
+    for c, ((method, rank, lr), members) in enumerate(curves.items()):
+        label = method + ("" if rank is None else f" r{rank}") + ("" if lr is None else f" (lr {lr:g})")
+        for j, ax in enumerate(axes):
+            per_seed = [losses[j] for losses in members if j < len(losses) and losses[j]]
+            if not per_seed:
+                continue
+            steps = min(len(x) for x in per_seed)  # seeds take the same steps; a shorter one truncates
+            mean = [math.fsum(x[k] for x in per_seed) / len(per_seed) for k in range(steps)]
+            drawn += mean
+            colour = colours(c % colours.N)
+            ax.plot(range(1, steps + 1), mean, color=colour, alpha=0.25, linewidth=0.7)
+            ax.plot(range(1, steps + 1), _smooth(mean, max(1, steps // 6)), color=colour, linewidth=1.6,
+                    label=label if j == 0 else None)
+    for ax, name in zip(axes, task_names):
+        if ax.lines:  # ticks only inside the steps taken (the default ones run past both ends)
+            last = max(len(line.get_xdata()) for line in ax.lines)
+            ax.set_xlim(1, max(last, 2))
+            ax.set_xticks([t for t in ax.get_xticks() if 1 <= t <= last])
+        ax.set_title(wrap(name, 28), fontsize=9)
+        ax.set_xlabel("optimizer step", fontsize=8)
+        ax.grid(alpha=0.3)
+    if min(drawn) > 0 and max(drawn) / min(drawn) > 20:  # a diverging curve would flatten every other one
+        axes[0].set_yscale("log")
+    axes[0].set_ylabel("training loss", fontsize=8)
+    seed_note = f"mean of {seeds} seeds; " if seeds > 1 else ""
+    fig.suptitle(f"Training loss at each method's chosen rate ({seed_note}faint: per step, solid: trailing mean)",
+                 fontsize=9)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.tight_layout(rect=(0, 0.07 + 0.04 * ((len(names) - 1) // 4), 1, 1))
+    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8, frameon=False)
+    save_figure(fig, path)
+    return True

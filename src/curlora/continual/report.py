@@ -19,7 +19,7 @@ from typing import Any
 from curlora.continual.frontier import analyse, chosen_rates
 from curlora.continual.metrics import SCHEMA_VERSION, constant, separated, summarize
 from curlora.continual.plots import (
-    DASH, OFF_SCALE_FACTOR, plot_accuracy_matrix, plot_frontier, plot_perplexity, point_name,
+    DASH, OFF_SCALE_FACTOR, plot_accuracy_matrix, plot_frontier, plot_loss_curves, plot_perplexity, point_name,
 )
 from curlora.fileio import atomic_write_bytes
 
@@ -368,6 +368,16 @@ def _plots_section(groups: list[Mapping[str, Any]], task_names: list[str], run_d
     return md
 
 
+def _loss_section(results: Mapping[str, Any], run_dir: Path) -> list[str]:
+    """The training-loss plot, or why there is none (results written before runs kept ``train_loss``)."""
+    md = ["## Training loss", ""]
+    if plot_loss_curves(results, run_dir / "train_loss.png"):
+        return md + [("Loss per optimizer step on each task, each method at the rate chosen on validation: "
+                      "a flat curve is a method that learned nothing at its rate."), "",
+                     "![training loss](train_loss.png)", ""]
+    return md + ["Not plotted: no run in these results recorded its per-step training loss (`train_loss`).", ""]
+
+
 def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     """Write ``report.md`` and PNG plots into ``run_dir``; return the report path.
 
@@ -393,7 +403,8 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
           "## Reading", "", *_reading(groups, tasks, runs), "",
           *_accuracy_section(keys, groups, tasks), *_perplexity_section(keys, groups, task_names),
           *_metrics_section(keys, groups, runs), *_frontier_section(frontier, run_dir, _base_perplexity(runs)),
-          *_runs_section(runs, task_names), *_plots_section(groups, task_names, run_dir)]
+          *_runs_section(runs, task_names), *_plots_section(groups, task_names, run_dir),
+          *_loss_section(results, run_dir)]
     path = run_dir / "report.md"
     atomic_write_bytes(path, "\n".join(md).encode("utf-8"))
     return path

@@ -40,7 +40,7 @@ from curlora.continual.protocols import PROTOCOLS, RunState
 from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
 from curlora.continual.metrics import SCHEMA_VERSION, summarize
 from curlora.model import CURLoRAModel, target_layers
-from curlora.pretrained import load_model_and_tokenizer
+from curlora.pretrained import load_model_and_tokenizer, model_name
 from curlora.continual.report import write_report
 from curlora.continual.training import (
     NonFiniteLossError,
@@ -441,7 +441,7 @@ class ContinualRunner:
             from curlora.quantization import quantize_model
 
             quantize_model(base_lm, cfg.quantize)
-        self.model_name = getattr(base_lm.config, "_name_or_path", cfg.model)
+        self.model_name = model_name(cfg.model)
         self._load_data(tokenizer)
         return base_lm
 

@@ -1,0 +1,182 @@
+"""The docs a user reads are checked like code: every relative link and anchor in README.md and
+docs/*.md resolves, every Markdown table has one column count on every row (a row that lost its
+indent breaks a table when rendered), every ``curlora ...`` command in a code block parses with the
+current CLI, and docs/cli.md is what tools/cli_docs.py writes from the parser."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from curlora.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+FENCE = re.compile(r"^\s*(```|~~~)")
+LINK = re.compile(r"!?\[(?:[^\]`]|`[^`]*`)*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def page_id(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+def prose(text: str, blank_code: bool = True) -> list[tuple[int, str]]:
+    """(line number, line) outside fenced code blocks; inline code blanked out unless not wanted
+    (a heading's anchor keeps the words of its inline code)."""
+    out, fenced = [], False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if FENCE.match(line):
+            fenced = not fenced
+            continue
+        if not fenced:
+            out.append((number, re.sub(r"`[^`]*`", lambda m: " " * len(m.group()), line) if blank_code else line))
+    return out
+
+
+def code_blocks(text: str) -> list[tuple[int, str]]:
+    """(line number, line) inside fenced code blocks."""
+    out, fenced = [], False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if FENCE.match(line):
+            fenced = not fenced
+        elif fenced:
+            out.append((number, line))
+    return out
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"`([^`]*)`", r"\1", heading.strip())
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", text)
+    return re.sub(r"[^\w\- ]", "", text.lower()).replace(" ", "-")
+
+
+def anchors(page: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    found = set()
+    for _, line in prose(page.read_text(encoding="utf-8"), blank_code=False):
+        match = re.match(r"#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if match:
+            base = slug(match.group(1))
+            count = seen.get(base, 0)
+            seen[base] = count + 1
+            found.add(base if count == 0 else f"{base}-{count}")
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_relative_link_and_anchor_resolves(page):
+    text = page.read_text(encoding="utf-8")
+    broken = []
+    for number, line in prose(text):
+        for target in LINK.findall(line):
+            if re.match(r"[a-z]+:", target):  # http(s), mailto: not checked offline
+                continue
+            path, _, anchor = target.partition("#")
+            resolved = (page.parent / path).resolve() if path else page
+            if not resolved.exists():
+                broken.append(f"line {number}: {target} (no such file)")
+            elif anchor and resolved.suffix == ".md" and anchor not in anchors(resolved):
+                broken.append(f"line {number}: {target} (no heading with anchor #{anchor})")
+    assert not broken, f"{page_id(page)}: " + "; ".join(broken)
+
+
+def cells(row: str) -> int:
+    body = row.strip().strip("|")
+    return len(re.split(r"(?<!\\)\|", body))
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_table_row_has_the_header_column_count_and_indent(page):
+    bad, table = [], []
+    for number, line in [*prose(page.read_text(encoding="utf-8")), (0, "")]:
+        if line.lstrip().startswith("|"):
+            table.append((number, line))
+            continue
+        if table:
+            (first, header), rest = table[0], table[1:]
+            indent = len(header) - len(header.lstrip())
+            for number_, row in rest:
+                if cells(row) != cells(header) or len(row) - len(row.lstrip()) != indent:
+                    bad.append(f"line {number_}: {cells(row)} cells at indent {len(row) - len(row.lstrip())}, "
+                               f"the header at line {first} has {cells(header)} at indent {indent}")
+            table = []
+    assert not bad, f"{page_id(page)}: " + "; ".join(bad)
+
+
+def commands(page: Path) -> list[tuple[int, list[str]]]:
+    """Every ``curlora ...`` command line in the page's code blocks, continuation lines joined."""
+    found, pending, start = [], "", 0
+    for number, line in code_blocks(page.read_text(encoding="utf-8")):
+        line = re.sub(r"\s+#.*$", "", line.strip())
+        if not pending:
+            line = re.sub(r"^\$\s+", "", line)
+            if not line.startswith("curlora "):
+                continue
+            start = number
+        pending += " " + line.rstrip("\\")
+        if not line.endswith("\\"):
+            found.append((start, shlex.split(pending)[1:]))
+            pending = ""
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_curlora_command_in_the_docs_parses(page, capsys):
+    parser = build_parser()
+    for number, argv in commands(page):
+        try:
+            parser.parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{page_id(page)}, line {number}: `curlora {' '.join(argv)}` does not parse: "
+                        f"{capsys.readouterr().err.strip()}")
+
+
+def yaml_blocks(page: Path) -> list[tuple[int, str]]:
+    """(first line number, text) of every ```yaml block."""
+    blocks, current, start = [], None, 0
+    for number, line in enumerate(page.read_text(encoding="utf-8").splitlines(), start=1):
+        if current is None and re.match(r"^\s*```ya?ml\s*$", line):
+            current, start = [], number + 1
+        elif current is not None and FENCE.match(line):
+            blocks.append((start, "\n".join(current)))
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+@pytest.mark.parametrize("page", PAGES, ids=page_id)
+def test_every_yaml_example_uses_real_settings_and_task_file_keys(page):
+    import yaml
+
+    from curlora.continual.config import TASK_FILE_KEYS, ContinualConfig
+
+    fields = set(ContinualConfig.__dataclass_fields__)
+    for start, text in yaml_blocks(page):
+        settings = yaml.safe_load(text)
+        where = f"{page_id(page)}, the YAML block at line {start}"
+        assert set(settings) <= fields, f"{where}: not config fields: {sorted(set(settings) - fields)}"
+        for entry in settings.get("task_files", []):
+            assert set(entry) <= set(TASK_FILE_KEYS), f"{where}: not task-file keys: {sorted(set(entry) - set(TASK_FILE_KEYS))}"
+        rates = [r for grid in (settings.get("method_lrs") or {}).values() for r in grid]
+        assert all(isinstance(r, float) for r in rates), f"{where}: a rate YAML reads as a string: {rates}"
+
+
+def test_the_readme_stays_short_and_shows_its_commands():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert len(readme.encode("utf-8")) <= 12 * 1024
+    assert "make run" in readme and "make test" in readme  # CI runs the README's test command
+    assert commands(ROOT / "README.md"), "the README shows the benchmark's commands"
+
+
+def test_the_cli_reference_is_current():
+    spec = importlib.util.spec_from_file_location("cli_docs", ROOT / "tools" / "cli_docs.py")
+    cli_docs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli_docs)
+    assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == cli_docs.render(), (
+        "docs/cli.md is stale: run `PYTHONPATH=src python tools/cli_docs.py`")
