@@ -149,3 +149,23 @@ def test_sweep_time_runs_both_versions_and_compares_their_numbers(tmp_path: Path
     # The speedups are exact: the old code and this tree (its runs in two workers) agree on every headline number.
     assert report["differences"] == [] and before == after
     assert before["chosen_lr"]["curlora r=4"] in (0.01, 0.003)
+
+
+def test_protocol_cost_alternates_the_protocols_on_the_same_runs(tmp_path: Path, smol_tokenizer, data_dir) -> None:
+    from conftest import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny", smol_tokenizer)
+    out = tmp_path / "protocol_cost.json"
+    report = _load("protocol_cost").main([
+        "--method-lrs", "curlora=1e-2", "--repeats", "1", "--threads", "1", "--json", str(out),
+        "--work-dir", str(tmp_path / "runs"), "--", "--model", model, "--data-dir", str(data_dir),
+        "--tasks", "sst2,mrpc", "--ranks", "4", "--examples-per-task", "12", "--eval-examples", "8",
+        "--max-length", "32", "--batch-size", "4", "--ppl-max-tokens", "96", "--ppl-window", "64", "--ppl-stride", "32",
+        "--generation-examples", "2",
+    ])
+    assert json.loads(out.read_text())["wall_ratio"] == report["wall_ratio"] > 0
+    assert [list(run["runs"]) for run in report["timings"]["heads"]] == [["curlora lr=0.01"]]
+    assert set(report["per_run_wall_ratio"]) == {"curlora lr=0.01"}
+    saved = [json.loads((tmp_path / "runs" / f"{p}-0" / "results.json").read_text()) for p in ("heads", "generative")]
+    assert [s["protocol"]["name"] for s in saved] == ["heads", "generative"]
+    assert [s["config"]["methods"] for s in saved] == [["curlora"], ["curlora"]]

@@ -34,7 +34,8 @@ def test_smollm2_prompts_use_its_chat_template_and_plain_text_without_it(smol_to
     chat = PromptCollator(smol_tokenizer, 64)  # default: the tokenizer has a template, so it is used
     assert chat.chat and chat.end_ids == [smol_tokenizer.convert_tokens_to_ids("<|im_end|>")]
     text = smol_tokenizer.decode(chat.prompt_ids(REVIEW, PROMPTS["rotten_tomatoes"]))
-    assert text.startswith("<|im_start|>system\n") and text.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\nAnswer with one word.<|im_end|>\n")  # not SmolLM's 20-token default
+    assert text.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
     assert "<|im_start|>user\nReview: a gorgeous, witty, seductive movie.\nIs the sentiment" in text
     plain = PromptCollator(smol_tokenizer, 64, chat_template=False)
     assert smol_tokenizer.decode(plain.prompt_ids(REVIEW, PROMPTS["rotten_tomatoes"])) == (

@@ -97,13 +97,17 @@ def _slot(index: int) -> str:
     return f"\ue000{index}\ue001"
 
 
+# The system turn of chat prompts: what every task asks for, in few tokens.
+SYSTEM = "Answer with one word."
+
+
 class PromptCollator:
     """Prompt → answer batches for a causal LM (the generative protocol), left padded.
 
     A prompt is the task's template filled with the example (and, for k-shot, the filled templates
     of k demonstrations each followed by its answer). With ``chat_template`` (default: when the
     tokenizer has one, e.g. SmolLM2-Instruct's ChatML) each template is a user turn and each answer
-    an assistant turn, the prompt ending with the template's generation cue; without it, the filled
+    an assistant turn, after a short system turn, the prompt ending with the template's generation cue; without it, the filled
     templates are joined by blank lines and an answer follows its cue after one space.
 
     ``max_length`` bounds an example's own text tokens (a pair's longer text is cut first), as in
@@ -136,11 +140,23 @@ class PromptCollator:
                 raise DataError("the tokenizer has no eos token to end an answer with")
             return [self.tokenizer.eos_token_id]
         turn = [{"role": "user", "content": "x"}]
-        cue = self.tokenizer.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
-        full = self.tokenizer.apply_chat_template(turn + [{"role": "assistant", "content": "y"}], tokenize=False)
+        cue = self._chat(turn)
+        full = self._chat(turn + [{"role": "assistant", "content": "y"}], cue=False)
         if not full.startswith(cue + "y") or not full[len(cue) + 1:].strip():
             raise DataError("the chat template does not close an assistant turn after its answer; set chat_template off")
         return self._ids(full[len(cue) + 1:])[:1]
+
+    def _chat(self, turns: list[dict[str, str]], cue: bool = True) -> str:
+        """``turns`` through the chat template after a one-line system turn (:data:`SYSTEM`), which
+        replaces a template's default system turn (SmolLM2's is 20 tokens of identity on every
+        example); a template that takes no system turn gets none."""
+        from jinja2.exceptions import TemplateError  # transformers' chat templates are jinja2
+
+        try:
+            return self.tokenizer.apply_chat_template([{"role": "system", "content": SYSTEM}, *turns],
+                                                      tokenize=False, add_generation_prompt=cue)
+        except TemplateError:  # e.g. "System role not supported"
+            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=cue)
 
     def answers(self, prompt: Prompt) -> list[list[int]]:
         """Each label's answer tokens (without the end-of-answer token)."""
@@ -155,7 +171,7 @@ class PromptCollator:
             for user, word in zip(users, words):
                 turns += [{"role": "user", "content": user}, {"role": "assistant", "content": word}]
             turns.append({"role": "user", "content": users[-1]})
-            return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+            return self._chat(turns)
         return "".join(f"{user} {word}\n\n" for user, word in zip(users, words)) + users[-1]
 
     def prompt_ids(self, example: Example, prompt: Prompt, demos: Sequence[Example] = ()) -> list[int]:

@@ -1,0 +1,92 @@
+"""What the generative protocol costs beside the heads protocol: the same runs, side by side.
+
+    python benchmarks/protocol_cost.py [--method-lrs curlora=1e-2 --method-lrs lora=1e-3] [--repeats 2]
+        [--threads N] [--work-dir DIR] [--json PATH] [-- more curlora continual flags]
+
+Each protocol runs ``python -m curlora.cli continual --protocol P`` in a child process (this working
+tree, one process, no workers) with the same flags: the default offline suite and model, the
+adapter methods at the given rates, nothing else. The protocols alternate (heads, generative,
+heads, ...) so that the machine's drift falls on both; the ratio of the median wall times (and of
+CPU times) is the generative protocol's cost. The floors are left out: the heads floor trains
+heads, the generative ones train nothing, so they measure different work. Besides the totals,
+each run's own wall time (from results.json) is compared per method. Writes
+benchmarks/results/protocol_cost.json (or --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sweep_time import REPO, cpu_name, timed_sweep  # noqa: E402
+
+from curlora.fileio import atomic_write_json  # noqa: E402
+
+PROTOCOLS = ("heads", "generative")
+
+
+def run_times(results_path: Path) -> dict[str, float]:
+    """Each run's own wall time, by its method label and rate."""
+    results = json.loads(results_path.read_text())
+    return {f"{r['method']} lr={r['lr']}": r["wall_time_s"] for r in results["runs"] if r["status"] == "ok"}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--method-lrs", action="append", default=None,
+                   help="METHOD=RATE as in curlora continual (default: curlora=1e-2 and lora=1e-3)")
+    p.add_argument("--repeats", type=int, default=2, help="alternate the protocols this many times")
+    p.add_argument("--threads", type=int, help="OMP/MKL threads (default: torch's own choice)")
+    p.add_argument("--work-dir", type=Path, help="keep run directories here (default: a temporary one)")
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "protocol_cost.json")
+    args, extra = p.parse_known_args(argv)
+    extra = extra[1:] if extra[:1] == ["--"] else extra
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    rates = args.method_lrs or ["curlora=1e-2", "lora=1e-3"]
+    methods = ",".join(entry.split("=", 1)[0] for entry in rates)
+    flags = ["--methods", methods, *[f for entry in rates for f in ("--method-lrs", entry)], *extra]
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    timings: dict[str, list[dict[str, Any]]] = {p: [] for p in PROTOCOLS}
+    with tempfile.TemporaryDirectory(prefix="protocol-cost-") as tmp:
+        work = args.work_dir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for repeat in range(args.repeats):
+            for protocol in PROTOCOLS:
+                run = timed_sweep(REPO / "src", work / f"{protocol}-{repeat}", ["--protocol", protocol, *flags],
+                                  args.threads)
+                run["runs"] = run_times(Path(run["output_dir"]) / "results.json")
+                timings[protocol].append(run)
+                print(f"{protocol} #{repeat}: wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s; runs "
+                      + ", ".join(f"{k} {v:.1f} s" for k, v in run["runs"].items()), flush=True)
+    median = {p: sorted(r["wall_s"] for r in runs)[len(runs) // 2] for p, runs in timings.items()}
+    cpu = {p: sorted(r["cpu_s"] for r in runs)[len(runs) // 2] for p, runs in timings.items()}
+    per_run = {key: sorted(r["runs"][key] for r in timings["generative"])[args.repeats // 2]
+               / sorted(r["runs"][key] for r in timings["heads"])[args.repeats // 2]
+               for key in timings["heads"][0]["runs"]}
+    report = {
+        "meta": {"flags": flags, "repeats": args.repeats, "started": started, "cpu": cpu_name(),
+                 "threads": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": args.threads or "unset",
+                             "cpu_count": os.cpu_count()}},
+        "timings": timings,
+        "wall_ratio": median["generative"] / median["heads"],
+        "cpu_ratio": cpu["generative"] / cpu["heads"],
+        "per_run_wall_ratio": per_run,
+    }
+    atomic_write_json(args.json, report)
+    print(f"generative / heads: wall {report['wall_ratio']:.2f}x, cpu {report['cpu_ratio']:.2f}x (median wall "
+          f"{median['heads']:.1f} s → {median['generative']:.1f} s); per run: "
+          + ", ".join(f"{k} {v:.2f}x" for k, v in per_run.items()))
+    print(f"wrote {args.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
