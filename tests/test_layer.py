@@ -204,3 +204,61 @@ def test_normalized_adapter_is_alpha_times_unit_norm_c_u_r_by_hand():
     x = torch.randn(4, 20)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), base(x) + x @ (0.7 * c_n @ adapter.U @ r_n).t(), rtol=1e-5, atol=1e-5)
+
+
+def _trained_dropout_layer(kind: str, p: float = 0.5):
+    """A layer whose adapter has dropout and a trained (non-zero) U: dropout then changes the output."""
+    linear, conv = _linear_and_conv1d(out_f=24, in_f=20)
+    base = {"linear": linear, "conv1d": conv}[kind]
+    layer = CURLoRALayer(base)
+    cols, rows = torch.tensor([0, 3, 7, 19]), torch.tensor([1, 5, 23, 7])
+    adapter = layer.add_adapter("x", cols, rows, alpha=0.7, dropout=p)
+    layer.active_adapter = "x"
+    with torch.no_grad():
+        adapter.U.copy_(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
+    w = weight_out_in(base).detach()
+    delta = 0.7 * w[:, cols] @ adapter.U.detach() @ w[rows, :]  # alpha · C U R, from the base weight
+    return layer, base, adapter, delta
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dropout_masks_the_adapter_input_only_against_a_masked_computation_by_hand(kind):
+    layer, base, adapter, delta = _trained_dropout_layer(kind)
+    layer.train()
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    torch.manual_seed(123)
+    out = layer(x)
+    # The same generator state draws the same mask: dropout of ones is mask / (1 - p), elementwise.
+    torch.manual_seed(123)
+    mask = nn.functional.dropout(torch.ones(3, 5, 20), p=0.5, training=True)
+    assert 0 < int((mask == 0).sum()) < mask.numel() and set(mask.unique().tolist()) == {0.0, 2.0}
+    expected = base(x) + (x * mask) @ delta.t()
+    unmasked = base(x) + x @ delta.t()
+    assert (expected - unmasked).abs().max() > 0.05  # the mask matters at this U
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert type(out.grad_fn).__name__ == "AddBackward0"  # dropout active: the op-by-op path
+    # Gradients too: U's through the masked input, x's through the base and the masked adapter.
+    target = torch.randn(3, 5, 24)
+    ((out - target) ** 2).sum().backward()
+    with torch.no_grad():
+        dy = (2 * (expected - target)).reshape(-1, 24)
+        xm = (x * mask).reshape(-1, 20)
+        w = weight_out_in(base)
+        C, R = w[:, adapter.cols], w[adapter.rows, :]
+        grad_u = 0.7 * C.t() @ dy.t() @ xm @ R.t()
+        grad_x = (dy @ w + (dy @ delta) * mask.reshape(-1, 20)).reshape(3, 5, 20)
+    torch.testing.assert_close(adapter.U.grad, grad_u, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, grad_x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dropout_is_off_in_eval_and_the_fused_path_equals_the_unmasked_computation(kind):
+    layer, base, adapter, delta = _trained_dropout_layer(kind)
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    layer.eval()
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_FusedCURLinearBackward"
+    torch.testing.assert_close(out, base(x) + x @ delta.t(), rtol=1e-5, atol=1e-5)
+    layer.train()  # the op-by-op path, with dropout: not the unmasked output, and a new mask each call
+    first, second = layer(x), layer(x)
+    assert not torch.allclose(first, out, atol=1e-3) and not torch.allclose(first, second, atol=1e-3)
