@@ -165,3 +165,100 @@ def test_a_layer_that_cannot_be_sampled_is_named_and_leaves_the_model_untouched(
     assert not list(curlora_layers(base))
     after = base.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(before[n], after[n]) for n in before)
+
+
+def _with_random_u(model, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in curlora_layers(model):
+            for adapter in layer.adapters.values():
+                adapter.U.copy_(torch.randn(adapter.U.shape, generator=generator))
+    return model
+
+
+def test_print_trainable_parameters_counts_u_and_modules_to_save_against_every_parameter(capsys):
+    base_total = sum(p.numel() for p in tiny_llama().parameters())
+    model = get_curlora_model(tiny_llama(), CURLoRAConfig(r=4))
+    model.print_trainable_parameters()
+    trainable, total = 6 * 4 * 4, base_total + 6 * 4 * 4  # U only: C and R are buffers
+    assert capsys.readouterr().out == (
+        f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}\n"
+    )
+    assert model.get_nb_trainable_parameters() == (trainable, total)
+    norm = sum(p.numel() for p in tiny_llama().model.norm.parameters())
+    model = get_curlora_model(tiny_llama(), CURLoRAConfig(r=2, modules_to_save=["model.norm"]))
+    model.print_trainable_parameters()
+    trainable, total = 6 * 2 * 2 + norm, base_total + 6 * 2 * 2
+    assert capsys.readouterr().out.startswith(f"trainable params: {trainable:,d} || all params: {total:,d} ||")
+    assert model.get_nb_trainable_parameters() == (trainable, total)
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+def test_model_level_merge_then_unmerge_restores_every_weight_and_the_adapter_path(factory):
+    model = _with_random_u(get_curlora_model(factory(), CURLoRAConfig(r=4)))
+    weights = {n: m.base_layer.weight.detach().clone() for n, m in curlora_layers(model)}
+    with torch.no_grad():
+        unmerged = model(IDS).logits
+        model.merge_adapter()
+        assert all(layer.merged_adapters == ["default"] for _, layer in curlora_layers(model))
+        assert all(not torch.allclose(m.base_layer.weight, weights[n]) for n, m in curlora_layers(model))
+        torch.testing.assert_close(model(IDS).logits, unmerged, rtol=1e-4, atol=1e-4)
+        model.unmerge_adapter()
+        assert all(layer.merged_adapters == [] for _, layer in curlora_layers(model))
+        for name, layer in curlora_layers(model):
+            torch.testing.assert_close(layer.base_layer.weight, weights[name], rtol=0, atol=1e-6)
+        # The adapter path again (not the merged weight): zeroing U now gives the base model.
+        torch.testing.assert_close(model(IDS).logits, unmerged, rtol=1e-5, atol=1e-5)
+        for _, layer in curlora_layers(model):
+            layer.adapters["default"].U.zero_()
+        base = factory()  # W + ΔW - ΔW: the original weight up to float rounding
+        torch.testing.assert_close(model(IDS).logits, base(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_state_dict_holds_exactly_the_adapter_tensors_and_round_trips_onto_other_indices():
+    model = get_curlora_model(tiny_llama(), CURLoRAConfig(r=4, seed=0, modules_to_save=["model.norm"]))
+    model.add_adapter("second", CURLoRAConfig(r=2, seed=5))
+    _with_random_u(model)
+    with torch.no_grad():
+        model.base_model.model.norm.weight.mul_(1.5)
+    state = model.state_dict()
+    layer_names = [n for n, _ in curlora_layers(model)]
+    expected = {f"{n}.adapters.{a}.{key}" for n in layer_names for a in ("default", "second") for key in ("U", "cols", "rows")}
+    assert set(state) == expected | {"base_model.model.norm.weight"}
+    want = model(IDS).logits.detach()
+    # A fresh model sampled with another seed: loading replaces U, the indices, and rebuilds C and R.
+    other = get_curlora_model(tiny_llama(), CURLoRAConfig(r=4, seed=9, modules_to_save=["model.norm"]))
+    other.add_adapter("second", CURLoRAConfig(r=2, seed=7))
+    assert not all(torch.equal(state[k], other.state_dict()[k]) for k in expected if k.endswith("cols"))
+    result = other.load_state_dict(state)
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    for name, layer in curlora_layers(other):
+        for adapter_name, adapter in layer.adapters.items():
+            w = layer.base_layer.weight
+            assert torch.equal(adapter.cols, state[f"{name}.adapters.{adapter_name}.cols"])
+            assert torch.equal(adapter.C, w[:, adapter.cols]) and torch.equal(adapter.R, w[adapter.rows, :])
+    with torch.no_grad():
+        assert torch.equal(other(IDS).logits, want)
+    missing = {k: v for k, v in state.items() if not k.endswith("default.U")}
+    with pytest.raises(RuntimeError, match="missing keys"):
+        other.load_state_dict(missing)
+    assert other.load_state_dict(missing, strict=False).missing_keys  # named, not raised
+    with pytest.raises(RuntimeError, match="unexpected keys"):
+        other.load_state_dict({**state, "base_model.nonsense": torch.zeros(1)})
+    other.merge_adapter()
+    with pytest.raises(RuntimeError, match="Unmerge adapters"):
+        other.load_state_dict(get_curlora_model(tiny_llama(), CURLoRAConfig(r=4, seed=3)).state_dict(), strict=False)
+
+
+def test_extra_repr_and_unload_restore_the_plain_model():
+    model = _with_random_u(get_curlora_model(tiny_llama(), CURLoRAConfig(r=4)))
+    model.add_adapter("two", CURLoRAConfig(r=2, seed=1))
+    layer = dict(curlora_layers(model))["base_model.model.layers.0.self_attn.q_proj"]
+    assert layer.extra_repr() == "adapters={'default': 4, 'two': 2}, active='default', merged=[]"
+    original = tiny_llama()
+    model.merge_adapter()
+    plain = model.unload()  # unmerges, then drops every adapter
+    assert type(plain.model.layers[0].self_attn.q_proj) is nn.Linear and not list(curlora_layers(plain))
+    assert model.peft_config == {} and model.active_adapter is None
+    with torch.no_grad():
+        torch.testing.assert_close(plain(IDS).logits, original(IDS).logits, rtol=1e-5, atol=1e-5)
