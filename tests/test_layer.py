@@ -262,3 +262,51 @@ def test_dropout_is_off_in_eval_and_the_fused_path_equals_the_unmasked_computati
     layer.train()  # the op-by-op path, with dropout: not the unmasked output, and a new mask each call
     first, second = layer(x), layer(x)
     assert not torch.allclose(first, out, atol=1e-3) and not torch.allclose(first, second, atol=1e-3)
+
+
+def _random_u_layer(base):
+    layer = CURLoRALayer(base)
+    adapter = layer.add_adapter("x", torch.tensor([0, 3, 7]), torch.tensor([1, 5, 9]), alpha=0.5)
+    layer.active_adapter = "x"
+    with torch.no_grad():
+        adapter.U.normal_()
+    return layer, adapter
+
+
+def test_a_trainable_or_accelerate_hooked_base_runs_op_by_op_and_its_weight_gets_a_gradient():
+    linear, _ = _linear_and_conv1d()
+    layer, adapter = _random_u_layer(linear)
+    linear.weight.requires_grad_(True)  # e.g. a user unfreezing the base: the fused node gives it no gradient
+    out = layer(torch.randn(2, 10))
+    assert type(out.grad_fn).__name__ == "AddBackward0"
+    out.sum().backward()
+    assert linear.weight.grad is not None and adapter.U.grad is not None
+    hooked, _ = _linear_and_conv1d()
+    layer, _ = _random_u_layer(hooked.requires_grad_(False))
+    hooked._hf_hook = object()  # accelerate's offloading hook marker
+    assert type(layer(torch.randn(2, 10, requires_grad=True)).grad_fn).__name__ == "AddBackward0"
+
+
+def test_fused_path_gives_the_input_gradient_with_u_frozen():
+    linear, _ = _linear_and_conv1d()
+    layer, adapter = _random_u_layer(linear)
+    adapter.U.requires_grad_(False)  # an earlier task's frozen U: the input still needs its gradient
+    x = torch.randn(3, 10, requires_grad=True)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_FusedCURLinearBackward"
+    out.sum().backward()
+    delta = 0.5 * adapter.C @ adapter.U @ adapter.R
+    torch.testing.assert_close(x.grad, torch.ones(3, 12) @ (linear.weight + delta).detach())
+
+
+def test_deleting_a_merged_active_adapter_unmerges_it_and_clears_the_active_name():
+    linear, _ = _linear_and_conv1d()
+    original = linear.weight.detach().clone()
+    layer, _ = _random_u_layer(linear)
+    layer.add_adapter("y", torch.tensor([1]), torch.tensor([2]), alpha=1.0)
+    layer.merge()
+    layer.delete_adapter("y")  # not merged, not active: nothing else changes
+    assert layer.merged_adapters == ["x"] and layer.active_adapter == "x"
+    layer.delete_adapter("x")
+    assert layer.merged_adapters == [] and layer.active_adapter is None and list(layer.adapters) == []
+    torch.testing.assert_close(linear.weight, original, rtol=0, atol=1e-6)

@@ -1,9 +1,11 @@
+import json
+
 import pytest
 import torch
 from conftest import tiny_gpt2, tiny_llama
 from torch import nn
 
-from curlora import CURLoRAConfig, CURLoRALayer, curlora_layers, get_curlora_model
+from curlora import AdapterMismatchError, CURLoRAConfig, CURLoRALayer, CURLoRAModel, curlora_layers, get_curlora_model
 
 IDS = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
 
@@ -262,3 +264,89 @@ def test_extra_repr_and_unload_restore_the_plain_model():
     assert model.peft_config == {} and model.active_adapter is None
     with torch.no_grad():
         torch.testing.assert_close(plain(IDS).logits, original(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_a_second_adapter_wraps_the_same_layers_never_their_insides():
+    model = get_curlora_model(tiny_llama(), CURLoRAConfig(r=2, target_modules=r".*q_proj.*"))
+    model.add_adapter("two", CURLoRAConfig(r=3, target_modules=r".*q_proj.*", seed=1))
+    layers = dict(curlora_layers(model))
+    assert sorted(layers) == [f"base_model.model.layers.{i}.self_attn.q_proj" for i in range(2)]
+    for layer in layers.values():
+        assert type(layer.base_layer) is nn.Linear and sorted(layer.adapters) == ["default", "two"]
+
+
+def test_no_match_lists_the_adaptable_names_and_the_narrowest_layer_bounds_the_rank():
+    with pytest.raises(ValueError, match=r"^Target modules \['nothing'\] matched no module of LlamaForCausalLM\. "
+                                         r"Adaptable layer names in this model: \['down_proj', 'gate_proj', 'k_proj', "
+                                         r"'lm_head', 'o_proj', 'q_proj', 'up_proj', 'v_proj'\]\.$"):
+        get_curlora_model(tiny_llama(), CURLoRAConfig(target_modules=["nothing"]))
+    # q_proj is 48 × 48, v_proj 24 × 48: r = 30 fits q_proj but not v_proj, which the error names.
+    with pytest.raises(ValueError, match=r"r=30 is larger than the smaller side of 'model\.layers\.0\.self_attn\."
+                                         r"v_proj' \(24 × 48\); choose r ≤ 24"):
+        get_curlora_model(tiny_llama(), CURLoRAConfig(r=30, target_modules=["q_proj", "v_proj"]))
+    model = get_curlora_model(tiny_llama(), CURLoRAConfig(r=24, target_modules=["q_proj", "v_proj"]))  # r = side
+    assert {layer.adapters["default"].r for _, layer in curlora_layers(model)} == {24}
+
+
+def test_indices_depend_on_the_seed_and_module_name_only():
+    def indices(seed, global_seed):
+        torch.manual_seed(global_seed)
+        model = get_curlora_model(tiny_llama(), CURLoRAConfig(r=4, seed=seed))
+        return {n: (l.adapters["default"].cols.tolist(), l.adapters["default"].rows.tolist())
+                for n, l in curlora_layers(model)}
+
+    a = indices(0, global_seed=1)
+    assert indices(0, global_seed=2) == a  # the global RNG plays no part
+    assert indices(1, global_seed=1) != a  # the config's seed does
+    q0, q1 = a["base_model.model.layers.0.self_attn.q_proj"], a["base_model.model.layers.1.self_attn.q_proj"]
+    assert q0 != q1  # same shape, different module: different draws
+
+
+def test_adapter_names_are_checked_and_each_adapter_acts_only_on_its_own_layers(tmp_path):
+    base = tiny_llama()
+    base.config._name_or_path = "org/tiny"
+    model = get_curlora_model(base, CURLoRAConfig(r=2, target_modules=["q_proj"]), adapter_name="a")
+    model.add_adapter("b", CURLoRAConfig(r=2, target_modules=["v_proj"], seed=1))
+    with pytest.raises(ValueError, match=r"^Adapter 'a' already exists; pick another name\.$"):
+        model.add_adapter("a", CURLoRAConfig(r=2))
+    with pytest.raises(ValueError, match=r"^No adapter 'c'; existing: \['a', 'b'\]\.$"):
+        model.set_adapter("c")
+    with pytest.raises(ValueError, match=r"^No adapter 'c'; existing: \['a', 'b'\]\.$"):
+        model.delete_adapter("c")
+    _with_random_u(model)
+    model.set_adapter("b")
+    layers = dict(curlora_layers(model))
+    assert all(layer.active_adapter == ("b" if n.endswith("v_proj") else None) for n, layer in layers.items())
+    with torch.no_grad():
+        for n, layer in layers.items():  # only v_proj changes the output under "b"
+            if n.endswith("v_proj"):
+                layer.adapters["b"].U.zero_()
+        torch.testing.assert_close(model(IDS).logits, tiny_llama()(IDS).logits)
+    _with_random_u(model, seed=3)
+    with torch.no_grad():
+        b_out = model(IDS).logits
+    model.merge_adapter()
+    with pytest.raises(RuntimeError, match=r"^Unmerge adapters \(unmerge_adapter\(\)\) before switching adapters\.$"):
+        model.set_adapter("a")
+    model.unmerge_adapter()
+    # Saving "b" writes only its v_proj layers (the q_proj layers come first and lack it) and names the base.
+    model.save_pretrained(tmp_path, selected_adapters=["b"])
+    saved = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "org/tiny"
+    other_base = tiny_llama()
+    loaded = CURLoRAModel.from_pretrained(other_base, tmp_path / "b", adapter_name="b")
+    assert sorted(n for n, _ in curlora_layers(loaded)) == sorted(n for n in layers if n.endswith("v_proj"))
+    with torch.no_grad():
+        assert torch.equal(loaded(IDS).logits, b_out)
+    with pytest.raises(ValueError, match=r"^Adapter 'b' already exists; pick another name\.$"):
+        loaded.load_adapter(tmp_path / "b", "b")
+    with pytest.raises(AdapterMismatchError, match=r"trained on 'org/tiny'; load it onto that model"):
+        CURLoRAModel.from_pretrained(tiny_llama(seed=5), tmp_path / "b")
+    # An explicit base name in the config is kept.
+    model.peft_config["a"].base_model_name_or_path = "mine"
+    model.save_pretrained(tmp_path / "x", selected_adapters=["a"])
+    assert json.loads((tmp_path / "x" / "a" / "adapter_config.json").read_text())["base_model_name_or_path"] == "mine"
+    model.delete_adapter("b")
+    assert model.active_adapter == "a" and all("b" not in l.adapters for _, l in curlora_layers(model))
+    model.delete_adapter("a")
+    assert model.active_adapter is None and model.peft_config == {}
