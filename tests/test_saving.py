@@ -165,3 +165,29 @@ def test_weights_file_missing_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors is missing: the adapter directory is "
                                                 r"incomplete\."):
         CURLoRAModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_config_validation_names_each_bad_field():
+    """(Config checks live here with adapter_config.json's other tests: they run in the mutation selection.)"""
+    assert CURLoRAConfig(r=1).r == 1 and CURLoRAConfig(dropout=0.99).dropout == 0.99
+    for bad in (0, -2, True, 1.5, "4"):
+        with pytest.raises(ValueError, match=rf"^CURLoRAConfig\.r must be a positive integer, got {bad!r}\.$"):
+            CURLoRAConfig(r=bad)
+    with pytest.raises(ValueError, match=r"^CURLoRAConfig\.sampling must be one of \('inverse', 'standard', "
+                                         r"'uniform'\), got 'random'\.$"):
+        CURLoRAConfig(sampling="random")
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^CURLoRAConfig\.dropout must be in \[0, 1\), got {bad!r}\.$"):
+            CURLoRAConfig(dropout=bad)
+    config = CURLoRAConfig(target_modules=("v_proj", "q_proj"), modules_to_save={"lm_head", "model.norm"})
+    assert config.target_modules == ["q_proj", "v_proj"] and config.modules_to_save == ["lm_head", "model.norm"]
+    assert CURLoRAConfig(target_modules=r"layers\.\d+").target_modules == r"layers\.\d+"  # a regex stays a string
+
+
+def test_config_file_is_indented_json_that_loads_back(tmp_path):
+    config = CURLoRAConfig(r=4, alpha=0.5, target_modules=("k_proj", "q_proj"), seed=3)
+    config.save(tmp_path)
+    text = (tmp_path / "adapter_config.json").read_text()
+    assert text == json.dumps(config.to_dict(), indent=2) + "\n"
+    assert '\n  "r": 4,\n' in text and json.loads(text)["method"] == "CURLORA"
+    assert CURLoRAConfig.load(tmp_path) == config
