@@ -310,3 +310,17 @@ def test_deleting_a_merged_active_adapter_unmerges_it_and_clears_the_active_name
     layer.delete_adapter("x")
     assert layer.merged_adapters == [] and layer.active_adapter is None and list(layer.adapters) == []
     torch.testing.assert_close(linear.weight, original, rtol=0, atol=1e-6)
+
+
+def test_a_fresh_layer_is_its_base_and_adding_adapters_checks_names_and_merges():
+    linear, _ = _linear_and_conv1d()
+    layer = CURLoRALayer(linear)
+    x = torch.randn(2, 10)
+    assert layer.active_adapter is None and torch.equal(layer(x), linear(x))
+    layer.add_adapter("x", torch.tensor([0]), torch.tensor([1]), alpha=1.0)
+    with pytest.raises(ValueError, match=r"^Adapter 'x' already exists on this layer\.$"):
+        layer.add_adapter("x", torch.tensor([0]), torch.tensor([1]), alpha=1.0)
+    layer.active_adapter = "x"
+    layer.merge()
+    with pytest.raises(RuntimeError, match=r"^Unmerge the merged adapters before adding a new one\.$"):
+        layer.add_adapter("y", torch.tensor([0]), torch.tensor([1]), alpha=1.0)

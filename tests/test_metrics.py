@@ -267,3 +267,8 @@ def test_interpolation_between_neighbours_and_at_the_ends():
     assert interpolate_at_accuracy([(0.5, 10.0), (0.5, 4.0)], 0.5) == 4.0
     with pytest.raises(ValueError, match=r"finite \(accuracy, cost\) pairs"):
         interpolate_at_accuracy([(0.5, math.inf)], 0.5)
+
+
+def test_duplicate_accuracies_keep_the_cheapest_cost_in_any_order():
+    assert interpolate_at_accuracy([(0.5, 4.0), (0.5, 10.0), (0.7, 8.0)], 0.5) == 4.0
+    assert interpolate_at_accuracy([(0.5, 10.0), (0.5, 4.0), (0.7, 8.0)], 0.6) == pytest.approx(6.0)

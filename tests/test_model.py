@@ -350,3 +350,67 @@ def test_adapter_names_are_checked_and_each_adapter_acts_only_on_its_own_layers(
     assert model.active_adapter == "a" and all("b" not in l.adapters for _, l in curlora_layers(model))
     model.delete_adapter("a")
     assert model.active_adapter is None and model.peft_config == {}
+
+
+def test_wrapping_freezes_everything_and_exposes_the_models_forward_signature():
+    import inspect
+
+    model = CURLoRAModel(tiny_llama())  # no adapter yet: nothing trains
+    assert not [n for n, p in model.named_parameters() if p.requires_grad]
+    parameters = inspect.signature(model.forward).parameters  # what transformers.Trainer reads
+    assert "input_ids" in parameters and "attention_mask" in parameters and "labels" in parameters
+
+
+def test_layers_with_identical_weights_still_get_their_own_draws():
+    base = tiny_llama()
+    with torch.no_grad():
+        base.model.layers[1].self_attn.q_proj.weight.copy_(base.model.layers[0].self_attn.q_proj.weight)
+    model = get_curlora_model(base, CURLoRAConfig(r=4, target_modules=["q_proj"]))
+    a, b = (layer.adapters["default"] for _, layer in curlora_layers(model))
+    assert not (torch.equal(a.cols, b.cols) and torch.equal(a.rows, b.rows))
+
+
+def test_state_dict_is_detached_nests_under_a_parent_and_loads_by_copy():
+    model = _with_random_u(get_curlora_model(tiny_llama(), CURLoRAConfig(r=4)))
+    state = model.state_dict()
+    assert state and not any(v.requires_grad for v in state.values())
+    parent = nn.Module()
+    parent.child = model
+    nested = parent.state_dict()
+    assert set(nested) == {f"child.{k}" for k in state}
+    other = get_curlora_model(tiny_llama(), CURLoRAConfig(r=4))
+    params = {n: p for n, p in other.named_parameters() if n.endswith(".U")}
+    other.load_state_dict(state)
+    key = next(k for k in state if k.endswith(".U"))
+    with torch.no_grad():
+        state[key].add_(1.0)  # the loaded model holds copies, in the very parameters it had
+    assert not torch.equal(other.state_dict()[key], state[key])
+    assert all(p is dict(other.named_parameters())[n] for n, p in params.items())
+
+
+def test_loading_rebuilds_c_and_r_wherever_only_some_indices_changed():
+    model = _with_random_u(get_curlora_model(tiny_llama(), CURLoRAConfig(r=4)))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    key = "base_model.model.layers.1.self_attn.v_proj.adapters.default.cols"  # a late layer, columns only
+    state[key] = (state[key] + 1) % 48
+    model.load_state_dict(state)
+    layer = dict(curlora_layers(model))["base_model.model.layers.1.self_attn.v_proj"]
+    adapter = layer.adapters["default"]
+    assert torch.equal(adapter.cols, state[key]) and torch.equal(adapter.C, layer.base_layer.weight[:, adapter.cols])
+    model.merge_adapter()
+    with pytest.raises(RuntimeError, match=r"^Unmerge adapters \(unmerge_adapter\(\)\) before loading a state dict\.$"):
+        model.load_state_dict({**state, key: (state[key] + 1) % 48})
+
+
+def test_a_loaded_adapter_is_frozen_unless_asked_and_errors_name_the_model(tmp_path):
+    model = _with_random_u(get_curlora_model(tiny_llama(), CURLoRAConfig(r=4)))
+    model.save_pretrained(tmp_path)  # tiny_llama has no name: the file records none
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] is None
+    loaded = CURLoRAModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.get_nb_trainable_parameters()[0] == 0
+    assert CURLoRAModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True).get_nb_trainable_parameters()[0] == 96
+    with pytest.raises(AdapterMismatchError) as error:
+        CURLoRAModel.from_pretrained(tiny_llama(seed=4), tmp_path)
+    assert "trained on" not in str(error.value)  # no base name, no hint naming one
+    with pytest.raises(ValueError, match=r"does not exist in GPT2LMHeadModel; the adapter was trained on ''"):
+        CURLoRAModel.from_pretrained(tiny_gpt2(), tmp_path)

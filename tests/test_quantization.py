@@ -365,7 +365,7 @@ def test_adapter_output_on_a_quantized_base_equals_base_plus_delta_by_hand(schem
 @pytest.mark.parametrize("scheme", ALL_SCHEMES)
 def test_full_precision_merge_is_dequantized_weight_plus_delta(scheme):
     model = _adapted_with_large_u(scheme)
-    merged = copy.deepcopy(model).merge_and_unload(requantize=False)
+    merged = copy.deepcopy(model).merge_and_unload()  # full precision by default
     q_proj = merged.model.layers[0].self_attn.q_proj
     assert type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.float32
     want = _logits(_reference(model, lambda base, wd, delta: _linear(wd + delta)))

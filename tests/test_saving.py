@@ -191,3 +191,24 @@ def test_config_file_is_indented_json_that_loads_back(tmp_path):
     assert text == json.dumps(config.to_dict(), indent=2) + "\n"
     assert '\n  "r": 4,\n' in text and json.loads(text)["method"] == "CURLORA"
     assert CURLoRAConfig.load(tmp_path) == config
+
+
+def test_file_metadata_and_index_dtype(tmp_path):
+    _trained(tiny_llama).save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+        indices = [f.get_tensor(k) for k in f.keys() if k.endswith("curlora_indices")]
+    from curlora import __version__
+
+    assert metadata["format"] == "pt" and metadata["curlora_version"] == __version__
+    assert indices and all(t.dtype == torch.int32 and t.shape == (2, 4) for t in indices)
+
+
+def test_a_weights_file_without_curlora_metadata_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    _trained(tiny_llama).save_pretrained(tmp_path)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors has no CURLoRA metadata; was it written by "
+                                         r"curlora\?$"):
+        CURLoRAModel.from_pretrained(tiny_llama(), tmp_path)
