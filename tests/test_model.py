@@ -408,6 +408,8 @@ def test_a_loaded_adapter_is_frozen_unless_asked_and_errors_name_the_model(tmp_p
     assert json.loads((tmp_path / "adapter_config.json").read_text())["base_model_name_or_path"] is None
     loaded = CURLoRAModel.from_pretrained(tiny_llama(), tmp_path)
     assert loaded.get_nb_trainable_parameters()[0] == 0
+    loaded.load_adapter(tmp_path, "again")  # load_adapter's own default: frozen too
+    assert loaded.active_adapter == "again" and loaded.get_nb_trainable_parameters()[0] == 0
     assert CURLoRAModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True).get_nb_trainable_parameters()[0] == 96
     with pytest.raises(AdapterMismatchError) as error:
         CURLoRAModel.from_pretrained(tiny_llama(seed=4), tmp_path)

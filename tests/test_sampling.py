@@ -119,7 +119,7 @@ def test_module_generator_seed_is_the_first_8_sha256_bytes_little_endian_63_bits
     """The documented derivation, written out: indices are reproducible across runs and Python versions."""
     import hashlib
 
-    for seed, name in [(0, "layer"), (7, "model.layers.3.self_attn.q_proj")]:
+    for seed, name in [(0, "layer"), *((7, f"model.layers.{i}.self_attn.q_proj") for i in range(16))]:
         digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
         expected = int.from_bytes(digest[:8], "little") % 2**63
         assert module_generator(seed, name, "cpu").initial_seed() == expected
