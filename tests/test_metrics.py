@@ -216,9 +216,12 @@ def test_bad_matrices_name_the_shape_or_entry(R, match):
 
 
 def test_a_missing_entry_before_the_diagonal_is_refused_after_an_allowed_one():
-    # Row 1 may miss task 1 (unseen) but not task 0: the check goes on past an allowed None.
+    # Row 1 may miss task 1 (unseen) but not task 0; the before-row may miss any entry, and the check
+    # goes on past an allowed None to the entry after it.
     with pytest.raises(ValueError, match=r"entry \[2\]\[0\]"):
         final_accuracy([[None, None], [0.8, None], [None, 0.7]])
+    with pytest.raises(ValueError, match=r"entry \[0\]\[1\] must be a finite number, got 'bad'"):
+        final_accuracy([[None, "bad"], [0.8, None], [0.6, 0.7]])
 
 
 def test_mean_std_and_t_quantile_errors_say_what_is_wrong():
