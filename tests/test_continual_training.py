@@ -70,13 +70,9 @@ def test_train_task_uses_separate_adapter_and_head_rates_and_caps_the_warm_up(sm
         built.update(optimizer=optimizer, warmup=warmup, total=total)
         built["scheduler"] = real(optimizer, warmup, total)
         built["lrs"] = []
-        original_step = optimizer.step
-
-        def step(*args, **kwargs):  # the rate each optimizer step actually used, per group
-            built["lrs"].append([group["lr"] for group in optimizer.param_groups])
-            return original_step(*args, **kwargs)
-
-        optimizer.step = step
+        # The rate each optimizer step actually uses, per group.
+        optimizer.register_step_pre_hook(
+            lambda opt, args, kwargs: built["lrs"].append([group["lr"] for group in opt.param_groups]))
         return built["scheduler"]
 
     monkeypatch.setattr(training, "get_cosine_schedule_with_warmup", spy)
