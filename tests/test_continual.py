@@ -367,3 +367,92 @@ def test_the_paper_small_preset_keeps_the_papers_setup_at_a_cpu_size(tmp_path, t
     assert [len(t.train) for t in runner.tasks] == [120, 120, 121]
     assert [len(v) for v in runner.validation] == [80, 80, 79]
     assert len(runner.corpus_ids) == 8192
+
+
+def _counting_train_task(monkeypatch):
+    """Wrap the runner's train_task: record each call's run/task label and the model's trainable tensors
+    as training starts (a resumed run must start from the checkpoint, not from scratch)."""
+    from curlora.continual import runner as runner_module
+
+    calls = []
+    original = runner_module.train_task
+
+    def counting(model, *args, description="", **kwargs):
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        calls.append((description, start))
+        return original(model, *args, description=description, **kwargs)
+
+    monkeypatch.setattr(runner_module, "train_task", counting)
+    return calls
+
+
+def test_resume_loads_the_checkpoint_and_does_not_train_a_finished_task_again(tmp_path, tiny_model_dir, data_dir,
+                                                                               monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora"])
+    original = ContinualRunner._checkpoint
+
+    def killed_after_first_task(self, ckpt_dir, model, heads, state):
+        original(self, ckpt_dir, model, heads, state)
+        if state["tasks_done"] == 1:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ContinualRunner, "_checkpoint", killed_after_first_task)
+    calls = _counting_train_task(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        ContinualRunner(config, tmp_path).run()
+    monkeypatch.setattr(ContinualRunner, "_checkpoint", original)
+    assert [d.split(" · ")[1] for d, _ in calls] == ["sst2"]
+    # Edit the checkpoint: a number in its json and every U in its tensors. A resume that retrains
+    # (or starts from zero) cannot reproduce either.
+    ckpt = tmp_path / "checkpoints" / "curlora_r4_lr0.01_s0"
+    state = json.loads((ckpt / "task1.json").read_text())
+    state["accuracy_matrix"][1][0] = 0.123456
+    state["final_losses"][0] = 42.0
+    (ckpt / "task1.json").write_text(json.dumps(state))
+    tensors = load_file(str(ckpt / "task1.safetensors"))
+    u_keys = [k for k in tensors if k.startswith("model.") and k.endswith(".U")]
+    assert len(u_keys) == 6 and all(tensors[k].abs().sum() > 0 for k in u_keys)
+    edited = {k: (3 * v if k in u_keys else v) for k, v in tensors.items()}
+    save_file(edited, str(ckpt / "task1.safetensors"))
+    calls.clear()
+    resumed = ContinualRunner(config, tmp_path, resume=True).run()
+    assert [d.split(" · ")[1] for d, _ in calls] == ["mrpc"]  # task 0 not trained again
+    start = calls[0][1]
+    for key in u_keys:  # training of task 1 started from the (edited) checkpoint's U
+        assert torch.equal(start[key[len("model."):]], edited[key])
+    run = resumed["runs"][0]
+    assert run["accuracy_matrix"][1][0] == 0.123456 and run["final_train_loss"][0] == 42.0
+
+
+def test_resume_with_new_methods_ranks_and_rates_trains_only_the_new_runs(tmp_path, tiny_model_dir, data_dir,
+                                                                         monkeypatch):
+    calls = _counting_train_task(monkeypatch)
+    base = dict(examples_per_task=16, eval_examples=12)
+    first = ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head", "curlora"], ranks=[4],
+                                        lrs=[1e-2], **base), tmp_path).run()
+    assert sorted({d.split(" · ")[0] for d, _ in calls}) == ["curlora_r4_lr0.01_s0", "head_s0"]
+    finished = {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir()}
+    grids = [
+        dict(methods=["head", "curlora", "lora"], ranks=[4], lrs=[1e-2]),  # a new method
+        dict(methods=["head", "curlora", "lora"], ranks=[4, 2], lrs=[1e-2]),  # a new rank
+        dict(methods=["head", "curlora", "lora"], ranks=[4, 2], lrs=[1e-2, 3e-3]),  # a new rate
+    ]
+    expected_new = [
+        ["lora_r4_lr0.01_s0"],
+        ["curlora_r2_lr0.01_s0", "lora_r2_lr0.01_s0"],
+        ["curlora_r2_lr0.003_s0", "curlora_r4_lr0.003_s0", "lora_r2_lr0.003_s0", "lora_r4_lr0.003_s0"],
+    ]
+    for grid, new in zip(grids, expected_new):
+        calls.clear()
+        results = ContinualRunner(tiny_config(tiny_model_dir, data_dir, **grid, **base), tmp_path, resume=True).run()
+        trained = [d.split(" · ")[0] for d, _ in calls]
+        assert sorted(set(trained)) == new and len(trained) == 2 * len(new)  # each new run: both tasks once
+        for name, content in finished.items():  # earlier runs' files untouched
+            assert (tmp_path / "runs" / name).read_bytes() == content
+        finished = {p.name: p.read_bytes() for p in (tmp_path / "runs").iterdir()}
+    assert len(results["runs"]) == 1 + 2 * 2 * 2  # head + {curlora, lora} × 2 ranks × 2 rates
+    # The first runs read back as they were (but for the frontier's choice of rate among the new ones).
+    for got, want in zip(results["runs"][:2], first["runs"]):
+        assert {k: v for k, v in got.items() if k != "selected"} == {k: v for k, v in want.items() if k != "selected"}

@@ -66,3 +66,46 @@ def test_a_budget_of_one_window_per_pass_scores_the_same(monkeypatch):
     alone = perplexity(model, ids, window=64, stride=24, batch_size=3)
     assert alone.tokens_scored == batched.tokens_scored
     assert alone.perplexity == pytest.approx(batched.perplexity, rel=1e-6)
+
+
+def _per_token_reference(model: nn.Module, ids: torch.Tensor, window: int, stride: int) -> tuple[float, int]:
+    """The specification written out token by token, without the module's window helpers: windows start
+    at 0, stride, 2·stride, … and end at min(start + window, n); token t is scored once, in the first
+    window that holds it and a token before it, from that window's tokens before it as its context (with
+    stride = window, a window's first token has none there and is not scored, as in the HF guide)."""
+    n = ids.numel()
+    context_start = {}
+    start = 0
+    while True:
+        end = min(start + window, n)
+        for t in range(start + 1, end):
+            context_start.setdefault(t, start)
+        if end == n:
+            break
+        start += stride
+    total = 0.0
+    with torch.no_grad():
+        for t in sorted(context_start):
+            begin = context_start[t]
+            logits = model(input_ids=ids[begin:t][None]).logits[0, -1].double()
+            total -= float(torch.log_softmax(logits, dim=-1)[ids[t]])
+    return total / len(context_start), len(context_start)
+
+
+@pytest.mark.parametrize("window, stride", [(40, 16), (32, 32), (48, 7)])
+def test_perplexity_over_several_windows_equals_per_token_log_probs_by_hand(window, stride):
+    """Several windows, carried context, a short last window: every token's log-prob with the context the
+    method specifies (a wrong context, a token scored twice or skipped all change the number)."""
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (100,), generator=torch.Generator().manual_seed(1))
+    nll, count = _per_token_reference(model, ids, window, stride)
+    assert count == (ids.numel() - 1 if stride < window else ids.numel() - math.ceil(ids.numel() / stride))
+    result = perplexity(model, ids, window=window, stride=stride, batch_size=2)
+    assert result.tokens_scored == count
+    assert result.nll == pytest.approx(nll, rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(nll), rel=1e-5)
+    # The context matters on this model: scoring every token from the start of its own window of
+    # `stride` tokens (no carried context) gives a clearly different number.
+    if stride < window:
+        without_context = perplexity(model, ids, window=stride, stride=stride, batch_size=2)
+        assert abs(without_context.nll - nll) > 1e-3

@@ -204,3 +204,123 @@ def test_normalized_adapter_is_alpha_times_unit_norm_c_u_r_by_hand():
     x = torch.randn(4, 20)
     with torch.no_grad():
         torch.testing.assert_close(layer(x), base(x) + x @ (0.7 * c_n @ adapter.U @ r_n).t(), rtol=1e-5, atol=1e-5)
+
+
+def _trained_dropout_layer(kind: str, p: float = 0.5):
+    """A layer whose adapter has dropout and a trained (non-zero) U: dropout then changes the output."""
+    linear, conv = _linear_and_conv1d(out_f=24, in_f=20)
+    base = {"linear": linear, "conv1d": conv}[kind]
+    layer = CURLoRALayer(base)
+    cols, rows = torch.tensor([0, 3, 7, 19]), torch.tensor([1, 5, 23, 7])
+    adapter = layer.add_adapter("x", cols, rows, alpha=0.7, dropout=p)
+    layer.active_adapter = "x"
+    with torch.no_grad():
+        adapter.U.copy_(torch.randn(4, 4, generator=torch.Generator().manual_seed(1)))
+    w = weight_out_in(base).detach()
+    delta = 0.7 * w[:, cols] @ adapter.U.detach() @ w[rows, :]  # alpha · C U R, from the base weight
+    return layer, base, adapter, delta
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dropout_masks_the_adapter_input_only_against_a_masked_computation_by_hand(kind):
+    layer, base, adapter, delta = _trained_dropout_layer(kind)
+    layer.train()
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    torch.manual_seed(123)
+    out = layer(x)
+    # The same generator state draws the same mask: dropout of ones is mask / (1 - p), elementwise.
+    torch.manual_seed(123)
+    mask = nn.functional.dropout(torch.ones(3, 5, 20), p=0.5, training=True)
+    assert 0 < int((mask == 0).sum()) < mask.numel() and set(mask.unique().tolist()) == {0.0, 2.0}
+    expected = base(x) + (x * mask) @ delta.t()
+    unmasked = base(x) + x @ delta.t()
+    assert (expected - unmasked).abs().max() > 0.05  # the mask matters at this U
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert type(out.grad_fn).__name__ == "AddBackward0"  # dropout active: the op-by-op path
+    # Gradients too: U's through the masked input, x's through the base and the masked adapter.
+    target = torch.randn(3, 5, 24)
+    ((out - target) ** 2).sum().backward()
+    with torch.no_grad():
+        dy = (2 * (expected - target)).reshape(-1, 24)
+        xm = (x * mask).reshape(-1, 20)
+        w = weight_out_in(base)
+        C, R = w[:, adapter.cols], w[adapter.rows, :]
+        grad_u = 0.7 * C.t() @ dy.t() @ xm @ R.t()
+        grad_x = (dy @ w + (dy @ delta) * mask.reshape(-1, 20)).reshape(3, 5, 20)
+    torch.testing.assert_close(adapter.U.grad, grad_u, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad, grad_x, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_dropout_is_off_in_eval_and_the_fused_path_equals_the_unmasked_computation(kind):
+    layer, base, adapter, delta = _trained_dropout_layer(kind)
+    x = torch.randn(3, 5, 20, requires_grad=True)
+    layer.eval()
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_FusedCURLinearBackward"
+    torch.testing.assert_close(out, base(x) + x @ delta.t(), rtol=1e-5, atol=1e-5)
+    layer.train()  # the op-by-op path, with dropout: not the unmasked output, and a new mask each call
+    first, second = layer(x), layer(x)
+    assert not torch.allclose(first, out, atol=1e-3) and not torch.allclose(first, second, atol=1e-3)
+
+
+def _random_u_layer(base):
+    layer = CURLoRALayer(base)
+    adapter = layer.add_adapter("x", torch.tensor([0, 3, 7]), torch.tensor([1, 5, 9]), alpha=0.5)
+    layer.active_adapter = "x"
+    with torch.no_grad():
+        adapter.U.normal_()
+    return layer, adapter
+
+
+def test_a_trainable_or_accelerate_hooked_base_runs_op_by_op_and_its_weight_gets_a_gradient():
+    linear, _ = _linear_and_conv1d()
+    layer, adapter = _random_u_layer(linear)
+    linear.weight.requires_grad_(True)  # e.g. a user unfreezing the base: the fused node gives it no gradient
+    out = layer(torch.randn(2, 10))
+    assert type(out.grad_fn).__name__ == "AddBackward0"
+    out.sum().backward()
+    assert linear.weight.grad is not None and adapter.U.grad is not None
+    hooked, _ = _linear_and_conv1d()
+    layer, _ = _random_u_layer(hooked.requires_grad_(False))
+    hooked._hf_hook = object()  # accelerate's offloading hook marker
+    assert type(layer(torch.randn(2, 10, requires_grad=True)).grad_fn).__name__ == "AddBackward0"
+
+
+def test_fused_path_gives_the_input_gradient_with_u_frozen():
+    linear, _ = _linear_and_conv1d()
+    layer, adapter = _random_u_layer(linear)
+    adapter.U.requires_grad_(False)  # an earlier task's frozen U: the input still needs its gradient
+    x = torch.randn(3, 10, requires_grad=True)
+    out = layer(x)
+    assert type(out.grad_fn).__name__ == "_FusedCURLinearBackward"
+    out.sum().backward()
+    delta = 0.5 * adapter.C @ adapter.U @ adapter.R
+    torch.testing.assert_close(x.grad, torch.ones(3, 12) @ (linear.weight + delta).detach())
+
+
+def test_deleting_a_merged_active_adapter_unmerges_it_and_clears_the_active_name():
+    linear, _ = _linear_and_conv1d()
+    original = linear.weight.detach().clone()
+    layer, _ = _random_u_layer(linear)
+    layer.add_adapter("y", torch.tensor([1]), torch.tensor([2]), alpha=1.0)
+    layer.merge()
+    layer.delete_adapter("y")  # not merged, not active: nothing else changes
+    assert layer.merged_adapters == ["x"] and layer.active_adapter == "x"
+    layer.delete_adapter("x")
+    assert layer.merged_adapters == [] and layer.active_adapter is None and list(layer.adapters) == []
+    torch.testing.assert_close(linear.weight, original, rtol=0, atol=1e-6)
+
+
+def test_a_fresh_layer_is_its_base_and_adding_adapters_checks_names_and_merges():
+    linear, _ = _linear_and_conv1d()
+    layer = CURLoRALayer(linear)
+    x = torch.randn(2, 10)
+    assert layer.active_adapter is None and torch.equal(layer(x), linear(x))
+    layer.add_adapter("x", torch.tensor([0]), torch.tensor([1]), alpha=1.0)
+    with pytest.raises(ValueError, match=r"^Adapter 'x' already exists on this layer\.$"):
+        layer.add_adapter("x", torch.tensor([0]), torch.tensor([1]), alpha=1.0)
+    layer.active_adapter = "x"
+    layer.merge()
+    with pytest.raises(RuntimeError, match=r"^Unmerge the merged adapters before adding a new one\.$"):
+        layer.add_adapter("y", torch.tensor([0]), torch.tensor([1]), alpha=1.0)

@@ -176,3 +176,102 @@ def test_t_interval_matches_tables_and_separation_needs_two_seeds():
     assert separated(a, seed_stat([0.40, 0.55, 0.70])) is False
     assert separated(seed_stat([0.5]), b) is None  # one seed: nothing is resolved
     assert separated(a, constant(0.3)) is True and separated(a, constant(0.51)) is False
+
+
+def test_run_metrics_reads_every_field_of_a_run():
+    run = _run("lora", 8, 3, FORGET, ppl=(30.0, [31.0, 32.0, 33.5], 34.0))
+    run.update(trainable_params={"adapter": 123, "heads": 45}, stored_per_task=7, wall_time_s=9.5,
+               peak_memory_mb=512.0)
+    m = run_metrics(run)
+    assert (m["ppl_before"], m["ppl_final"], m["ppl_increase"]) == (30.0, 34.0, 4.0)
+    assert (m["adapter_params"], m["head_params"], m["stored_per_task"]) == (123, 45, 7)
+    assert (m["wall_time_s"], m["peak_memory_mb"]) == (9.5, 512.0)
+    assert m["task_accuracy"] == [0.6, 0.7, 0.9] and m["ppl_after_task"] == [31.0, 32.0, 33.5]
+    assert m["accuracy_matrix"] == [list(row) for row in FORGET]
+    bare = {"accuracy_matrix": [[0.5], [0.8]], "method": "head"}
+    m = run_metrics(bare)  # nothing but the matrix: every other number is None, stored_per_task 0
+    assert m["stored_per_task"] == 0 and m["adapter_params"] is None and m["head_params"] is None
+    assert m["ppl_final"] is None and m["ppl_increase"] is None and m["peak_memory_mb"] is None
+
+
+def test_summarize_groups_by_method_rank_and_lr():
+    R = [[0.5], [0.8]]
+    runs = [_run("lora", 8, 0, R), _run("lora", 4, 0, R), _run("curlora", 8, 0, R), _run("lora", 8, 1, R)]
+    groups = summarize({"runs": runs})
+    assert [(g["method"], g["rank"], g["lr"], g["n_runs"]) for g in groups] == [
+        ("lora", 8, 1e-3, 2), ("lora", 4, 1e-3, 1), ("curlora", 8, 1e-3, 1)]
+    assert summarize({}) == []
+
+
+@pytest.mark.parametrize("R, match", [
+    ("not rows", "sequence of rows, got str"),
+    (None, "sequence of rows, got NoneType"),
+    ([[0.5, None], [0.8, None], [0.8]], r"\(T\+1\) x T = 3 x 2; row 2 has 1 entries"),
+    ([[0.5, 0.5], [0.8]], r"\(T\+1\) x T = 2 x 1; row 0 has 2 entries"),
+    ([[None, None, None], [0.8, None, None], [0.8, 0.5, None], [0.7, 0.6, float("nan")]], r"entry \[3\]\[2\]"),
+])
+def test_bad_matrices_name_the_shape_or_entry(R, match):
+    with pytest.raises(ValueError, match=match):
+        final_accuracy(R)
+
+
+def test_a_missing_entry_before_the_diagonal_is_refused_after_an_allowed_one():
+    # Row 1 may miss task 1 (unseen) but not task 0; the before-row may miss any entry, and the check
+    # goes on past an allowed None to the entry after it.
+    with pytest.raises(ValueError, match=r"entry \[2\]\[0\]"):
+        final_accuracy([[None, None], [0.8, None], [None, 0.7]])
+    with pytest.raises(ValueError, match=r"entry \[0\]\[1\] must be a finite number, got 'bad'"):
+        final_accuracy([[None, "bad"], [0.8, None], [0.6, 0.7]])
+
+
+def test_mean_std_and_t_quantile_errors_say_what_is_wrong():
+    with pytest.raises(ValueError, match="^mean_std needs at least one value$"):
+        mean_std([])
+    from curlora.continual.metrics import t_quantile_975
+
+    with pytest.raises(ValueError, match="^degrees of freedom must be >= 1, got 0$"):
+        t_quantile_975(0)
+
+
+@pytest.mark.parametrize("df", [31, 40, 45, 100, 1000])
+def test_t_quantile_beyond_the_table_is_the_second_order_cornish_fisher_expansion(df):
+    from curlora.continual.metrics import t_quantile_975
+
+    z = 1.959964  # the normal 97.5 % quantile
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    assert t_quantile_975(df) == pytest.approx(z + g1 / df + g2 / df**2, rel=1e-12)
+    exact = {31: 2.039513, 40: 2.021075, 45: 2.014103, 100: 1.983972, 1000: 1.962339}[df]
+    assert t_quantile_975(df) == pytest.approx(exact, abs=1e-4)
+
+
+def test_interval_half_width_is_t_times_std_over_root_n():
+    from curlora.continual.metrics import interval95
+
+    lo, hi = interval95(2.0, 0.3, 9)
+    assert (lo, hi) == pytest.approx((2.0 - 2.306 * 0.3 / 3, 2.0 + 2.306 * 0.3 / 3))
+
+
+def test_separated_at_touching_intervals_and_missing_sides():
+    from curlora.continual.metrics import constant, separated
+
+    assert constant(0.4) == {"mean": 0.4, "std": 0.0, "n": 0, "ci95": None}
+    a = {"mean": 0.5, "std": 0.1, "n": 3, "ci95": [0.4, 0.6]}
+    touching_above = {"mean": 0.7, "std": 0.1, "n": 3, "ci95": [0.6, 0.8]}
+    assert separated(a, touching_above) is False and separated(touching_above, a) is False
+    assert separated(a, constant(0.6)) is False and separated(constant(0.4), a) is False
+    assert separated(a, None) is None and separated(None, a) is None
+
+
+def test_interpolation_between_neighbours_and_at_the_ends():
+    pts = [(0.5, 10.0), (0.6, 20.0), (0.8, 60.0)]
+    assert interpolate_at_accuracy(pts, 0.7) == pytest.approx(40.0)  # between the 2nd and 3rd points
+    assert interpolate_at_accuracy(pts, 0.6) == pytest.approx(20.0)
+    assert interpolate_at_accuracy([(0.5, 10.0), (0.5, 4.0)], 0.5) == 4.0
+    with pytest.raises(ValueError, match=r"finite \(accuracy, cost\) pairs"):
+        interpolate_at_accuracy([(0.5, math.inf)], 0.5)
+
+
+def test_duplicate_accuracies_keep_the_cheapest_cost_in_any_order():
+    assert interpolate_at_accuracy([(0.5, 4.0), (0.5, 10.0), (0.7, 8.0)], 0.5) == 4.0
+    assert interpolate_at_accuracy([(0.5, 10.0), (0.5, 4.0), (0.7, 8.0)], 0.6) == pytest.approx(6.0)

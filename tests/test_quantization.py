@@ -267,3 +267,128 @@ def test_nf4_layer_repacked_by_an_eval_forward_is_repaired_when_adapted():
     model(inputs).sum().backward()
     assert inputs.grad.abs().sum() > 0
     assert next(p for p in model.parameters() if p.requires_grad).grad.abs().sum() > 0
+
+
+# --- merges and adapter outputs against references built by hand --------------------------------------------
+# The references below use bitsandbytes directly (dequantize, build a quantized layer), never curlora's
+# backend, and ΔW = alpha · C U R from the dequantized weight at the adapter's indices. U is large enough
+# that the adapter moves the logits by far more than each comparison's tolerance (asserted in each test).
+
+ALL_SCHEMES = ["int8", "nf4", "fp4"]
+ALPHA = 2.0
+
+
+def _bnb_dequantized(layer: nn.Module) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+    scb = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scb).float()
+
+
+def _bnb_layer(weight: torch.Tensor, scheme: str) -> nn.Module:
+    """A bias-free bitsandbytes layer holding ``weight``, built the way bitsandbytes documents it."""
+    import bitsandbytes as bnb
+
+    out_features, in_features = weight.shape
+    if scheme == "int8":
+        layer = bnb.nn.Linear8bitLt(in_features, out_features, bias=False, has_fp16_weights=False, threshold=0.0)
+        layer.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32,
+                                  quant_type=scheme, compress_statistics=False)
+        layer.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, quant_type=scheme, blocksize=64,
+                                         compress_statistics=False)
+        layer.support_avx512bf16_for_cpu = False
+    return layer.to("cpu").eval()
+
+
+class _PlusDelta(nn.Module):
+    """base(x) + x·ΔWᵀ: the unmerged adapter's output, written out."""
+
+    def __init__(self, base: nn.Module, delta: torch.Tensor) -> None:
+        super().__init__()
+        self.base, self.delta = base, delta
+
+    def forward(self, x):
+        return self.base(x) + x @ self.delta.t().to(x.dtype)
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+    return linear.requires_grad_(False).eval()
+
+
+def _adapted_with_large_u(scheme: str) -> CURLoRAModel:
+    model = get_curlora_model(quantize_model(tiny_llama(), scheme), CURLoRAConfig(r=4, alpha=ALPHA))
+    generator = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for _, layer in curlora_layers(model):
+            layer.adapters["default"].U.copy_(10 * torch.randn(4, 4, generator=generator))
+    return model.eval()
+
+
+def _reference(model: CURLoRAModel, replace) -> nn.Module:
+    """A copy of the base model whose adapted layers are ``replace(quantized base, Wd, ΔW)``; every other
+    layer (quantized o_proj, MLP, ...) is the same module as in the adapted model."""
+    reference = copy.deepcopy(model.base_model)
+    for name, layer in list(curlora_layers(reference)):
+        adapter = layer.adapters["default"]
+        wd = _bnb_dequantized(layer.base_layer)
+        C, R = wd[:, adapter.cols], wd[adapter.rows, :]
+        delta = (C @ adapter.U.detach() @ R).mul_(ALPHA)
+        parent, _, child = name.rpartition(".")
+        setattr(reference.get_submodule(parent), child, replace(layer.base_layer, wd, delta))
+    return reference.eval()
+
+
+def _logits(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES)
+def test_adapter_output_on_a_quantized_base_equals_base_plus_delta_by_hand(scheme):
+    model = _adapted_with_large_u(scheme)
+    got = _logits(model)
+    want = _logits(_reference(model, lambda base, wd, delta: _PlusDelta(base, delta)))
+    without = _logits(_reference(model, lambda base, wd, delta: base))
+    tolerance = 1e-4
+    assert float((want - without).abs().max()) > 100 * tolerance  # the adapter's effect
+    assert float((got - want).abs().max()) < tolerance
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES)
+def test_full_precision_merge_is_dequantized_weight_plus_delta(scheme):
+    model = _adapted_with_large_u(scheme)
+    merged = copy.deepcopy(model).merge_and_unload()  # full precision by default
+    q_proj = merged.model.layers[0].self_attn.q_proj
+    assert type(q_proj) is nn.Linear and q_proj.weight.dtype == torch.float32
+    want = _logits(_reference(model, lambda base, wd, delta: _linear(wd + delta)))
+    without = _logits(_reference(model, lambda base, wd, delta: _linear(wd)))
+    tolerance = 1e-4
+    assert float((want - without).abs().max()) > 100 * tolerance
+    assert float((_logits(merged) - want).abs().max()) < tolerance
+    # Layer by layer, the merged weight itself.
+    reference = _reference(model, lambda base, wd, delta: _linear(wd + delta))
+    for name, _ in curlora_layers(model):
+        name = name[len("base_model."):] if name.startswith("base_model.") else name
+        torch.testing.assert_close(merged.get_submodule(name).weight, reference.get_submodule(name).weight,
+                                   rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("scheme", ALL_SCHEMES)
+def test_requantized_merge_is_the_scheme_applied_to_dequantized_weight_plus_delta(scheme):
+    model = _adapted_with_large_u(scheme)
+    merged = copy.deepcopy(model).merge_and_unload(requantize=True)
+    q_proj = merged.model.layers[0].self_attn.q_proj
+    assert is_quantized_linear(q_proj)
+    want = _logits(_reference(model, lambda base, wd, delta: _bnb_layer(wd + delta, scheme)))
+    dropped = _logits(_reference(model, lambda base, wd, delta: _bnb_layer(wd, scheme)))
+    tolerance = 1e-4
+    assert float((want - dropped).abs().max()) > 100 * tolerance  # ΔW survives requantization here
+    assert float((_logits(merged) - want).abs().max()) < tolerance

@@ -113,3 +113,34 @@ def test_bad_inputs_raise_clear_errors():
         selection_probabilities(w, dim=1, mode="bogus")
     with pytest.raises(ValueError, match="all zero"):
         selection_probabilities(torch.zeros(4, 4), dim=1, mode="inverse")
+
+
+def test_module_generator_seed_is_the_first_8_sha256_bytes_little_endian_63_bits():
+    """The documented derivation, written out: indices are reproducible across runs and Python versions."""
+    import hashlib
+
+    for seed, name in [(0, "layer"), *((7, f"model.layers.{i}.self_attn.q_proj") for i in range(16))]:
+        digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+        expected = int.from_bytes(digest[:8], "little") % 2**63
+        assert module_generator(seed, name, "cpu").initial_seed() == expected
+
+
+def test_sampling_errors_name_the_problem():
+    with pytest.raises(ValueError, match=r"^Cannot sample CUR indices from a weight that is all zero or not finite\.$"):
+        sample_indices(torch.zeros(4, 4), 2)
+    with pytest.raises(ValueError, match=r"^CUR sampling needs a 2-D weight, got shape \(2, 3, 4\)\.$"):
+        selection_probabilities(torch.ones(2, 3, 4), dim=1, mode="inverse")
+    w = torch.ones(6, 6)
+    w[2:, :] = 0  # 2 live rows, 6 live columns
+    with pytest.raises(ValueError, match=r"^Only 2 of the weight's 6 rows carry any weight"):
+        sample_indices(w, 3, replacement=False)
+
+
+def test_rows_are_drawn_with_replacement_when_asked():
+    """One row holds almost all of ||W||²: with replacement (standard mode) it is drawn again and again."""
+    w = torch.ones(8, 8)
+    w[0] = 1000.0
+    cols, rows = sample_indices(w, 8, mode="standard", replacement=True, generator=module_generator(0, "x", "cpu"))
+    assert rows.tolist().count(0) >= 6
+    _, distinct = sample_indices(w, 8, mode="standard", replacement=False, generator=module_generator(0, "x", "cpu"))
+    assert sorted(distinct.tolist()) == list(range(8))

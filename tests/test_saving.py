@@ -95,3 +95,120 @@ def test_adapter_configs_written_before_normalize_existed_still_load(tmp_path):
     path.write_text(json.dumps(old))
     loaded = CURLoRAModel.from_pretrained(tiny_llama(), tmp_path)
     assert loaded.peft_config["default"].normalize is False and torch.equal(loaded(IDS).logits, expected)
+
+
+def _state(r=3, out_f=6, in_f=5, **changes):
+    from curlora.saving import LayerState
+
+    weight = torch.arange(1.0, out_f * in_f + 1).reshape(out_f, in_f) / 10
+    cols, rows = torch.tensor([0, 2, 4][:r]), torch.tensor([1, 3, 5][:r])
+    from curlora.saving import fingerprint
+
+    values = dict(U=torch.zeros(r, r), cols=cols, rows=rows, fingerprint=fingerprint(weight[:, cols], weight[rows, :]),
+                  shape=(out_f, in_f))
+    values.update(changes)
+    return weight, LayerState(**values)
+
+
+def test_check_layer_accepts_its_base_even_at_zero_tolerance_and_names_every_mismatch():
+    from curlora.saving import check_layer
+
+    weight, state = _state()
+    check_layer("q", state, weight, rtol=0.0, trained_on="")  # the exact base: difference 0 ≤ 0
+    hint = r" The adapter was trained on 'org/base'; load it onto that model\.$"
+    with pytest.raises(AdapterMismatchError, match=r"^Layer 'q': U and the indices disagree on the rank\.$"):
+        check_layer("q", _state(U=torch.zeros(3, 2))[1], weight, 0.01, "")
+    with pytest.raises(AdapterMismatchError, match="disagree on the rank"):
+        check_layer("q", _state(cols=torch.tensor([0, 2]))[1], weight, 0.01, "")
+    with pytest.raises(AdapterMismatchError, match="disagree on the rank"):
+        check_layer("q", _state(rows=torch.tensor([1, 3]))[1], weight, 0.01, "")
+    # An index equal to the side's length is outside, for columns and for rows alone.
+    with pytest.raises(AdapterMismatchError, match=r"^Layer 'q': sampled indices lie outside the weight\.$"):
+        check_layer("q", _state(cols=torch.tensor([0, 2, 5]))[1], weight, 0.01, "")
+    with pytest.raises(AdapterMismatchError, match="outside the weight"):
+        check_layer("q", _state(rows=torch.tensor([1, 3, 6]))[1], weight, 0.01, "")
+    with pytest.raises(AdapterMismatchError, match=r"relative difference 0\.05 > 0\.01\)\." + hint):
+        check_layer("q", state, weight * 1.05, 0.01, "org/base")
+    with pytest.raises(AdapterMismatchError, match=r"\(7, 5\) \(out × in\) but the adapter was trained on a "
+                                                   r"\(6, 5\) weight\." + hint):
+        check_layer("q", state, torch.ones(7, 5), 0.01, "org/base")
+    with pytest.raises(AdapterMismatchError, match=r"\(6, 5\) weight\.$"):  # no hint without a name
+        check_layer("q", state, torch.ones(7, 5), 0.01, "")
+
+
+def test_check_layer_difference_is_relative_to_the_fingerprint_even_for_tiny_weights():
+    from curlora.saving import check_layer
+
+    weight, state = _state()
+    small = weight * 1e-4
+    _, small_state = _state(fingerprint=state.fingerprint * 1e-4)
+    check_layer("q", small_state, small, 0.01, "")
+    with pytest.raises(AdapterMismatchError, match="relative difference 0.05"):  # 5 % off, whatever the scale
+        check_layer("q", small_state, small * 1.05, 0.01, "")
+    check_layer("q", small_state, small * 1.005, 0.01, "")  # 0.5 % is within 1 %
+
+
+def test_config_from_dict_checks_the_method_and_unknown_fields():
+    data = CURLoRAConfig(r=4).to_dict()
+    assert CURLoRAConfig.from_dict(data) == CURLoRAConfig(r=4)
+    assert CURLoRAConfig.from_dict({"r": 2}) == CURLoRAConfig(r=2)  # no method key: a CURLoRA config
+    with pytest.raises(ValueError, match=r"^Adapter config is for method 'LORA', not CURLoRA\.$"):
+        CURLoRAConfig.from_dict({**data, "method": "LORA"})
+    with pytest.raises(ValueError, match=r"^Unknown CURLoRAConfig fields \['extra', 'more'\]; was it saved by a "
+                                         r"newer curlora\?$"):
+        CURLoRAConfig.from_dict({**data, "more": 1, "extra": 2})
+
+
+def test_weights_file_missing_is_named(tmp_path):
+    _trained(tiny_llama).save_pretrained(tmp_path)
+    (tmp_path / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors is missing: the adapter directory is "
+                                                r"incomplete\."):
+        CURLoRAModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+def test_config_validation_names_each_bad_field():
+    """(Config checks live here with adapter_config.json's other tests: they run in the mutation selection.)"""
+    assert CURLoRAConfig(r=1).r == 1 and CURLoRAConfig(dropout=0.99).dropout == 0.99
+    for bad in (0, -2, True, 1.5, "4"):
+        with pytest.raises(ValueError, match=rf"^CURLoRAConfig\.r must be a positive integer, got {bad!r}\.$"):
+            CURLoRAConfig(r=bad)
+    with pytest.raises(ValueError, match=r"^CURLoRAConfig\.sampling must be one of \('inverse', 'standard', "
+                                         r"'uniform'\), got 'random'\.$"):
+        CURLoRAConfig(sampling="random")
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(ValueError, match=rf"^CURLoRAConfig\.dropout must be in \[0, 1\), got {bad!r}\.$"):
+            CURLoRAConfig(dropout=bad)
+    config = CURLoRAConfig(target_modules=("v_proj", "q_proj"), modules_to_save={"lm_head", "model.norm"})
+    assert config.target_modules == ["q_proj", "v_proj"] and config.modules_to_save == ["lm_head", "model.norm"]
+    assert CURLoRAConfig(target_modules=r"layers\.\d+").target_modules == r"layers\.\d+"  # a regex stays a string
+
+
+def test_config_file_is_indented_json_that_loads_back(tmp_path):
+    config = CURLoRAConfig(r=4, alpha=0.5, target_modules=("k_proj", "q_proj"), seed=3)
+    config.save(tmp_path)
+    text = (tmp_path / "adapter_config.json").read_text()
+    assert text == json.dumps(config.to_dict(), indent=2) + "\n"
+    assert '\n  "r": 4,\n' in text and json.loads(text)["method"] == "CURLORA"
+    assert CURLoRAConfig.load(tmp_path) == config
+
+
+def test_file_metadata_and_index_dtype(tmp_path):
+    _trained(tiny_llama).save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "adapter_model.safetensors"), framework="pt") as f:
+        metadata = f.metadata()
+        indices = [f.get_tensor(k) for k in f.keys() if k.endswith("curlora_indices")]
+    from curlora import __version__
+
+    assert metadata["format"] == "pt" and metadata["curlora_version"] == __version__
+    assert indices and all(t.dtype == torch.int32 and t.shape == (2, 4) for t in indices)
+
+
+def test_a_weights_file_without_curlora_metadata_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    _trained(tiny_llama).save_pretrained(tmp_path)
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors has no CURLoRA metadata; was it written by "
+                                         r"curlora\?$"):
+        CURLoRAModel.from_pretrained(tiny_llama(), tmp_path)
