@@ -78,8 +78,13 @@ def test_train_task_uses_separate_adapter_and_head_rates_and_caps_the_warm_up(sm
     monkeypatch.setattr(training, "get_cosine_schedule_with_warmup", spy)
     settings = _settings(warmup_steps=warmup_steps, max_warmup_fraction=0.4)
     assert training.warmup_for(6, settings) == expected
-    losses = training.train_task(model, head, examples, collator, settings, torch.Generator().manual_seed(0),
-                                 progress=False)
+    def loss(model, items, backbone_trains):  # the heads protocol's loss: CE of `head` on the last token
+        inputs = collator([e for e, _ in items])
+        features = training.last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+        return torch.nn.functional.cross_entropy(head(features), inputs["labels"], reduction="sum")
+
+    losses = training.train_task(model, [(e, 0) for e in examples], loss, list(head.parameters()), settings,
+                                 torch.Generator().manual_seed(0), progress=False)
     assert len(losses) == 6 and built["total"] == 6 and built["warmup"] == expected
     head_group, adapter_group = built["optimizer"].param_groups
     assert [id(p) for p in head_group["params"]] == [id(p) for p in head.parameters()]
