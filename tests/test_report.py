@@ -124,3 +124,14 @@ def test_a_rate_chosen_at_the_grid_edge_is_named_with_its_rank(results, tmp_path
     write_report({**results, "runs": runs, "frontier": {}}, tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "At the edge of the rate grid (the best rate may lie beyond it): curlora r8, curlora r16." in text
+
+
+def test_valid_greedy_answers_are_reported_as_seed_means_only_when_measured(results, tmp_path):
+    md = write_report(results, tmp_path / "heads").read_text(encoding="utf-8")
+    assert "Valid answers" not in md  # the heads protocol generates nothing
+    for run, rates in zip(results["runs"][:4], ([1.0, 0.5], [0.5, 0.5], [0.25, 1.0], [0.75, 1.0])):
+        run["valid_answer_rate"] = rates
+    md = write_report(results, tmp_path / "generative").read_text(encoding="utf-8")
+    section = md.split("## Valid answers by greedy generation")[1].split("## ")[0]
+    assert "| curlora | 8 | 0.00025 | 2 | 0.750 ± 0.354 [-2.426, 3.926] | 0.500 ± 0.000 [0.500, 0.500] |" in section
+    assert "| lora | 8 | 0.00025 | 2 | 0.500 ± 0.354" in section and "| head | — | 0.00025 | 2 | — | — |" in section

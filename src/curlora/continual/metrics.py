@@ -213,6 +213,8 @@ def run_metrics(run: Mapping[str, Any]) -> dict[str, Any]:
         "task_accuracy": [float(x) for x in R[T]],
         "ppl_after_task": after,
         "accuracy_matrix": [list(row) for row in R],
+        # Generative protocol: the share of greedy answers that were an answer word, per task.
+        "valid_answer_rate": list(run.get("valid_answer_rate") or []),
     }
 
 
@@ -248,6 +250,7 @@ def aggregate_runs(
             agg[name] = seed_stat(m[name] for m in per_run)
         agg["task_accuracy"] = _elementwise(m["task_accuracy"] for m in per_run)
         agg["ppl_after_task"] = _elementwise(m["ppl_after_task"] for m in per_run)
+        agg["valid_answer_rate"] = _elementwise(m["valid_answer_rate"] for m in per_run)
         agg["accuracy_matrix"] = [
             _elementwise(rows) for rows in zip(*(m["accuracy_matrix"] for m in per_run))
         ]

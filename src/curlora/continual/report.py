@@ -307,6 +307,18 @@ def _accuracy_section(keys: Keys, groups: list[Mapping[str, Any]], tasks: list[M
         ["Method", "Rank", "LR", "Seeds", *task_names, "ACC"]), ""]
 
 
+def _answers_section(keys: Keys, groups: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
+    """Generative protocol: how often greedy generation gave an answer word at all (none: no section)."""
+    if not any(g.get("valid_answer_rate") for g in groups):
+        return []
+    return ["## Valid answers by greedy generation", "",
+            ("After the last task, the first evaluation rows of each task answered by greedy generation: the "
+             "share whose answer, up to its end token, is one of the task's answer words. Accuracy above "
+             "scores the answers' likelihoods instead, so it needs no valid generation."), "",
+            format_table([[*k, *(_ms(s) for s in _pad(g.get("valid_answer_rate") or [], len(task_names)))]
+                          for k, g in zip(keys, groups)], ["Method", "Rank", "LR", "Seeds", *task_names]), ""]
+
+
 def _perplexity_section(keys: Keys, groups: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
     return ["## Table 2: perplexity before → after each task → final", "", format_table(
         [[*k, _ms(g["ppl_before"], 2), *(_ms(s, 2) for s in _pad(g["ppl_after_task"], len(task_names))),
@@ -401,7 +413,8 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     keys = [[g["method"], g.get("rank"), _lr(g.get("lr")), g["n_runs"]] for g in groups]
     md = [*_header(results, runs), *_tasks_section(tasks),
           "## Reading", "", *_reading(groups, tasks, runs), "",
-          *_accuracy_section(keys, groups, tasks), *_perplexity_section(keys, groups, task_names),
+          *_accuracy_section(keys, groups, tasks), *_answers_section(keys, groups, task_names),
+          *_perplexity_section(keys, groups, task_names),
           *_metrics_section(keys, groups, runs), *_frontier_section(frontier, run_dir, _base_perplexity(runs)),
           *_runs_section(runs, task_names), *_plots_section(groups, task_names, run_dir),
           *_loss_section(results, run_dir)]
