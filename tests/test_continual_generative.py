@@ -170,3 +170,18 @@ def test_a_killed_generative_run_resumes_to_identical_numbers(tmp_path, tiny_mod
         return [{k: v for k, v in r.items() if k not in ("wall_time_s", "peak_memory_mb")} for r in results["runs"]]
 
     assert comparable(resumed) == comparable(uninterrupted)
+
+
+def test_greedy_answers_of_a_bank_use_each_tasks_own_u(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    from curlora.continual import protocols
+
+    active = []
+    original = protocols.GenerativeRun._valid_answers
+
+    def recording(self, model, rows, prompt, demos):
+        active.append(model.active_adapter)
+        return original(self, model, rows, prompt, demos)
+
+    monkeypatch.setattr(protocols.GenerativeRun, "_valid_answers", recording)
+    ContinualRunner(generative_config(tiny_model_dir, data_dir, methods=["curlora-bank"]), tmp_path).run()
+    assert active == ["default", "task1"]

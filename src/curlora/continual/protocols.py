@@ -16,8 +16,8 @@ frontier read only this interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +31,7 @@ from curlora.continual.training import (
     answer_log_probs,
     autocast,
     batches,
+    causal_lm_of,
     derived_seed,
     last_hidden,
     lm_logits,
@@ -54,9 +55,10 @@ class RunState(ABC):
         """Accuracy on ``examples`` of task ``task_index`` (``split`` names them for caching); ``base``:
         the model is the unchanged base model, so what it computes can be cached across runs."""
 
-    def final_checks(self, model: nn.Module, evaluation: Sequence[Sequence[Example]],
-                     demonstrations: int = 0) -> dict[str, Any]:
-        """Extra per-run measurements after the last task (results.json fields); none by default."""
+    def final_checks(self, model: nn.Module, evaluation: Sequence[Sequence[Example]], demonstrations: int = 0,
+                     evaluating: Callable[[int], AbstractContextManager] = lambda j: nullcontext()) -> dict[str, Any]:
+        """Extra per-run measurements after the last task (results.json fields), task j in the state
+        ``evaluating(j)`` puts the model in (a bank's U_j); none by default."""
         return {}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -271,33 +273,38 @@ class GenerativeRun(RunState):
         return correct / len(examples)
 
     @torch.no_grad()
-    def final_checks(self, model: nn.Module, evaluation: Sequence[Sequence[Example]],
-                     demonstrations: int = 0) -> dict[str, Any]:
+    def final_checks(self, model: nn.Module, evaluation: Sequence[Sequence[Example]], demonstrations: int = 0,
+                     evaluating: Callable[[int], AbstractContextManager] = lambda j: nullcontext()) -> dict[str, Any]:
         """Whether greedy generation gives a valid answer word at all, on the first
         ``generation_examples`` evaluation rows of each task: the share whose generated text, up to
         the end of the answer, is one of the task's label words (case and surrounding space ignored)."""
-        protocol = self.protocol
-        collator, tokenizer = protocol.collator, protocol.collator.tokenizer
-        lm = model.get_base_model() if hasattr(type(model), "get_base_model") else model
         rates = []
         for j, examples in enumerate(evaluation):
-            rows = list(examples[: protocol.config.generation_examples])
-            prompt = protocol.tasks[j].prompt
+            rows = list(examples[: self.protocol.config.generation_examples])
             demos = tuple(self.demonstrations(j, demonstrations)) if demonstrations else ()
-            words = {w.casefold() for w in prompt.label_words}
-            longest = max(map(len, collator.answers(prompt))) + len(collator.end_ids)
-            valid = 0
-            for batch in batches(rows, protocol.config.eval_batch_size):
-                inputs = collator.prompt_batch(batch, prompt, demos)
-                out = lm.generate(input_ids=inputs["input_ids"].to(protocol.device),
-                                  attention_mask=inputs["attention_mask"].to(protocol.device),
-                                  max_new_tokens=longest, do_sample=False,
-                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=collator.end_ids[0])
-                for row in out[:, inputs["input_ids"].shape[1]:].tolist():
-                    end = row.index(collator.end_ids[0]) if collator.end_ids[0] in row else len(row)
-                    valid += tokenizer.decode(row[:end]).strip().casefold() in words
-            rates.append(valid / len(rows))
+            with evaluating(j):
+                rates.append(self._valid_answers(model, rows, self.protocol.tasks[j].prompt, demos) / len(rows))
         return {"valid_answer_rate": rates}
+
+    def _valid_answers(self, model: nn.Module, rows: Sequence[Example], prompt: Any,
+                       demos: Sequence[Example]) -> int:
+        """How many of ``rows`` greedy generation answers with one of the prompt's answer words."""
+        protocol = self.protocol
+        collator, tokenizer = protocol.collator, protocol.collator.tokenizer
+        lm = causal_lm_of(model)
+        words = {w.casefold() for w in prompt.label_words}
+        longest = max(map(len, collator.answers(prompt))) + len(collator.end_ids)
+        valid = 0
+        for batch in batches(rows, protocol.config.eval_batch_size):
+            inputs = collator.prompt_batch(batch, prompt, demos)
+            out = lm.generate(input_ids=inputs["input_ids"].to(protocol.device),
+                              attention_mask=inputs["attention_mask"].to(protocol.device),
+                              max_new_tokens=longest, do_sample=False,
+                              pad_token_id=tokenizer.pad_token_id, eos_token_id=collator.end_ids[0])
+            for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+                end = row.index(collator.end_ids[0]) if collator.end_ids[0] in row else len(row)
+                valid += tokenizer.decode(row[:end]).strip().casefold() in words
+        return valid
 
 
 class GenerativeProtocol(Protocol):

@@ -348,7 +348,7 @@ class ContinualRunner:
             self._say(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {scored}")
         # Validation rows (carved from training data) are only for choosing rates: the final state suffices.
         validation = self._accuracies(adapted, protocol, "validation", len(self.tasks) - 1, method.frozen_backbone)
-        checks = protocol.final_checks(model, self.eval_splits, adapted.demonstrations)
+        checks = protocol.final_checks(model, self.eval_splits, adapted.demonstrations, adapted.evaluating)
         diagnostics = stability_diagnostics(model) if isinstance(model, CURLoRAModel) else []
         trained = [p for p in model.parameters() if p.requires_grad] + [
             t.to(self.device) for t in protocol.state_dict().values()]
