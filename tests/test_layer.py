@@ -324,3 +324,79 @@ def test_a_fresh_layer_is_its_base_and_adding_adapters_checks_names_and_merges()
     layer.merge()
     with pytest.raises(RuntimeError, match=r"^Unmerge the merged adapters before adding a new one\.$"):
         layer.add_adapter("y", torch.tensor([0]), torch.tensor([1]), alpha=1.0)
+
+
+class _LinearOnlyWeight(torch.Tensor):
+    """A stand-in for a quantization library's tensor-subclass weight on a stock ``nn.Linear``
+    (torchao's ``Int8Tensor``, for one: it implements ``F.linear``, indexing and shape ops, not
+    ``mm``). This one computes ``F.linear`` exactly from its own values and, like those, refuses
+    any other matrix product."""
+
+    _REFUSED = (torch.matmul, torch.mm, torch.addmm, torch.Tensor.__matmul__, torch.Tensor.__rmatmul__,
+                torch.Tensor.matmul, torch.Tensor.mm, torch.Tensor.addmm, torch.Tensor.addmm_)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in cls._REFUSED:
+            raise NotImplementedError(f"{cls.__name__} implements F.linear only, not {func.__name__}")
+        if func is torch.Tensor.detach:  # nn.Parameter needs detach() to keep the type
+            return super().__torch_function__(func, types, args, kwargs or {})
+        with torch._C.DisableTorchFunctionSubclass():  # results are plain tensors
+            return func(*args, **(kwargs or {}))
+
+
+def test_a_tensor_subclass_weight_on_a_stock_linear_runs_op_by_op_against_the_product_by_hand():
+    torch.manual_seed(0)
+    linear = nn.Linear(10, 12)
+    plain = linear.weight.detach().clone()
+    linear.weight = nn.Parameter(plain.clone().as_subclass(_LinearOnlyWeight), requires_grad=False)
+    assert type(linear.weight) is _LinearOnlyWeight and type(linear).forward is nn.Linear.forward
+    layer, adapter = _random_u_layer(linear)
+    assert type(adapter.C) is torch.Tensor and torch.equal(adapter.C, plain[:, adapter.cols])
+    x = torch.randn(3, 10, requires_grad=True)
+    out = layer(x)
+    # Not the fused node: its backward multiplies by the weight itself (grad @ W), which the
+    # subclass does not implement; only the subclass's own F.linear may touch it.
+    assert type(out.grad_fn).__name__ == "AddBackward0"
+    out.pow(2).sum().backward()
+    with torch.no_grad():
+        delta = 0.5 * plain[:, adapter.cols] @ adapter.U @ plain[adapter.rows, :]
+        expected = x @ (plain + delta).t() + linear.bias
+        dy = 2 * expected
+        torch.testing.assert_close(out.detach(), expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(x.grad, dy @ (plain + delta), rtol=1e-5, atol=1e-5)
+        u_grad = 0.5 * plain[:, adapter.cols].t() @ (dy.t() @ x) @ plain[adapter.rows, :].t()
+        torch.testing.assert_close(adapter.U.grad, u_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "compute, given",
+    [
+        (torch.bfloat16, torch.float32),  # the input must be cast to C and R's dtype
+        (torch.float32, torch.bfloat16),  # that too, and the float32 adapter output back to bf16
+    ],
+    ids=["bf16-compute-float32-input", "float32-compute-bf16-input"],
+)
+def test_a_quantized_base_computing_in_another_dtype_runs_op_by_op_and_answers_in_the_input_dtype(compute, given):
+    """A bitsandbytes 4-bit layer casts its input to its compute dtype and its output back to the
+    input's dtype; transformers builds them with any ``bnb_4bit_compute_dtype`` (float32 by default,
+    bf16 often) whatever the model's dtype. C and R are in the compute dtype: the adapter path must
+    cast the input to it, and its output back to the base output's dtype."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    base = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=compute, quant_type="nf4")
+    base.weight = bnb.nn.Params4bit(torch.randn(64, 64) / 8, requires_grad=False, quant_type="nf4", blocksize=64)
+    base.support_avx512bf16_for_cpu = False  # bitsandbytes' CPU repacking trap (see NOTES)
+    base = base.to("cpu")
+    layer, adapter = _random_u_layer(base)
+    assert adapter.C.dtype == adapter.R.dtype == compute
+    x = torch.randn(3, 5, 64).to(given)
+    with torch.no_grad():
+        out, base_out = layer(x), base(x)
+        wd = bnb.functional.dequantize_4bit(base.weight.data, base.weight.quant_state).double()
+        delta = 0.5 * wd[:, adapter.cols] @ adapter.U.double() @ wd[adapter.rows, :]
+        adapter_out = x.double() @ delta.t()
+    assert out.dtype == base_out.dtype == given
+    assert float(adapter_out.abs().max()) > 0.5  # far above the bf16 rounding tolerated below
+    torch.testing.assert_close(out.double(), base_out.double() + adapter_out, rtol=0.02, atol=0.02)

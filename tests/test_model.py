@@ -416,3 +416,36 @@ def test_a_loaded_adapter_is_frozen_unless_asked_and_errors_name_the_model(tmp_p
     assert "trained on" not in str(error.value)  # no base name, no hint naming one
     with pytest.raises(ValueError, match=r"does not exist in GPT2LMHeadModel; the adapter was trained on ''"):
         CURLoRAModel.from_pretrained(tiny_gpt2(), tmp_path)
+
+
+def test_merge_and_unload_dequantizes_a_quantized_layer_that_lacks_the_active_adapter():
+    """Adapter "a" on q_proj, "b" on v_proj, "a" active: merging folds a's ΔW into q_proj and nothing
+    into v_proj, whose quantized layer becomes its plain dequantized weight (b is not active)."""
+    import bitsandbytes as bnb
+
+    from curlora.quantization import quantize_model
+
+    def dequantized(module):  # bitsandbytes' own NF4 dequantization, not curlora's backend
+        return bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state).float()
+
+    model = get_curlora_model(quantize_model(tiny_llama(hidden=64), "nf4"),  # whole 64-weight blocks
+                              CURLoRAConfig(r=2, alpha=2.0, target_modules=["q_proj"]), adapter_name="a")
+    model.add_adapter("b", CURLoRAConfig(r=2, target_modules=["v_proj"], seed=1))
+    _with_random_u(model)
+    layers = dict(curlora_layers(model))
+    assert {n.rsplit(".", 1)[-1] for n, layer in layers.items() if layer.active_adapter is None} == {"v_proj"}
+    want = {}
+    for name, layer in layers.items():
+        wd = dequantized(layer.base_layer)
+        if name.endswith("q_proj"):
+            adapter = layer.adapters["a"]
+            delta = 2.0 * wd[:, adapter.cols] @ adapter.U.detach() @ wd[adapter.rows, :]
+            assert float(delta.abs().max()) > 1e-3  # far above the tolerance below
+            wd = wd + delta
+        want[name.removeprefix("base_model.")] = wd
+    merged = model.merge_and_unload()
+    assert not list(curlora_layers(merged))
+    for name, weight in want.items():
+        layer = merged.get_submodule(name)
+        assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32
+        torch.testing.assert_close(layer.weight, weight, rtol=0, atol=1e-6)
