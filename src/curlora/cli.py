@@ -122,6 +122,10 @@ def _continual_parser(sub) -> None:
     p.add_argument("--quantize", choices=SCHEMES,
                    help="quantize the base model's linear layers with bitsandbytes (QCURLoRA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    p.add_argument("--log-dir",
+                   help="also write TensorBoard event files here as runs train, one directory per run (step "
+                   "losses, accuracies after each task, perplexity, final ACC); watch with tensorboard --logdir. "
+                   "Needs pip install 'curlora[tensorboard]'")
 
 
 def _run_continual(args: argparse.Namespace) -> int:
@@ -133,7 +137,7 @@ def _run_continual(args: argparse.Namespace) -> int:
             "data_dir", "source", "model", "protocol", "chat_template", "k_shot", "generation_examples", "tasks", "corpus", "corpus_file", "methods", "ranks", "seeds", "examples_per_task",
             "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "ewc_lambda", "ewc_fisher_examples", "replay_per_task", "olora_lambda",
             "corda_samples", "corda_sample_tokens", "alpha",
-            "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "ppl_after_every_task", "bf16", "device", "workers", "progress", "quantize",
+            "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "ppl_after_every_task", "bf16", "device", "workers", "progress", "quantize", "log_dir",
         )
     }
     if args.method_lrs:
