@@ -23,7 +23,7 @@ CORE = sorted(
     if p.relative_to(PACKAGE).parts[0].removesuffix(".py") not in {h.split(".")[1] for h in HARNESS}
 )
 # Import names of every extra's packages; pyyaml and tqdm are left out: transformers needs them.
-OPTIONAL = ("accelerate", "bitsandbytes", "datasets", "gguf", "matplotlib", "peft", "trl")
+OPTIONAL = ("accelerate", "bitsandbytes", "datasets", "gguf", "matplotlib", "peft", "tensorboard", "trl")
 
 
 def _imported_names(path: Path) -> set[str]:
@@ -152,6 +152,8 @@ def test_the_kernel_warning_is_real_without_curlora():
     (["continual", "--methods", "lora"], "bench"),
     (["continual", "--quantize", "nf4"], "quant"),
     (["continual", "--quantize=int8"], "quant"),
+    (["continual", "--log-dir", "tb"], "tensorboard"),
+    (["continual", "--log-dir=tb"], "tensorboard"),
     (["sft", "--data", "x.jsonl", "--output-dir", "out"], "sft"),
     (["generate", "--adapter", "a", "--prompt", "p"], "gguf"),
 ])

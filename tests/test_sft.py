@@ -13,9 +13,9 @@ from conftest import free_port
 import torch
 from safetensors.torch import load_file
 
-from curlora.cli import main
+from curlora.cli import build_parser, main
 from curlora.data.splits import DataError
-from curlora.sft import IGNORE_INDEX, SFTCollator, load_conversations, tokenize_conversation, wiki_qa_pairs
+from curlora.sft import IGNORE_INDEX, SFTCollator, SFTSettings, load_conversations, tokenize_conversation, wiki_qa_pairs
 from test_trainer import tiny_smol_llama
 
 CHAT = [
@@ -88,6 +88,13 @@ def qa_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data") / "qa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+def test_without_a_rate_sft_trains_curlora_at_one_where_it_learns():
+    """The default is the rate validation chose for CURLoRA r 16 on SmolLM2's offline suite (1e-2),
+    not 1e-3, where CURLoRA learned nothing (docs/results/sweep-3seeds); CLI and library agree."""
+    args = build_parser().parse_args(["sft", "--data", "x.jsonl", "--output-dir", "out"])
+    assert args.lr == SFTSettings.lr == 1e-2
 
 
 def test_cli_sft_then_generate(tiny_model_dir, qa_file, tmp_path, capsys):

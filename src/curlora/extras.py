@@ -17,6 +17,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "quant": ("bitsandbytes",),
     "gguf": ("gguf",),
     "corda": ("attrs",),  # lora-corda-kpm: PEFT's CorDA imports attrs without declaring it
+    "tensorboard": ("tensorboard",),  # curlora continual --log-dir: live event files
 }
 _IMPORT_NAMES = {"pyyaml": "yaml", "attrs": "attr"}
 
@@ -46,6 +47,8 @@ def _needed_extras(argv: list[str]) -> list[tuple[str, str]]:
     needed = [(extra, f"curlora {command}") for extra in COMMAND_EXTRAS.get(command, ())]
     if command == "continual" and any(a == "--quantize" or a.startswith("--quantize=") for a in argv):
         needed.append(("quant", "--quantize"))
+    if command == "continual" and any(a == "--log-dir" or a.startswith("--log-dir=") for a in argv):
+        needed.append(("tensorboard", "--log-dir"))
     return needed
 
 

@@ -20,7 +20,7 @@ from curlora.data.sources import read_text
 
 SOURCES = ("offline", "local", "hub")
 # How a run is executed, not what it computes: a run may resume with other values of these.
-RUNTIME_FIELDS = ("progress", "workers")
+RUNTIME_FIELDS = ("progress", "workers", "log_dir")
 # Which runs an experiment holds, not what any one run computes (a run's file is named by its method,
 # rank, rate, λ and seed): a run directory may resume with more or fewer of these, e.g. more seeds.
 GRID_FIELDS = ("methods", "ranks", "lr", "lrs", "method_lrs", "seeds", "u_penalties")
@@ -94,6 +94,7 @@ class ContinualConfig:
     progress: bool = True
     workers: int = 1  # runs side by side in this many processes on a CPU (same numbers, sooner)
     quantize: str | None = None  # quantize the base's linear layers (curlora.quantization.SCHEMES)
+    log_dir: str | None = None  # TensorBoard event files of every run, live (curlora.continual.tracking)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -123,6 +124,10 @@ class ContinualConfig:
             from curlora.extras import require_extra
 
             require_extra("corda", f"Methods {calibrated} (PEFT's CorDA)")
+        if self.log_dir is not None:
+            from curlora.extras import require_extra
+
+            require_extra("tensorboard", "log_dir (TensorBoard event files)")
         if self.corpus == CALIBRATION_CORPUS and self.corpus_file is None:
             if calibrated:
                 raise ValueError(
@@ -213,6 +218,9 @@ class ContinualConfig:
                 f"workers=1 (several GPUs: data parallel with torchrun)."
             )
         checks.model_path(self.model)
+        if self.log_dir is not None and not (isinstance(self.log_dir, str) and self.log_dir
+                                             and not Path(self.log_dir).is_file()):
+            raise ValueError(f"log_dir must name a directory (made if missing), got {self.log_dir!r}.")
         if self.source is not None and self.source not in SOURCES:
             raise ValueError(f"Unknown source {self.source!r}; choose one of {SOURCES}.")
         for task in self.tasks:

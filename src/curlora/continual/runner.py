@@ -19,7 +19,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -51,6 +51,10 @@ from curlora.continual.training import (
     derived_seed,
     train_task,
 )
+
+if TYPE_CHECKING:
+    from curlora.continual.tracking import RunEvents
+
 
 @dataclass(frozen=True)
 class RunSpec:
@@ -288,6 +292,15 @@ class ContinualRunner:
             return self.config.ppl_after_every_task
         return not (self.config.method(spec.method).takes_lr and len(self.config.rates_for(spec.method, spec.rank)) > 1)
 
+    def _events(self, spec: RunSpec, state: dict[str, Any]) -> RunEvents | None:
+        """The run's live TensorBoard log (curlora.continual.tracking) when ``log_dir`` is set, on the
+        process that writes files; else None, and TensorBoard is never imported."""
+        if self.config.log_dir is None or not self.is_main:
+            return None
+        from curlora.continual.tracking import RunEvents
+
+        return RunEvents(self.config.log_dir, spec.key, [t.name for t in self.tasks], self.ppl_before, state)
+
     def run_one(self, spec: RunSpec, base_lm: nn.Module) -> dict[str, Any]:
         cfg = self.config
         ckpt_dir = self.run_dir / "checkpoints" / spec.key
@@ -316,36 +329,43 @@ class ContinualRunner:
         started = time.perf_counter() - state["elapsed_s"]
         self._reset_peak_memory()
         curve = self._perplexity_curve(spec)
-        for i in range(state["tasks_done"], len(self.tasks)):
-            task = self.tasks[i]
-            torch.manual_seed(derived_seed(spec.seed, "task", i, spec.key))
-            generator = torch.Generator().manual_seed(derived_seed(spec.seed, "shuffle", i))
-            adapted.start_task(i)
-            if method.frozen_backbone and not protocol.task_parameters(i):
-                losses = []  # a floor that trains nothing (zero-shot, k-shot)
-            else:
-                losses = train_task(
-                    model, [(e, i) for e in task.train] + adapted.replay_examples(), protocol.loss,
-                    protocol.task_parameters(i), settings, generator, adapted.u_params,
-                    progress=cfg.progress and self.is_main, description=f"{spec.key} · {task.name}",
-                    penalty=adapted.penalty,
-                )
-            adapted.end_task(i, FinishedTask(task.train, i, protocol.loss))
-            test_row = self._accuracies(adapted, protocol, "eval_splits", i, method.frozen_backbone)
-            # A frozen backbone cannot change the LM: its perplexity is the base model's by construction.
-            ppl = self.ppl_before if method.frozen_backbone else None
-            if ppl is None and (curve or i == len(self.tasks) - 1):
-                ppl = self._perplexity(model)
-            state["accuracy_matrix"].append(test_row)
-            state["ppl_after_task"].append(ppl)
-            state["final_losses"].append(sum(losses[-10:]) / len(losses[-10:]) if losses else None)
-            state.setdefault("train_loss", []).append(losses)
-            state["tasks_done"] = i + 1
-            state["elapsed_s"] = time.perf_counter() - started
-            self._checkpoint(ckpt_dir, adapted, protocol, state)
-            seen = ", ".join(f"{self.tasks[j].name} {test_row[j]:.3f}" for j in range(i + 1))
-            scored = "not scored (only after the last task in this run)" if ppl is None else f"{ppl:.2f}"
-            self._say(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {scored}")
+        events = self._events(spec, state)
+        try:
+            for i in range(state["tasks_done"], len(self.tasks)):
+                task = self.tasks[i]
+                torch.manual_seed(derived_seed(spec.seed, "task", i, spec.key))
+                generator = torch.Generator().manual_seed(derived_seed(spec.seed, "shuffle", i))
+                adapted.start_task(i)
+                if method.frozen_backbone and not protocol.task_parameters(i):
+                    losses = []  # a floor that trains nothing (zero-shot, k-shot)
+                else:
+                    losses = train_task(
+                        model, [(e, i) for e in task.train] + adapted.replay_examples(), protocol.loss,
+                        protocol.task_parameters(i), settings, generator, adapted.u_params,
+                        progress=cfg.progress and self.is_main, description=f"{spec.key} · {task.name}",
+                        penalty=adapted.penalty, on_step=events.on_step(task.name) if events else None,
+                    )
+                adapted.end_task(i, FinishedTask(task.train, i, protocol.loss))
+                test_row = self._accuracies(adapted, protocol, "eval_splits", i, method.frozen_backbone)
+                # A frozen backbone cannot change the LM: its perplexity is the base model's by construction.
+                ppl = self.ppl_before if method.frozen_backbone else None
+                if ppl is None and (curve or i == len(self.tasks) - 1):
+                    ppl = self._perplexity(model)
+                state["accuracy_matrix"].append(test_row)
+                state["ppl_after_task"].append(ppl)
+                state["final_losses"].append(sum(losses[-10:]) / len(losses[-10:]) if losses else None)
+                state.setdefault("train_loss", []).append(losses)
+                state["tasks_done"] = i + 1
+                state["elapsed_s"] = time.perf_counter() - started
+                self._checkpoint(ckpt_dir, adapted, protocol, state)
+                if events is not None:
+                    events.task_done(state)
+                seen = ", ".join(f"{self.tasks[j].name} {test_row[j]:.3f}" for j in range(i + 1))
+                scored = "not scored (only after the last task in this run)" if ppl is None else f"{ppl:.2f}"
+                self._say(f"[{spec.key}] after {task.name}: {seen}; perplexity {self.ppl_before:.2f} → {scored}")
+        finally:
+            if events is not None:
+                events.close()
         # Validation rows (carved from training data) are only for choosing rates: the final state suffices.
         validation = self._accuracies(adapted, protocol, "validation", len(self.tasks) - 1, method.frozen_backbone)
         checks = protocol.final_checks(model, self.eval_splits, adapted.demonstrations, adapted.evaluating)

@@ -259,11 +259,13 @@ def train_task(
     progress: bool = True,
     description: str = "train",
     penalty: Callable[[], torch.Tensor | None] | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
     """Train the model's trainable parameters (at ``settings.lr``) and a protocol's ``task_params``
     (a task head, at ``settings.head_lr``) on ``items``: a task's rows and any replayed rows of
     earlier tasks, shuffled together. Returns the loss of every step (the mean over the batch's
-    rows). ``penalty`` is a method's extra loss term (EWC's pull toward earlier solutions)."""
+    rows). ``penalty`` is a method's extra loss term (EWC's pull toward earlier solutions);
+    ``on_step(step, loss)`` sees each step's loss as it is taken (1-based step), for a live log."""
     adapter_params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": list(task_params), "lr": settings.head_lr}] if task_params else []
     if adapter_params:
@@ -305,6 +307,8 @@ def train_task(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(total_loss.item())
+            if on_step is not None:
+                on_step(len(losses), losses[-1])
             bar.update()
             bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()

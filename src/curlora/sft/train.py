@@ -52,7 +52,10 @@ class SFTSettings:
     max_steps: int = -1
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 1e-3
+    # CURLoRA's rate, not LoRA's (U starts at zero, no 1/r scaling): validation chose 1e-2 at r 16 on
+    # SmolLM2's offline suite, where 1e-3 learned nothing (docs/results/sweep-3seeds); choose yours
+    # on held-out data (eval_fraction, eval_loss).
+    lr: float = 1e-2
     weight_decay: float = 0.0
     warmup_ratio: float = 0.0
     max_length: int = 256
