@@ -116,17 +116,6 @@ def test_check_layer_accepts_its_base_even_at_zero_tolerance_and_names_every_mis
     weight, state = _state()
     check_layer("q", state, weight, rtol=0.0, trained_on="")  # the exact base: difference 0 ≤ 0
     hint = r" The adapter was trained on 'org/base'; load it onto that model\.$"
-    with pytest.raises(AdapterMismatchError, match=r"^Layer 'q': U and the indices disagree on the rank\.$"):
-        check_layer("q", _state(U=torch.zeros(3, 2))[1], weight, 0.01, "")
-    with pytest.raises(AdapterMismatchError, match="disagree on the rank"):
-        check_layer("q", _state(cols=torch.tensor([0, 2]))[1], weight, 0.01, "")
-    with pytest.raises(AdapterMismatchError, match="disagree on the rank"):
-        check_layer("q", _state(rows=torch.tensor([1, 3]))[1], weight, 0.01, "")
-    # An index equal to the side's length is outside, for columns and for rows alone.
-    with pytest.raises(AdapterMismatchError, match=r"^Layer 'q': sampled indices lie outside the weight\.$"):
-        check_layer("q", _state(cols=torch.tensor([0, 2, 5]))[1], weight, 0.01, "")
-    with pytest.raises(AdapterMismatchError, match="outside the weight"):
-        check_layer("q", _state(rows=torch.tensor([1, 3, 6]))[1], weight, 0.01, "")
     with pytest.raises(AdapterMismatchError, match=r"relative difference 0\.05 > 0\.01\)\." + hint):
         check_layer("q", state, weight * 1.05, 0.01, "org/base")
     with pytest.raises(AdapterMismatchError, match=r"\(7, 5\) \(out × in\) but the adapter was trained on a "
@@ -134,6 +123,27 @@ def test_check_layer_accepts_its_base_even_at_zero_tolerance_and_names_every_mis
         check_layer("q", state, torch.ones(7, 5), 0.01, "org/base")
     with pytest.raises(AdapterMismatchError, match=r"\(6, 5\) weight\.$"):  # no hint without a name
         check_layer("q", state, torch.ones(7, 5), 0.01, "")
+
+
+def test_a_layers_tensors_are_checked_against_its_rank_and_shape_before_any_base_is_read():
+    """Rank and index range are judged from the file alone (an index equal to the side's length is
+    outside, for columns and for rows alone), before check_layer compares anything with a base."""
+    from curlora.saving import FINGERPRINT_KEY, INDEX_KEY, U_KEY, AdapterFileError, _layer
+
+    def tensors(cols=(0, 2, 4), rows=(1, 3, 5), u=(3, 3)):
+        return {f"q.{U_KEY}": torch.zeros(*u), f"q.{INDEX_KEY}": torch.tensor([cols, rows]),
+                f"q.{FINGERPRINT_KEY}": torch.ones(2, 3)}
+
+    state = _layer("f", "q", [6, 5], tensors(cols=(0, 2, 4), rows=(1, 3, 5)), 3)
+    assert state.shape == (6, 5) and state.cols.tolist() == [0, 2, 4] and state.rows.tolist() == [1, 3, 5]
+    with pytest.raises(AdapterFileError, match=r"'curlora_U' must be 3 × 3 \(rank r=3\)"):
+        _layer("f", "q", [6, 5], tensors(u=(3, 2)), 3)
+    with pytest.raises(AdapterFileError, match=r"\[0, 5\) for columns and \[0, 6\) for rows"):
+        _layer("f", "q", [6, 5], tensors(cols=(0, 2, 5)), 3)
+    with pytest.raises(AdapterFileError, match="for rows"):
+        _layer("f", "q", [6, 5], tensors(rows=(1, 3, 6)), 3)
+    with pytest.raises(AdapterFileError, match="for rows"):
+        _layer("f", "q", [6, 5], tensors(rows=(-1, 3, 5)), 3)
 
 
 def test_check_layer_difference_is_relative_to_the_fingerprint_even_for_tiny_weights():
@@ -209,6 +219,6 @@ def test_a_weights_file_without_curlora_metadata_is_refused(tmp_path):
 
     _trained(tiny_llama).save_pretrained(tmp_path)
     save_file({"x": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
-    with pytest.raises(ValueError, match=r"adapter_model\.safetensors has no CURLoRA metadata; was it written by "
-                                         r"curlora\?$"):
+    with pytest.raises(ValueError, match=r"adapter_model\.safetensors has no valid CURLoRA 'shapes' metadata; was "
+                                         r"it written by curlora\?$"):
         CURLoRAModel.from_pretrained(tiny_llama(), tmp_path)
