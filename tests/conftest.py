@@ -114,3 +114,23 @@ def smollm2():
     from curlora.pretrained import load_model_and_tokenizer
 
     return load_model_and_tokenizer()
+
+
+def kill_after_first_task(monkeypatch: pytest.MonkeyPatch, record: list | None = None) -> None:
+    """Stop the next ContinualRunner command as a kill would (KeyboardInterrupt) right after its first
+    task checkpoint is written; later commands checkpoint normally. ``record`` collects (run key,
+    tasks done) of every checkpoint written from now on."""
+    from curlora.continual import ContinualRunner
+
+    original = ContinualRunner._checkpoint
+    killed = []
+
+    def checkpoint(self, ckpt_dir, adapted, protocol, state):
+        original(self, ckpt_dir, adapted, protocol, state)
+        if record is not None:
+            record.append((ckpt_dir.name, state["tasks_done"]))
+        if state["tasks_done"] == 1 and not killed:
+            killed.append(True)
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(ContinualRunner, "_checkpoint", checkpoint)

@@ -11,7 +11,7 @@ import torch
 import transformers
 import yaml
 
-from conftest import free_port, save_tiny_llama
+from conftest import free_port, kill_after_first_task, save_tiny_llama
 
 from curlora.cli import main
 from curlora.continual import ContinualRunner, run_specs
@@ -72,17 +72,9 @@ def test_killed_run_resumes_to_the_same_numbers(tmp_path, tiny_model_dir, data_d
     config = tiny_config(tiny_model_dir, data_dir, methods=methods, corda_samples=8, corda_sample_tokens=64)
     uninterrupted = ContinualRunner(config, tmp_path / "a").run()
 
-    original = ContinualRunner._checkpoint
-
-    def killed_after_first_task(self, ckpt_dir, model, heads, state):
-        original(self, ckpt_dir, model, heads, state)
-        if state["tasks_done"] == 1:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(ContinualRunner, "_checkpoint", killed_after_first_task)
+    kill_after_first_task(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         ContinualRunner(config, tmp_path / "b").run()
-    monkeypatch.setattr(ContinualRunner, "_checkpoint", original)
     with pytest.raises(FileExistsError, match="--resume"):
         ContinualRunner(config, tmp_path / "b")
     resumed = ContinualRunner(config, tmp_path / "b", resume=True).run()
@@ -391,18 +383,10 @@ def test_resume_loads_the_checkpoint_and_does_not_train_a_finished_task_again(tm
     from safetensors.torch import load_file, save_file
 
     config = tiny_config(tiny_model_dir, data_dir, methods=["curlora"])
-    original = ContinualRunner._checkpoint
-
-    def killed_after_first_task(self, ckpt_dir, model, heads, state):
-        original(self, ckpt_dir, model, heads, state)
-        if state["tasks_done"] == 1:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(ContinualRunner, "_checkpoint", killed_after_first_task)
+    kill_after_first_task(monkeypatch)
     calls = _counting_train_task(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         ContinualRunner(config, tmp_path).run()
-    monkeypatch.setattr(ContinualRunner, "_checkpoint", original)
     assert [d.split(" · ")[1] for d, _ in calls] == ["sst2"]
     # Edit the checkpoint: a number in its json and every U in its tensors. A resume that retrains
     # (or starts from zero) cannot reproduce either.

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_tiny_llama, tiny_gpt2, tiny_llama
+from conftest import kill_after_first_task, save_tiny_llama, tiny_gpt2, tiny_llama
 
 from curlora.continual import ContinualRunner
 from curlora.continual.config import ContinualConfig
@@ -149,16 +149,8 @@ def test_every_registered_method_runs_a_two_task_generative_sequence(tmp_path, t
 def test_a_killed_generative_run_resumes_to_identical_numbers(tmp_path, tiny_model_dir, data_dir, monkeypatch):
     config = generative_config(tiny_model_dir, data_dir, methods=["curlora+replay", "k-shot"], replay_per_task=4)
     uninterrupted = ContinualRunner(config, tmp_path / "a").run()
-    original = ContinualRunner._checkpoint
     trained = []
-
-    def killed_after_first_task(self, ckpt_dir, adapted, protocol, state):
-        original(self, ckpt_dir, adapted, protocol, state)
-        trained.append((ckpt_dir.name, state["tasks_done"]))
-        if state["tasks_done"] == 1 and len(trained) == 1:  # the first checkpoint of the first command only
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(ContinualRunner, "_checkpoint", killed_after_first_task)
+    kill_after_first_task(monkeypatch, trained)
     with pytest.raises(KeyboardInterrupt):
         ContinualRunner(config, tmp_path / "b").run()
     trained.clear()

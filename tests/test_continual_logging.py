@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import save_tiny_llama
+from conftest import kill_after_first_task, save_tiny_llama
 from test_continual import tiny_config
 
 from curlora.cli import main
@@ -63,17 +63,9 @@ def test_events_hold_the_runs_step_losses_accuracies_perplexity_and_acc(tmp_path
 def test_a_resumed_run_logs_each_step_once(tmp_path, tiny_model_dir, data_dir, monkeypatch):
     """The killed attempt's events are superseded: the resumed run's log equals its results."""
     config = tiny_config(tiny_model_dir, data_dir, methods=["curlora"], log_dir=str(tmp_path / "tb"))
-    original = ContinualRunner._checkpoint
-
-    def killed_after_first_task(self, ckpt_dir, model, heads, state):
-        original(self, ckpt_dir, model, heads, state)
-        if state["tasks_done"] == 1:
-            raise KeyboardInterrupt("killed")
-
-    monkeypatch.setattr(ContinualRunner, "_checkpoint", killed_after_first_task)
+    kill_after_first_task(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         ContinualRunner(config, tmp_path / "run").run()
-    monkeypatch.setattr(ContinualRunner, "_checkpoint", original)
     assert _scalars(tmp_path / "tb" / run_specs(config)[0].key)["train_loss/sst2"]  # the first attempt logged live
     results = ContinualRunner(config, tmp_path / "run", resume=True).run()
     _check_events_match(results, config)
