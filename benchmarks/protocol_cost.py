@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_time import REPO, cpu_name, timed_sweep  # noqa: E402
+from sweep_time import REPO, machine, median, timed_sweep  # noqa: E402
 
 from curlora.fileio import atomic_write_json  # noqa: E402
 
@@ -66,23 +65,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 timings[protocol].append(run)
                 print(f"{protocol} #{repeat}: wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s; runs "
                       + ", ".join(f"{k} {v:.1f} s" for k, v in run["runs"].items()), flush=True)
-    median = {p: sorted(r["wall_s"] for r in runs)[len(runs) // 2] for p, runs in timings.items()}
-    cpu = {p: sorted(r["cpu_s"] for r in runs)[len(runs) // 2] for p, runs in timings.items()}
-    per_run = {key: sorted(r["runs"][key] for r in timings["generative"])[args.repeats // 2]
-               / sorted(r["runs"][key] for r in timings["heads"])[args.repeats // 2]
-               for key in timings["heads"][0]["runs"]}
+    wall = {p: median([r["wall_s"] for r in runs]) for p, runs in timings.items()}
+    cpu = {p: median([r["cpu_s"] for r in runs]) for p, runs in timings.items()}
+    per_run = {key: median([r["runs"][key] for r in timings["generative"]])
+               / median([r["runs"][key] for r in timings["heads"]]) for key in timings["heads"][0]["runs"]}
     report = {
-        "meta": {"flags": flags, "repeats": args.repeats, "started": started, "cpu": cpu_name(),
-                 "threads": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": args.threads or "unset",
-                             "cpu_count": os.cpu_count()}},
+        "meta": {"flags": flags, "repeats": args.repeats, "started": started, **machine(args.threads)},
         "timings": timings,
-        "wall_ratio": median["generative"] / median["heads"],
+        "wall_ratio": wall["generative"] / wall["heads"],
         "cpu_ratio": cpu["generative"] / cpu["heads"],
         "per_run_wall_ratio": per_run,
     }
     atomic_write_json(args.json, report)
     print(f"generative / heads: wall {report['wall_ratio']:.2f}x, cpu {report['cpu_ratio']:.2f}x (median wall "
-          f"{median['heads']:.1f} s → {median['generative']:.1f} s); per run: "
+          f"{wall['heads']:.1f} s → {wall['generative']:.1f} s); per run: "
           + ", ".join(f"{k} {v:.2f}x" for k, v in per_run.items()))
     print(f"wrote {args.json}")
     return report

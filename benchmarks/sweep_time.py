@@ -65,6 +65,16 @@ def cpu_name() -> str:
     return "unknown"
 
 
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+def machine(threads: int | None) -> dict[str, Any]:
+    """Where and how a timing ran: the CPU and the thread settings the children got."""
+    return {"cpu": cpu_name(), "threads": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": threads or "unset",
+                                           "cpu_count": os.cpu_count()}}
+
+
 def child_env(src: Path, threads: int | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE"}
     if threads:
@@ -162,22 +172,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 timings[version].append(run)
                 print(f"{version} #{repeat}: wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s", flush=True)
         numbers = {v: headline(Path(timings[v][0]["output_dir"]) / "results.json") for v in timings}
-    median = {v: sorted(r["wall_s"] for r in runs)[len(runs) // 2] for v, runs in timings.items()}
-    cpu = {v: sorted(r["cpu_s"] for r in runs)[len(runs) // 2] for v, runs in timings.items()}
+    wall = {v: median([r["wall_s"] for r in runs]) for v, runs in timings.items()}
+    cpu = {v: median([r["cpu_s"] for r in runs]) for v, runs in timings.items()}
     report = {
         "meta": {"before": args.before, "after": args.after, "flags": flags, "after_flags": args.after_flags,
-                 "repeats": args.repeats, "started": started, "cpu": cpu_name(),
-                 "threads": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": args.threads or "unset",
-                             "cpu_count": os.cpu_count()}},
+                 "repeats": args.repeats, "started": started, **machine(args.threads)},
         "timings": timings,
-        "wall_ratio": median["before"] / median["after"],
+        "wall_ratio": wall["before"] / wall["after"],
         "cpu_ratio": cpu["before"] / cpu["after"],
         "headline": numbers,
         "differences": differences(numbers["before"], numbers["after"]),
     }
     atomic_write_json(args.json, report)
     print(f"before/after: wall {report['wall_ratio']:.2f}x, cpu {report['cpu_ratio']:.2f}x "
-          f"(median wall {median['before']:.1f} s → {median['after']:.1f} s)")
+          f"(median wall {wall['before']:.1f} s → {wall['after']:.1f} s)")
     print("headline numbers identical at 3 decimals" if not report["differences"]
           else "differences:\n  " + "\n  ".join(report["differences"]))
     print(f"wrote {args.json}")
