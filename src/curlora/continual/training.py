@@ -89,12 +89,17 @@ def _packed_last_hidden(model: nn.Module, tokens: torch.Tensor, lengths: torch.T
     """Last-token states of texts given back to back in ``tokens`` (``lengths`` each): one row whose
     position ids restart at every text, which transformers reads as packed sequences (a block-
     diagonal causal mask; no padding, no 2-D mask)."""
-    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-    position_ids = torch.arange(tokens.numel(), device=tokens.device) - starts
+    position_ids = _packed_positions(lengths)
     hidden = backbone_of(model)(
         input_ids=tokens.unsqueeze(0), position_ids=position_ids.unsqueeze(0), use_cache=False
     ).last_hidden_state[0]
     return hidden[lengths.cumsum(0) - 1]
+
+
+def _packed_positions(lengths: torch.Tensor) -> torch.Tensor:
+    """Position ids of texts of ``lengths`` put back to back: restarting at 0 for every text."""
+    starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
+    return torch.arange(int(lengths.sum()), device=lengths.device) - starts
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -114,8 +119,7 @@ def lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.T
     mask = attention_mask.bool()
     lengths = mask.sum(-1)
     if lengths.sum() <= PACK_BELOW_DENSITY * mask.numel() and packs_exactly(model):
-        starts = torch.repeat_interleave(lengths.cumsum(0) - lengths, lengths)
-        position_ids = torch.arange(int(lengths.sum()), device=input_ids.device) - starts
+        position_ids = _packed_positions(lengths)
         keep = wanted[mask].nonzero().squeeze(-1)
         kwargs = {"logits_to_keep": keep} if _keeps_logits(lm) else {}
         logits = lm(input_ids=input_ids[mask].unsqueeze(0), position_ids=position_ids.unsqueeze(0),
