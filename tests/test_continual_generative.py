@@ -10,7 +10,7 @@ from conftest import kill_after_first_task, save_tiny_llama, tiny_gpt2, tiny_lla
 from curlora.continual import ContinualRunner
 from curlora.continual.config import ContinualConfig
 from curlora.continual.methods import REGISTRY
-from curlora.continual.training import answer_log_probs, lm_logits
+from curlora.continual.forward import answer_log_probs, lm_logits
 
 PROMPTS = [[5, 9, 17, 3], [40, 2], [7, 7, 7, 8, 100, 11]]
 ANSWERS = [[21], [33, 4], [50, 60, 70]]  # one, two and three tokens

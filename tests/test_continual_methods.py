@@ -227,7 +227,7 @@ def char_collator(examples):
 
 def test_ewc_fisher_is_the_mean_squared_per_example_gradient_and_the_penalty_pulls_back():
     from curlora.continual.methods import EWC, FinishedTask
-    from curlora.continual.training import last_hidden
+    from curlora.continual.forward import last_hidden
     from curlora.data import Example
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from conftest import save_tiny_llama
 from test_architectures import ARCHITECTURES, tiny
 from test_continual import _comparable, tiny_config
 
-from curlora.continual import ContinualRunner, training
+from curlora.continual import ContinualRunner, forward
 from curlora.continual.methods import Adapted
 from curlora.continual.runner import RunSpec
 from curlora.continual import protocols
@@ -143,11 +143,11 @@ def test_packed_batches_give_the_padded_states_on_every_architecture(model_type)
     mask = torch.ones_like(ids)
     for row, padding in enumerate((7, 5, 9, 0)):  # 25 of 48 slots real: packed where the model allows
         mask[row, :padding] = 0
-    padded = training._padded_last_hidden(model, ids, mask)
-    got = training.last_hidden(model, ids, mask)
+    padded = forward._padded_last_hidden(model, ids, mask)
+    got = forward.last_hidden(model, ids, mask)
     # OPT reads positions from the 2-D mask, not from position ids: the probe finds packed texts
     # reading each other there, and its batches stay padded (the very same computation).
-    assert training.packs_exactly(model) == (model_type != "opt")
+    assert forward.packs_exactly(model) == (model_type != "opt")
     if model_type == "opt":
         assert torch.equal(got, padded)
     else:
@@ -157,11 +157,11 @@ def test_packed_batches_give_the_padded_states_on_every_architecture(model_type)
 def test_a_dense_batch_stays_padded(monkeypatch):
     model = tiny("llama")
     packed = []
-    monkeypatch.setattr(training, "_packed_last_hidden", lambda *a: packed.append(1))
+    monkeypatch.setattr(forward, "_packed_last_hidden", lambda *a: packed.append(1))
     ids = torch.randint(1, 100, (4, 12), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # 45 of 48 slots real: the packed row's attention would cost more than it saves
-    training.last_hidden(model, ids, mask)
+    forward.last_hidden(model, ids, mask)
     assert not packed
 
 
@@ -178,15 +178,15 @@ def test_packed_training_steps_match_padded_ones_on_smollm2(smollm2, data_dir):
             torch.nn.init.normal_(p, std=0.02)
     task = load_task("rotten_tomatoes", "offline", data_dir, seed=0, max_train=8, max_eval=1)
     batch = ClassificationCollator(tokenizer, 64)(task.train)
-    assert batch["attention_mask"].float().mean() <= training.PACK_BELOW_DENSITY
+    assert batch["attention_mask"].float().mean() <= forward.PACK_BELOW_DENSITY
     results = []
-    for forward in (training._padded_last_hidden, training.last_hidden):
+    for run in (forward._padded_last_hidden, forward.last_hidden):
         model.zero_grad()
-        features = forward(model, batch["input_ids"], batch["attention_mask"])
+        features = run(model, batch["input_ids"], batch["attention_mask"])
         features.square().sum().backward()
         results.append((features.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
     (padded, padded_grads), (packed, packed_grads) = results
-    assert training.packs_exactly(model)
+    assert forward.packs_exactly(model)
     torch.testing.assert_close(packed, padded, atol=1e-4, rtol=1e-4)
     for got, want in zip(packed_grads, padded_grads):
         torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3)
@@ -210,5 +210,5 @@ def test_the_packing_probe_leaves_every_module_in_its_mode():
     model = tiny("llama").train()
     model.model.layers[0].eval()  # e.g. a frozen block kept in eval mode while the rest trains
     modes = {name: m.training for name, m in model.named_modules()}
-    assert training.packs_exactly(model)
+    assert forward.packs_exactly(model)
     assert {name: m.training for name, m in model.named_modules()} == modes

@@ -8,7 +8,7 @@ import torch
 from conftest import tiny_gpt2, tiny_llama
 
 from curlora import CURLoRAConfig, get_curlora_model
-from curlora.continual import training
+from curlora.continual import forward, training
 from curlora.data.splits import Example
 from curlora.data.tokenization import ClassificationCollator
 
@@ -16,7 +16,7 @@ from curlora.data.tokenization import ClassificationCollator
 def _alone(model, ids: list[int]) -> torch.Tensor:
     """The backbone's final state at the last token of one unpadded sequence, run by itself."""
     with torch.no_grad():
-        return training.backbone_of(model)(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+        return forward.backbone_of(model)(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
 
 
 @pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
@@ -36,13 +36,13 @@ def test_last_hidden_of_a_padded_batch_is_each_sequence_run_alone(make, side, le
         ids[row, where] = torch.tensor(seq)
         mask[row, where] = 1
     with torch.no_grad():
-        got = training.last_hidden(model, ids, mask)
+        got = forward.last_hidden(model, ids, mask)
     for row, seq in enumerate(sequences):
         torch.testing.assert_close(got[row], _alone(model, seq), rtol=1e-5, atol=1e-5)
     # Without the position ids (positions counted from the row's first slot), GPT-2's left-padded rows differ.
     if make is tiny_gpt2 and side == "left":
         with torch.no_grad():
-            shifted = training.backbone_of(model)(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
+            shifted = forward.backbone_of(model)(input_ids=ids, attention_mask=mask).last_hidden_state[:, -1]
         short = lengths.index(min(lengths))
         assert not torch.allclose(shifted[short], _alone(model, sequences[short]), atol=1e-3)
 
@@ -80,7 +80,7 @@ def test_train_task_uses_separate_adapter_and_head_rates_and_caps_the_warm_up(sm
     assert training.warmup_for(6, settings) == expected
     def loss(model, items, backbone_trains):  # the heads protocol's loss: CE of `head` on the last token
         inputs = collator([e for e, _ in items])
-        features = training.last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
+        features = forward.last_hidden(model, inputs["input_ids"], inputs["attention_mask"])
         return torch.nn.functional.cross_entropy(head(features), inputs["labels"], reduction="sum")
 
     losses = training.train_task(model, [(e, 0) for e in examples], loss, list(head.parameters()), settings,

@@ -36,10 +36,11 @@ def test_smollm2_prompts_use_its_chat_template_and_plain_text_without_it(smol_to
     text = smol_tokenizer.decode(chat.prompt_ids(REVIEW, PROMPTS["rotten_tomatoes"]))
     assert text.startswith("<|im_start|>system\nAnswer with one word.<|im_end|>\n")  # not SmolLM's 20-token default
     assert text.endswith("Answer:<|im_end|>\n<|im_start|>assistant\n")
-    assert "<|im_start|>user\nReview: a gorgeous, witty, seductive movie.\nIs the sentiment" in text
+    assert ("<|im_start|>user\nIs the sentiment of this review negative or positive?\n"
+            "Review: a gorgeous, witty, seductive movie.\nAnswer:<|im_end|>") in text
     plain = PromptCollator(smol_tokenizer, 64, chat_template=False)
     assert smol_tokenizer.decode(plain.prompt_ids(REVIEW, PROMPTS["rotten_tomatoes"])) == (
-        "Review: a gorgeous, witty, seductive movie.\nIs the sentiment of this review negative or positive?\nAnswer:")
+        "Is the sentiment of this review negative or positive?\nReview: a gorgeous, witty, seductive movie.\nAnswer:")
     # Pieces tokenized apart give what tokenizing the whole prompt gives (no odd splits at the seams).
     ids = plain.prompt_ids(PAIR, PROMPTS["mrpc"])
     assert ids == smol_tokenizer(smol_tokenizer.decode(ids), add_special_tokens=False).input_ids
@@ -51,7 +52,7 @@ def test_demonstrations_come_before_the_example_with_their_answers(smol_tokenize
     text = smol_tokenizer.decode(collator.prompt_ids(REVIEW, PROMPTS["sst2"], demos))
     blocks = text.split("\n\n")
     assert len(blocks) == 3 and blocks[0].endswith("Answer: negative") and blocks[1].endswith("Answer: positive")
-    assert blocks[2].startswith("Review: a gorgeous") and blocks[2].endswith("Answer:")
+    assert blocks[2].endswith("\nReview: a gorgeous, witty, seductive movie.\nAnswer:")
     chat = PromptCollator(smol_tokenizer, 64)
     turns = smol_tokenizer.decode(chat.prompt_ids(REVIEW, PROMPTS["sst2"], demos))
     assert turns.count("<|im_start|>assistant\nnegative<|im_end|>") == 1 and turns.count("<|im_start|>user") == 3
@@ -65,8 +66,7 @@ def test_max_length_bounds_the_example_text_not_the_template(smol_tokenizer):
     template = len(full) - len(smol_tokenizer(" " + long.text, add_special_tokens=False).input_ids) - len(
         smol_tokenizer(" short pair", add_special_tokens=False).input_ids)
     assert len(ids) == template + 8  # the longer text was cut first, the template kept whole
-    assert smol_tokenizer.decode(ids).endswith("Sentence 2: short pair\nDo the two sentences mean the same thing? "
-                                               "Answer yes or no.\nAnswer:")
+    assert smol_tokenizer.decode(ids).endswith("Sentence 2: short pair\nAnswer:")
 
 
 def test_gemma_tokenizer_mask_covers_exactly_the_answer():

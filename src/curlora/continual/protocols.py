@@ -26,16 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from curlora.data import ClassificationCollator, Example, PromptCollator, TaskSplits
-from curlora.continual.training import (
-    Item,
-    answer_log_probs,
-    autocast,
-    batches,
-    causal_lm_of,
-    derived_seed,
-    last_hidden,
-    lm_logits,
-)
+from curlora.continual.forward import answer_log_probs, causal_lm_of, last_hidden, lm_logits
+from curlora.continual.training import Item, autocast, batches, derived_seed
 
 
 class RunState(ABC):

@@ -42,11 +42,11 @@ from curlora.continual.metrics import SCHEMA_VERSION, summarize
 from curlora.model import CURLoRAModel, target_layers
 from curlora.pretrained import load_model_and_tokenizer, model_name
 from curlora.continual.report import write_report
+from curlora.continual.forward import causal_lm_of
 from curlora.continual.training import (
     NonFiniteLossError,
     TrainSettings,
     bf16_supported,
-    causal_lm_of,
     data_parallel_rank,
     derived_seed,
     train_task,

@@ -1,7 +1,9 @@
 """Classification tasks as instruction text: the generative protocol's prompt → answer pairs.
 
-A :class:`Prompt` is a template with ``{text}`` (and ``{text_pair}`` for sentence pairs) that
-ends in an answer cue, plus one answer word per label. Registered tasks have hand-written
+A :class:`Prompt` is a template (instruction, input, answer cue: the order of O-LoRA's and FLAN's
+prompts) with ``{text}`` (and ``{text_pair}`` for sentence pairs), plus one answer word per label.
+The instruction comes first so that every prompt of a task starts with the same tokens, which run
+once per batch (:mod:`curlora.continual.forward`). Registered tasks have hand-written
 prompts (``PROMPTS``); any other task, a user's file among them, gets :func:`default_prompt`
 (its label names as answers) unless its YAML entry gives ``template`` / ``label_words``.
 """
@@ -56,23 +58,23 @@ def default_prompt(label_names: Sequence[str], is_pair: bool) -> Prompt:
     """The prompt of a task without one of its own: its label names (underscores as spaces) are the answers."""
     words = tuple(name.replace("_", " ") for name in label_names)
     inputs = "Text 1: {text}\nText 2: {text_pair}" if is_pair else "Text: {text}"
-    return Prompt(f"{inputs}\nAnswer with one of: {_choices(words)}.\nAnswer:", words)
+    return Prompt(f"Answer with one of: {_choices(words)}.\n{inputs}\nAnswer:", words)
 
 
 def _sentiment(kind: str, words: tuple[str, ...]) -> Prompt:
     title = kind.capitalize()
-    return Prompt(f"{title}: {{text}}\nIs the sentiment of this {kind} {_choices(words)}?\nAnswer:", words)
+    return Prompt(f"Is the sentiment of this {kind} {_choices(words)}?\n{title}: {{text}}\nAnswer:", words)
 
 
 PROMPTS: dict[str, Prompt] = {
-    "mrpc": Prompt("Sentence 1: {text}\nSentence 2: {text_pair}\n"
-                   "Do the two sentences mean the same thing? Answer yes or no.\nAnswer:", ("no", "yes")),
+    "mrpc": Prompt("Do the two sentences mean the same thing? Answer yes or no.\n"
+                   "Sentence 1: {text}\nSentence 2: {text_pair}\nAnswer:", ("no", "yes")),
     "sst2": _sentiment("review", ("negative", "positive")),
     "sentiment140": _sentiment("tweet", ("negative", "neutral", "positive")),
     "rotten_tomatoes": _sentiment("review", ("negative", "positive")),
     "vader_tweets": _sentiment("tweet", ("negative", "neutral", "positive")),
-    "bbc_news": Prompt("Article: {text}\nWhich topic is this news article about: business, entertainment, "
-                       "politics, sports or tech?\nAnswer:",
+    "bbc_news": Prompt("Which topic is this news article about: business, entertainment, politics, "
+                       "sports or tech?\nArticle: {text}\nAnswer:",
                        ("business", "entertainment", "politics", "sports", "tech")),
 }
 
