@@ -196,4 +196,17 @@ def test_results_without_per_step_losses_say_so_instead_of_a_plot(tmp_path):
                           "majority_accuracy": 0.5} for name in TASKS[:2]], "corpus": {"name": "c"}}
     report = write_report(results, tmp_path).read_text(encoding="utf-8")
     assert not plots.plot_loss_curves(results, tmp_path / "train_loss.png")
-    assert not (tmp_path / "train_loss.png").exists() and "(`train_loss`)" in report
+    assert not (tmp_path / "train_loss.png").exists() and "training loss (`train_loss`;" in report
+
+
+def test_loss_curves_are_drawn_at_the_rate_chosen_among_all_runs_not_among_those_with_losses(tmp_path, captured):
+    """Older runs without per-step losses still take part in the rate choice: a newer run at a
+    rejected rate is not drawn as if it were the chosen one."""
+    old = {k: v for k, v in _loss_run("curlora", 16, 1e-2, 0, 0.60, _losses(1.1, 0.5)).items() if k != "train_loss"}
+    runs = [old, _loss_run("curlora", 16, 3e-2, 0, 0.40, _losses(1.1, 0.1)),
+            _loss_run("lora", 16, 3e-3, 0, 0.65, _losses(1.1, 0.6))]
+    results = {"runs": runs, "tasks": [{"name": name} for name in TASKS[:2]]}
+    assert plots.plot_loss_curves(results, tmp_path / "train_loss.png")
+    names = [text.get_text() for text in captured[0].legends[0].get_texts()]
+    assert names == ["lora r16 (lr 0.003)"]  # curlora chose 1e-2, whose run has no losses
+    assert not plots.plot_loss_curves({"runs": runs[:2], "tasks": results["tasks"]}, tmp_path / "none.png")

@@ -250,16 +250,17 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     """Training loss per optimizer step, one panel per task, each method × rank at the rate chosen on
     validation (the rate its headline numbers come from): seeds averaged step by step, a faint raw
     line and a trailing-mean trend. Shows whether a method learned at its rate (a flat loss is the
-    "learned nothing, so forgot nothing" case) or diverged. False when no run has ``train_loss``."""
-    runs = [r for r in results.get("runs") or [] if r.get("status") == "ok" and r.get("train_loss")]
+    "learned nothing, so forgot nothing" case) or diverged. The rates are chosen among all runs; a
+    chosen run without ``train_loss`` (written before runs kept it) is left out. False when no
+    chosen run has one."""
+    finished = [r for r in results.get("runs") or [] if r.get("status") == "ok"]
+    chosen = chosen_rates(select_learning_rates(finished))
+    runs = [r for r in finished if r.get("train_loss") and chosen.get((r["method"], r.get("rank"))) == r.get("lr")]
     if not runs:
         return False
-    chosen = chosen_rates(select_learning_rates(runs))
     curves: dict[tuple, list[list[list[float]]]] = {}
     for run in runs:
-        key = (run["method"], run.get("rank"))
-        if chosen.get(key) == run.get("lr"):
-            curves.setdefault((*key, run.get("lr")), []).append(run["train_loss"])
+        curves.setdefault((run["method"], run.get("rank"), run.get("lr")), []).append(run["train_loss"])
     task_names = [t["name"] for t in results.get("tasks") or []] or [f"task {i}" for i in range(len(runs[0]["train_loss"]))]
     fig = new_figure((1.5 + 3.6 * len(task_names), 4.2))
     axes = fig.subplots(1, len(task_names), sharey=True, squeeze=False)[0]

@@ -385,9 +385,11 @@ def _loss_section(results: Mapping[str, Any], run_dir: Path) -> list[str]:
     md = ["## Training loss", ""]
     if plot_loss_curves(results, run_dir / "train_loss.png"):
         return md + [("Loss per optimizer step on each task, each method at the rate chosen on validation: "
-                      "a flat curve is a method that learned nothing at its rate."), "",
+                      "a flat curve is a method that learned nothing at its rate (a method whose chosen runs "
+                      "predate per-step losses is not drawn)."), "",
                      "![training loss](train_loss.png)", ""]
-    return md + ["Not plotted: no run in these results recorded its per-step training loss (`train_loss`).", ""]
+    return md + ["Not plotted: no run at a chosen rate in these results recorded its per-step training loss "
+                 "(`train_loss`; runs written before it was kept).", ""]
 
 
 def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
