@@ -1,11 +1,12 @@
-"""A batch's shared prefix run once: the plain batch's logits, scores and gradients, on every architecture."""
+"""A batch's shared prefix run once: the plain batch's logits and gradients, on every architecture (its
+answer scores: tests/test_continual_generative.py)."""
 
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_gpt2, tiny_llama
+from conftest import tiny_llama
 from test_architectures import ARCHITECTURES, tiny
 
 from curlora.continual import forward
@@ -51,23 +52,6 @@ def test_a_shared_prefix_gives_the_plain_answer_logits_on_every_architecture(mod
     with torch.no_grad():
         expected = torch.cat([model(torch.tensor([r])).logits[0, -2:] for r in rows])
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
-def test_a_shared_prefix_gives_each_labels_summed_log_probability(factory, monkeypatch):
-    model = factory()
-    prompts = [SHARED + p for p in ([5, 9, 17, 3], [40, 2], [7, 7, 7, 8, 100, 11])]
-    answers = [[21], [33, 4], [50, 60, 70]]  # one, two and three tokens: continued from the shared cache
-    ids, mask = _left_padded(prompts)
-    runs = _prefix_runs(monkeypatch, model)
-    scores = forward.answer_log_probs(model, ids, mask, answers)
-    assert runs == [len(prompts)]
-    with torch.no_grad():
-        for i, prompt in enumerate(prompts):
-            for k, answer in enumerate(answers):
-                logp = F.log_softmax(model(torch.tensor([prompt + answer])).logits[0].double(), -1)
-                expected = sum(float(logp[len(prompt) - 1 + t, a]) for t, a in enumerate(answer))
-                assert abs(float(scores[i, k]) - expected) < 1e-4, (i, k)
 
 
 def test_the_prefix_stops_before_the_first_wanted_position_and_keeps_a_token_of_each_row(monkeypatch):

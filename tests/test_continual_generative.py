@@ -10,6 +10,7 @@ from conftest import kill_after_first_task, save_tiny_llama, tiny_gpt2, tiny_lla
 from curlora.continual import ContinualRunner
 from curlora.continual.config import ContinualConfig
 from curlora.continual.methods import REGISTRY
+from curlora.continual import forward
 from curlora.continual.forward import answer_log_probs, lm_logits
 
 PROMPTS = [[5, 9, 17, 3], [40, 2], [7, 7, 7, 8, 100, 11]]
@@ -24,12 +25,20 @@ def _left_padded(rows, pad=0):
 
 
 @pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
-def test_a_labels_score_is_the_sum_of_its_tokens_log_probabilities(factory):
+@pytest.mark.parametrize("shared", [[], list(range(10, 22))], ids=["no-shared-prefix", "shared-prefix"])
+def test_a_labels_score_is_the_sum_of_its_tokens_log_probabilities(factory, shared, monkeypatch):
+    """With 12 tokens every prompt starts with, those run once and every answer continues from
+    their cache; without, each prompt runs whole. The scores are the same sums by hand."""
     model = factory()
-    ids, mask = _left_padded(PROMPTS)
+    prompts = [shared + p for p in PROMPTS]
+    ids, mask = _left_padded(prompts)
+    assert forward.shares_prefix_exactly(model)  # the probe's own caches are not counted below
+    caches, original = [], forward._prefix_cache
+    monkeypatch.setattr(forward, "_prefix_cache", lambda lm, p, rows: caches.append(rows) or original(lm, p, rows))
     scores = answer_log_probs(model, ids, mask, ANSWERS)
+    assert caches == ([len(prompts)] if shared else [])
     with torch.no_grad():
-        for i, prompt in enumerate(PROMPTS):
+        for i, prompt in enumerate(prompts):
             for k, answer in enumerate(ANSWERS):
                 # By hand: the unpadded prompt + answer in one forward, each answer token's log-probability.
                 logp = F.log_softmax(model(torch.tensor([prompt + answer])).logits[0].double(), -1)
