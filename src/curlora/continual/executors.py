@@ -218,6 +218,15 @@ def _answers(address: str, timeout_s: float = 10.0) -> None:
         raise ConnectionError(f"nothing answers at {host}:{port}: {error.strerror or error}") from None
 
 
+def _causes(error: BaseException) -> list[BaseException]:
+    """An exception and every exception it was raised from or during."""
+    chain: list[BaseException] = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
 def ray_threads(config: ContinualConfig) -> int:
     """A run's torch threads under Ray: the CPUs Ray gives it."""
     return max(1, int(config.ray_num_cpus))
@@ -251,6 +260,12 @@ class RayExecutor:
             except (ConnectionError, RuntimeError, ValueError) as error:
                 if not address:
                     raise
+                # Ray names a refused token only in the text of the error it raised from.
+                if any("InvalidAuthToken" in str(e) for e in _causes(error)):
+                    raise ConnectionError(
+                        f"{named}: the Ray cluster refused this command's authentication token. Give the command "
+                        f"the cluster's token: RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on "
+                        f"its head node prints it) or the same ~/.ray/auth_token (docs/distributed.md).") from None
                 raise ConnectionError(f"{named}: no Ray cluster answered ({error}). Start one (`ray start --head` "
                                       f"on its head node) or fix the address (--ray-address).") from None
             self.connected, self.started_here = True, not address
