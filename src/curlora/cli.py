@@ -118,8 +118,8 @@ def _continual_parser(sub) -> None:
                    "perplexity is always computed in float32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int,
-                   help="CPU only: run this many runs side by side, each in its own process with its share of "
-                   "the threads (same numbers; a sweep finishes sooner). Default 1. Under --executor ray: at "
+                   help="on a CPU: run this many runs side by side, each in its own process with its share of "
+                   "the threads (same numbers; a sweep finishes sooner). Default 1. With --executor ray: at "
                    "most this many runs at once (default: as many as the cluster's free resources fit)")
     p.add_argument("--executor", choices=["local", "ray"],
                    help="where runs train: local (this machine, default) or ray (each run a Ray task on a "
