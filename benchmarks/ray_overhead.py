@@ -11,8 +11,9 @@ directory, with the same flags and environment (sweep_time.py's ``timed_sweep``)
 instance the command starts on this machine with every CPU it has, each run a task with one CPU and
 one thread: on 2 cores the same two runs at a time). With ``--repeats N`` the two alternate, and the
 one that goes first swaps every repeat (local, ray, ray, local, ...), so the machine's drift falls on
-both. Recorded per sweep: wall time and the child's CPU time (rusage: of the processes it waited for,
-which under Ray includes the instance's processes it stopped at its end). Then every run's numbers
+both. Recorded per sweep: wall time (the measure) and the child's CPU time (rusage, which counts only
+processes waited for: under Ray a lower bound, as worker processes that outlive their raylet at the
+end are not counted). Then every run's numbers
 (all of results.json's run but its wall time, peak memory and thread count) are compared between the
 executors' first sweeps, exactly. Writes benchmarks/results/ray_overhead.json (or --json).
 """
