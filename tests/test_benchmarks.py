@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import secrets
 import sys
 from pathlib import Path
 
@@ -169,3 +170,29 @@ def test_protocol_cost_alternates_the_protocols_on_the_same_runs(tmp_path: Path,
     saved = [json.loads((tmp_path / "runs" / f"{p}-0" / "results.json").read_text()) for p in ("heads", "generative")]
     assert [s["protocol"]["name"] for s in saved] == ["heads", "generative"]
     assert [s["config"]["methods"] for s in saved] == [["curlora"], ["curlora"]]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed: pip install 'curlora[ray]'")
+def test_ray_overhead_times_both_executors_on_the_same_runs(tmp_path: Path, smol_tokenizer, data_dir,
+                                                            monkeypatch) -> None:
+    from conftest import save_tiny_llama
+
+    # The Ray instance the command starts uses this token (Ray would otherwise write ~/.ray/auth_token).
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    model = save_tiny_llama(tmp_path / "tiny", smol_tokenizer)
+    out = tmp_path / "ray_overhead.json"
+    report = _load("ray_overhead").main([
+        "--lrs", "1e-2,3e-3", "--eval-examples", "8", "--examples-per-task", "12", "--threads", "1",
+        "--json", str(out), "--work-dir", str(tmp_path / "runs"), "--",
+        "--model", model, "--data-dir", str(data_dir), "--tasks", "sst2,mrpc", "--methods", "curlora,head",
+        "--ranks", "4", "--max-length", "32", "--batch-size", "4",
+        "--ppl-max-tokens", "96", "--ppl-window", "64", "--ppl-stride", "32",
+    ])
+    assert json.loads(out.read_text())["wall_ratio"] == report["wall_ratio"] > 0
+    assert [len(runs) for runs in report["timings"].values()] == [1, 1]
+    assert report["runs"] == 3 and report["numbers_equal"] and report["differences"] == []
+    saved = {e: json.loads((tmp_path / "runs" / f"{e}-0" / "results.json").read_text()) for e in ("local", "ray")}
+    assert [saved[e]["config"]["executor"] for e in ("local", "ray")] == ["local", "ray"]
+    assert saved["local"]["config"]["workers"] == 2

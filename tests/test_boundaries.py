@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -23,7 +24,7 @@ CORE = sorted(
     if p.relative_to(PACKAGE).parts[0].removesuffix(".py") not in {h.split(".")[1] for h in HARNESS}
 )
 # Import names of every extra's packages; pyyaml and tqdm are left out: transformers needs them.
-OPTIONAL = ("accelerate", "bitsandbytes", "datasets", "gguf", "matplotlib", "peft", "tensorboard", "trl")
+OPTIONAL = ("accelerate", "bitsandbytes", "datasets", "gguf", "matplotlib", "peft", "ray", "tensorboard", "trl")
 
 
 def _imported_names(path: Path) -> set[str]:
@@ -61,6 +62,25 @@ def test_core_names_no_optional_package_at_module_level():
         top |= {node.module.split(".")[0] for node in tree.body
                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
         assert not top & set(OPTIONAL), f"{path.relative_to(ROOT)} imports {top & set(OPTIONAL)} at import time"
+
+
+def test_no_module_imports_ray_at_import_time():
+    """Ray is imported only when a command runs under executor ray (curlora.continual.executors)."""
+    for path in sorted(PACKAGE.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        top = {alias.name.split(".")[0] for node in tree.body if isinstance(node, ast.Import) for alias in node.names}
+        top |= {node.module.split(".")[0] for node in tree.body
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+        assert "ray" not in top, f"{path.relative_to(ROOT)} imports ray at import time"
+
+
+def test_executor_ray_names_its_extra_before_any_work(monkeypatch):
+    import curlora.extras
+    from curlora.continual.config import ContinualConfig
+
+    monkeypatch.setattr(curlora.extras, "missing_packages", lambda e: ["ray"] if e == "ray" else [])
+    with pytest.raises(ImportError, match=re.escape("executor ray (--executor ray) needs ray: pip install 'curlora[ray]'")):
+        ContinualConfig(executor="ray")
 
 
 def test_extras_match_pyproject():
@@ -154,6 +174,8 @@ def test_the_kernel_warning_is_real_without_curlora():
     (["continual", "--quantize=int8"], "quant"),
     (["continual", "--log-dir", "tb"], "tensorboard"),
     (["continual", "--log-dir=tb"], "tensorboard"),
+    (["continual", "--executor", "ray"], "ray"),
+    (["continual", "--executor=ray"], "ray"),
     (["sft", "--data", "x.jsonl", "--output-dir", "out"], "sft"),
     (["generate", "--adapter", "a", "--prompt", "p"], "gguf"),
 ])

@@ -13,11 +13,9 @@ from conftest import save_tiny_llama
 from test_architectures import ARCHITECTURES, tiny
 from test_continual import _comparable, tiny_config
 
-from curlora.continual import ContinualRunner, forward
-from curlora.continual.methods import Adapted
+from curlora.continual import ContinualRunner, executors, forward
 from curlora.continual.runner import RunSpec
 from curlora.continual import protocols
-from curlora.continual import runner as runner_module
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +95,13 @@ def test_a_worker_scores_a_frozen_backbone_on_the_features_the_parent_computed(t
     config = tiny_config(tiny_model_dir, data_dir, methods=["head"])
     ContinualRunner(config, tmp_path / "alone").run()
     parent = ContinualRunner(config, tmp_path / "pooled")
-    base_lm = parent._prepare()
+    base = parent._base(parent._prepare(), [0])
     parent._create_run_dir()
-    before = parent._accuracies(Adapted(base_lm), parent.protocol.start_run(0, base_lm), "eval_splits", 1, True)
     calls = _counting_feature_calls(monkeypatch)
     specs = queue.SimpleQueue()
     for spec in (RunSpec("head", None, None, 0.0, 0), None):
         specs.put(spec)
-    runner_module._worker(config, str(tmp_path / "pooled"), specs, {0: before}, parent.protocol.base_cache, 1)
+    executors._pool_worker(config, str(tmp_path / "pooled"), specs, base, 1)
     assert len(calls) == 2  # the two validation splits
     pooled = json.loads((tmp_path / "pooled" / "runs" / "head_s0.json").read_text())
     one_process = json.loads((tmp_path / "alone" / "runs" / "head_s0.json").read_text())

@@ -62,8 +62,9 @@ def fraction(name: str, value: Any, low_open: bool = True, high_open: bool = Tru
         raise ValueError(f"{name} must be in {interval}, {_got(value)}.")
 
 
-def device(value: Any) -> None:
-    """A device torch knows and this machine has: ``cpu``, ``cuda``, ``cuda:1``, ``mps``, ..."""
+def device(value: Any, here: bool = True) -> None:
+    """A device torch knows and (``here``) this machine has: ``cpu``, ``cuda``, ``cuda:1``, ``mps``, ...
+    Not ``here``: the device of other machines (a Ray cluster's nodes), known by name only."""
     import torch
 
     try:
@@ -72,6 +73,8 @@ def device(value: Any) -> None:
         parsed = None
     if parsed is None or parsed.type not in DEVICE_TYPES:
         raise ValueError(f"Unknown device {value!r}; use cpu, cuda, cuda:<index>, mps or xpu.")
+    if not here:
+        return
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {value!r} asks for CUDA, which this machine does not have; use cpu.")
     if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():

@@ -118,8 +118,22 @@ def _continual_parser(sub) -> None:
                    "perplexity is always computed in float32")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--workers", type=int,
-                   help="CPU only: run this many runs side by side, each in its own process with its share of "
-                   "the threads (same numbers; a sweep finishes sooner). Default 1")
+                   help="on a CPU: run this many runs side by side, each in its own process with its share of "
+                   "the threads (same numbers; a sweep finishes sooner). Default 1. With --executor ray: at "
+                   "most this many runs at once (default: as many as the cluster's free resources fit)")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="where runs train: local (this machine, default) or ray (each run a Ray task on a "
+                   "cluster, retried from its last finished task if its node dies; docs/distributed.md). Ray "
+                   "needs pip install 'curlora[ray]'")
+    p.add_argument("--ray-address",
+                   help="--executor ray: auto or HOST:PORT of a running Ray cluster (default: $RAY_ADDRESS, else "
+                   "a Ray instance on this machine for the command)")
+    p.add_argument("--ray-num-cpus", type=float,
+                   help="--executor ray: CPUs per run, also its torch threads (default 1)")
+    p.add_argument("--ray-num-gpus", type=float, help="--executor ray: GPUs per run, with --device cuda (default 0)")
+    p.add_argument("--ray-max-retries", type=int,
+                   help="--executor ray: times a run whose worker or node died is started again (default 3; -1: "
+                   "without limit)")
     p.add_argument("--quantize", choices=SCHEMES,
                    help="quantize the base model's linear layers with bitsandbytes (QCURLoRA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
@@ -139,6 +153,7 @@ def _run_continual(args: argparse.Namespace) -> int:
             "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "ewc_lambda", "ewc_fisher_examples", "replay_per_task", "olora_lambda",
             "corda_samples", "corda_sample_tokens", "alpha",
             "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "ppl_after_every_task", "bf16", "device", "workers", "progress", "quantize", "log_dir",
+            "executor", "ray_address", "ray_num_cpus", "ray_num_gpus", "ray_max_retries",
         )
     }
     if args.method_lrs:

@@ -18,6 +18,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "gguf": ("gguf",),
     "corda": ("attrs",),  # lora-corda-kpm: PEFT's CorDA imports attrs without declaring it
     "tensorboard": ("tensorboard",),  # curlora continual --log-dir: live event files
+    "ray": ("ray",),  # curlora continual --executor ray: runs as Ray tasks on a cluster
 }
 _IMPORT_NAMES = {"pyyaml": "yaml", "attrs": "attr"}
 
@@ -49,6 +50,9 @@ def _needed_extras(argv: list[str]) -> list[tuple[str, str]]:
         needed.append(("quant", "--quantize"))
     if command == "continual" and any(a == "--log-dir" or a.startswith("--log-dir=") for a in argv):
         needed.append(("tensorboard", "--log-dir"))
+    if command == "continual" and any(a == "--executor=ray" or (a, b) == ("--executor", "ray")
+                                      for a, b in zip(argv, [*argv[1:], ""])):
+        needed.append(("ray", "--executor ray"))
     return needed
 
 

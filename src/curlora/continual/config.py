@@ -20,7 +20,10 @@ from curlora.data.sources import read_text
 
 SOURCES = ("offline", "local", "hub")
 # How a run is executed, not what it computes: a run may resume with other values of these.
-RUNTIME_FIELDS = ("progress", "workers", "log_dir")
+RUNTIME_FIELDS = ("progress", "workers", "log_dir", "executor", "ray_address", "ray_num_cpus", "ray_num_gpus",
+                  "ray_max_retries")
+# Where runs train (curlora.continual.executors): this machine, or a Ray cluster.
+EXECUTORS = ("local", "ray")
 # Which runs an experiment holds, not what any one run computes (a run's file is named by its method,
 # rank, rate, λ and seed): a run directory may resume with more or fewer of these, e.g. more seeds.
 GRID_FIELDS = ("methods", "ranks", "lr", "lrs", "method_lrs", "seeds", "u_penalties")
@@ -92,7 +95,14 @@ class ContinualConfig:
     ppl_after_every_task: bool | None = None
     device: str = "cpu"
     progress: bool = True
-    workers: int = 1  # runs side by side in this many processes on a CPU (same numbers, sooner)
+    # local: runs side by side in this many processes on a CPU (same numbers, sooner; None: 1);
+    # ray: at most this many runs at once (None: as many as the cluster's free resources fit).
+    workers: int | None = None
+    executor: str = "local"  # "ray": each run a Ray task on a cluster (docs/distributed.md)
+    ray_address: str | None = None  # "auto" or HOST:PORT; None: RAY_ADDRESS, else a Ray instance for the command
+    ray_num_cpus: float = 1  # Ray resources of each run; its torch threads are this many CPUs
+    ray_num_gpus: float = 0
+    ray_max_retries: int = 3  # times Ray reruns a run whose worker or node died (-1: without limit)
     quantize: str | None = None  # quantize the base's linear layers (curlora.quantization.SCHEMES)
     log_dir: str | None = None  # TensorBoard event files of every run, live (curlora.continual.tracking)
 
@@ -128,6 +138,10 @@ class ContinualConfig:
             from curlora.extras import require_extra
 
             require_extra("tensorboard", "log_dir (TensorBoard event files)")
+        if self.executor == "ray":
+            from curlora.extras import require_extra
+
+            require_extra("ray", "executor ray (--executor ray)")
         if self.corpus == CALIBRATION_CORPUS and self.corpus_file is None:
             if calibrated:
                 raise ValueError(
@@ -210,13 +224,7 @@ class ContinualConfig:
                 f"ppl_window ({self.ppl_window}) must be larger than ppl_stride ({self.ppl_stride}): "
                 f"each window scores the tokens past the previous one's stride."
             )
-        checks.device(self.device)
-        checks.integer("workers", self.workers, minimum=1)
-        if self.workers > 1 and not self.device.startswith("cpu"):
-            raise ValueError(
-                f"workers={self.workers} runs several processes side by side on a CPU; on {self.device!r} use "
-                f"workers=1 (several GPUs: data parallel with torchrun)."
-            )
+        self._check_executor()
         checks.model_path(self.model)
         if self.log_dir is not None and not (isinstance(self.log_dir, str) and self.log_dir
                                              and not Path(self.log_dir).is_file()):
@@ -245,6 +253,42 @@ class ContinualConfig:
             checks.existing_file("task file", spec["path"])
             if spec.get("eval_path") is not None:
                 checks.existing_file("task eval file", spec["eval_path"])
+
+    def _check_executor(self) -> None:
+        """The device and the executor's settings. Under Ray the runs train on the cluster's nodes, so the
+        device is not looked for on this machine, and each run's GPU is the one Ray gives it."""
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"Unknown executor {self.executor!r}; choose one of {EXECUTORS}.")
+        ray = self.executor == "ray"
+        checks.device(self.device, here=not ray)
+        if self.workers is not None:
+            checks.integer("workers", self.workers, minimum=1)
+        if not ray:
+            changed = [f.name for f in fields(self) if f.name.startswith("ray_") and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} set the Ray executor's runs; add executor: ray "
+                                 f"(--executor ray) or drop {'them' if len(changed) > 1 else 'it'}.")
+            if (self.workers or 1) > 1 and not self.device.startswith("cpu"):
+                raise ValueError(
+                    f"workers={self.workers} runs several processes side by side on a CPU; on {self.device!r} use "
+                    f"workers=1 (several GPUs: data parallel with torchrun, or executor ray with ray_num_gpus)."
+                )
+            return
+        if self.ray_address is not None and not (isinstance(self.ray_address, str) and self.ray_address.strip()):
+            raise ValueError(f"ray_address must be 'auto' or HOST:PORT of a Ray cluster, got {self.ray_address!r}.")
+        checks.positive("ray_num_cpus", self.ray_num_cpus)
+        checks.non_negative("ray_num_gpus", self.ray_num_gpus)
+        checks.integer("ray_max_retries", self.ray_max_retries, minimum=-1)
+        gpu = self.device.startswith("cuda")
+        if gpu and self.device != "cuda":
+            raise ValueError(f"device {self.device!r}: under executor ray each run trains on the GPU Ray gives it; "
+                             f"use device cuda.")
+        if gpu and not self.ray_num_gpus:
+            raise ValueError("device cuda under executor ray needs a GPU per run from Ray: set ray_num_gpus "
+                             "(--ray-num-gpus 1).")
+        if self.ray_num_gpus and not gpu:
+            raise ValueError(f"ray_num_gpus={self.ray_num_gpus:g} gives each run a GPU it would not use on device "
+                             f"{self.device!r}; set device cuda (--device cuda) or drop ray_num_gpus.")
 
     def method(self, name: str) -> Method:
         """The registry entry (or declared variant) a method name in this config stands for."""

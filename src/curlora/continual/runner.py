@@ -12,7 +12,6 @@ atomically, so a killed run resumes where it stopped and ends with the same numb
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fcntl
 import os
 import resource
@@ -54,6 +53,17 @@ from curlora.continual.training import (
 
 if TYPE_CHECKING:
     from curlora.continual.tracking import RunEvents
+
+
+@dataclass
+class Base:
+    """What the unchanged base model gives every run of a command, computed once by whoever loaded it
+    (this process, or a Ray task) and handed to the runs."""
+
+    ppl_before: float
+    before_rows: dict[int, list[float | None]]  # per seed: the accuracy row before training
+    base_cache: dict[tuple, Any]  # what the base model computed (split features, zero-shot scores)
+    described: dict[str, Any]  # results.json's model, protocol, tasks and corpus
 
 
 @dataclass(frozen=True)
@@ -151,10 +161,9 @@ class ContinualRunner:
         # Under torchrun every process trains its share of each batch; only rank 0 writes files.
         self.rank, self.world = data_parallel_rank()
         self.is_main = self.rank == 0
-        if self.world > 1 and config.workers > 1:
-            raise ValueError(
-                f"workers={config.workers} cannot combine with data parallel ({self.world} processes): use one."
-            )
+        if self.world > 1 and ((config.workers or 1) > 1 or config.executor != "local"):
+            chosen = f"executor={config.executor}" if config.executor != "local" else f"workers={config.workers}"
+            raise ValueError(f"{chosen} cannot combine with data parallel ({self.world} processes): use one.")
         self._check_run_dir(resume)
         self.bf16 = bf16_supported(self.device) if config.bf16 is None else config.bf16
         self._lock = None  # the run directory's lock file, held while this command runs
@@ -475,36 +484,54 @@ class ContinualRunner:
                 self._lock = None
 
     def _run_locked(self) -> dict[str, Any] | None:
-        cfg = self.config
+        from curlora.continual.executors import executor_for
+
         if self.run_dir.is_dir():  # a resumed run: refuse at once if another command is on it
             self._lock_run_dir()
-        base_lm = self._prepare()
-        self._create_run_dir()
-        self._lock_run_dir()
-        for task in self.tasks:
-            self._say(f"task {task.name}: train {len(task.train)}, validation "
-                  f"{len(self.validation[self.tasks.index(task)])}, eval {len(task.eval)}, "
-                  f"majority-class accuracy {task.majority_accuracy():.3f}")
-        self.ppl_before = self._cached("base_perplexity", lambda: self._perplexity(base_lm))
         runs_dir = self.run_dir / "runs"
-        pending = [spec for spec in run_specs(cfg) if not (runs_dir / f"{spec.key}.json").is_file()]
-        # The row before training: each seed's fresh protocol state (untrained heads, or zero-shot) on the base model.
-        before_rows = {seed: self._accuracies(Adapted(base_lm), self.protocol.start_run(seed, base_lm),
-                                              "eval_splits", len(self.tasks) - 1, True)
-                       for seed in dict.fromkeys(spec.seed for spec in pending)}
-        workers = min(cfg.workers, len(pending))
-        if workers > 1:
-            del base_lm  # each worker loads its own
-            self._run_in_workers(pending, before_rows, workers)
-        else:
-            for spec in pending:
-                self._run_and_save(spec, base_lm, before_rows[spec.seed])
+        pending = [spec for spec in run_specs(self.config) if not (runs_dir / f"{spec.key}.json").is_file()]
+        with executor_for(self.config) as executor:
+            # The model and the data are loaded and checked (nothing is written) before the directory is made.
+            base = executor.base(self, list(dict.fromkeys(spec.seed for spec in pending)))
+            self._create_run_dir()
+            self._lock_run_dir()
+            if self.is_main and not (self.run_dir / "base_perplexity.json").is_file():
+                atomic_write_json(self.run_dir / "base_perplexity.json", {"value": base.ppl_before})
+            for task in base.described["tasks"]:
+                self._say(f"task {task['name']}: train {task['n_train']}, validation {task['n_validation']}, "
+                          f"eval {task['n_eval']}, majority-class accuracy {task['majority_accuracy']:.3f}")
+            executor.run(self, pending, base)
         if not self.is_main:
             return None
-        results = self._results(runs_dir)
+        results = self._results(runs_dir, base.described)
         atomic_write_json(self.run_dir / "results.json", results)
         write_report(results, self.run_dir)
         return results
+
+    def _base_perplexity(self, base_lm: nn.Module) -> float:
+        """The base model's perplexity: computed once per run directory, then read back."""
+        path = self.run_dir / "base_perplexity.json"
+        return read_perplexity(path) if path.is_file() else self._perplexity(base_lm)
+
+    def _base(self, base_lm: nn.Module, seeds: list[int]) -> Base:
+        """The base model's perplexity (read back on --resume), its accuracy row before training for
+        each of ``seeds`` (each seed's fresh protocol state: untrained heads, or zero-shot) and what
+        it computed on the way; nothing is written."""
+        self.ppl_before = self._base_perplexity(base_lm)
+        before_rows = {seed: self._accuracies(Adapted(base_lm), self.protocol.start_run(seed, base_lm),
+                                              "eval_splits", len(self.tasks) - 1, True) for seed in seeds}
+        described = {
+            "model": self.model_name,
+            "protocol": self.protocol.describe(),
+            "tasks": [
+                {"name": t.name, "label_names": t.label_names, "n_train": len(t.train),
+                 "n_validation": len(v), "n_eval": len(t.eval), "majority_accuracy": t.majority_accuracy(),
+                 "notes": t.notes}
+                for t, v in zip(self.tasks, self.validation)
+            ],
+            "corpus": self._corpus_entry(),
+        }
+        return Base(self.ppl_before, before_rows, self.protocol.base_cache, described)
 
     def _lock_run_dir(self) -> None:
         """Hold an exclusive lock on the run directory for this process's life (the kernel drops it
@@ -533,8 +560,8 @@ class ContinualRunner:
         self._lock.write(str(os.getpid()))
         self._lock.flush()
 
-    def _run_and_save(self, spec: RunSpec, base_lm: nn.Module, before_row: list[float | None]) -> None:
-        """One run, written to ``runs/<key>.json`` (a diverged run is written as failed)."""
+    def _train(self, spec: RunSpec, base_lm: nn.Module, before_row: list[float | None]) -> dict[str, Any]:
+        """One run's result (a diverged run's as failed)."""
         self.before_row = before_row
         try:
             result = self.run_one(spec, base_lm)
@@ -544,82 +571,24 @@ class ContinualRunner:
                       "seed": spec.seed, "lr": spec.lr, "head_lr": self.config.head_lr,
                       "u_penalty": spec.u_penalty, "status": "failed", "error": str(error)}
         result["threads"] = torch.get_num_threads()
+        return result
+
+    def _save(self, spec: RunSpec, result: dict[str, Any]) -> None:
+        """A finished run's result as ``runs/<key>.json``: from then on --resume skips the run."""
         if self.is_main:
             atomic_write_json(self.run_dir / "runs" / f"{spec.key}.json", result)
         self._barrier()
 
-    def _run_in_workers(self, pending: list[RunSpec], before_rows: dict[int, list], workers: int) -> None:
-        """Runs side by side in ``workers`` processes, each with its share of the CPU threads, taking
-        the next pending run when one finishes. A run does the same work wherever it runs, so the
-        numbers are those of one process; finished runs are files, so a killed pool resumes too.
-
-        Why: on 2 CPU cores one process's small matmuls keep the second thread half idle (forward+
-        backward of SmolLM2 at batch 8: 1.3x faster on 2 threads than on 1), so two single-threaded
-        runs side by side finish sooner than the same runs one after the other."""
-        context = torch.multiprocessing.get_context("spawn")
-        queue = context.SimpleQueue()
-        # Longest first: a frozen-backbone run (a forward pass per batch) fills the end, not a training run.
-        for spec in sorted(pending, key=lambda spec: self.config.method(spec.method).frozen_backbone):
-            queue.put(spec)
-        for _ in range(workers):
-            queue.put(None)
-        threads = max(1, torch.get_num_threads() // workers)
-        self._say(f"{len(pending)} runs in {workers} worker processes, {threads} thread(s) each")
-        # What the base model computed for the before row (split features, zero-shot scores) goes along:
-        # a frozen-backbone run in a worker uses it instead of computing it again.
-        shared = (self.config, str(self.run_dir), queue, before_rows, self.protocol.base_cache, threads)
-        processes = [context.Process(target=_worker, args=shared) for _ in range(workers)]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join()
-        failed = [p.exitcode for p in processes if p.exitcode != 0]
-        if failed:  # an OSError, so the command prints it as one line
-            raise ChildProcessError(
-                f"{len(failed)} of {workers} worker processes failed (exit codes {failed}; their error is printed "
-                f"above). The runs that finished are kept in {self.run_dir / 'runs'}: fix the cause and rerun with --resume."
-            )
-
-    def _cached(self, name: str, compute) -> float:
-        path = self.run_dir / f"{name}.json"
-        if path.is_file():
-            return read_perplexity(path)
-        value = compute()
-        if self.is_main:
-            atomic_write_json(path, {"value": value})
-        return value
-
-    def _results(self, runs_dir: Path) -> dict[str, Any]:
+    def _results(self, runs_dir: Path, described: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config
-        runs = [read_run(runs_dir / f"{spec.key}.json", len(self.tasks)) for spec in run_specs(cfg)]
+        runs = [read_run(runs_dir / f"{spec.key}.json", len(described["tasks"])) for spec in run_specs(cfg)]
         results = {
             "schema_version": SCHEMA_VERSION,
             "config": cfg.to_dict(),
-            "model": self.model_name,
-            "protocol": self.protocol.describe(),
-            "tasks": [
-                {"name": t.name, "label_names": t.label_names, "n_train": len(t.train),
-                 "n_validation": len(v), "n_eval": len(t.eval), "majority_accuracy": t.majority_accuracy(),
-                 "notes": t.notes}
-                for t, v in zip(self.tasks, self.validation)
-            ],
-            "corpus": self._corpus_entry(),
+            **described,
             "runs": runs,
             "frontier": analyse(runs),
         }
         results["summary"] = summarize(results)
         return results
 
-
-def _worker(config: ContinualConfig, run_dir: str, queue, before_rows: dict[int, list],
-            base_cache: dict[tuple, Any], threads: int) -> None:
-    """A worker process of ``ContinualRunner._run_in_workers``: runs specs from ``queue`` until None."""
-    torch.set_num_threads(threads)
-    runner = ContinualRunner(dataclasses.replace(config, progress=False, workers=1), run_dir, resume=True)
-    base_lm = runner._prepare()
-    runner.protocol.base_cache.update(base_cache)
-    runner.ppl_before = runner._cached("base_perplexity", lambda: runner._perplexity(base_lm))
-    parent = os.getppid()
-    # A killed command leaves no orphan training on: a worker whose parent is gone stops at the next run.
-    while os.getppid() == parent and (spec := queue.get()) is not None:
-        runner._run_and_save(spec, base_lm, before_rows[spec.seed])
