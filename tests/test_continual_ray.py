@@ -153,15 +153,6 @@ class Watch(threading.Thread):
             time.sleep(0.005)
 
 
-def test_a_sweep_on_ray_gives_the_numbers_of_one_process(cluster, config, one_process, tmp_path):
-    results = ContinualRunner(_on_ray(config, cluster), tmp_path).run()
-    assert dict(zip(KEYS, _numbers(results))) == one_process
-    assert {run["threads"] for run in results["runs"]} == {1}  # ray_num_cpus
-    assert results["config"]["executor"] == "ray"
-    assert not (tmp_path / executors.TOKEN).exists()
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == sorted(f"{key}.json" for key in KEYS)
-
-
 @pytest.mark.parametrize("settings, message", [
     ({"executor": "dask"}, "Unknown executor 'dask'; choose one of ('local', 'ray')"),
     ({"ray_num_gpus": 1}, "ray_num_gpus set the Ray executor's runs; add executor: ray (--executor ray)"),
@@ -256,7 +247,10 @@ def test_a_run_whose_node_dies_is_retried_from_its_last_task(cluster, config, on
         watch.join()
     assert watch.frozen is not None and f"checkpoints/{victim}/task2.json" not in watch.frozen
     assert len(cluster.worker_nodes) == 1
+    # The numbers of one process (the runs the node's death did not touch, and the retried one).
     assert dict(zip(KEYS, _numbers(results))) == one_process
+    assert {run["threads"] for run in results["runs"]} == {1}  # ray_num_cpus
+    assert results["config"]["executor"] == "ray" and not (tmp_path / executors.TOKEN).exists()
     # Its first task was not trained again (its state file is the one written before the node died) ...
     task1 = f"checkpoints/{victim}/task1.json"
     assert _inodes(tmp_path)[task1] == watch.frozen[task1]
