@@ -39,28 +39,35 @@ SWEEP = {"methods": ["curlora", "head"], "lrs": [1e-2, 3e-3]}
 KEYS = ["curlora_r4_lr0.01_s0", "curlora_r4_lr0.003_s0", "head_s0"]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    """The module's Ray cluster; its nodes (all but the head) can be killed by a test. Ray reads its
-    authentication settings when it is imported, so it is imported here, after they are set."""
+@pytest.fixture(scope="module", autouse=True)
+def ray_token():
+    """Every test of this module under one Ray token of its own (nothing written to ~/.ray). Ray reads
+    its authentication settings when it is first imported, so no test may import it before this."""
+    assert "ray" not in sys.modules, "ray was imported before its token was set: import it in a test, not at module level"
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_AUTH_MODE", "token")
         env.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
         env.delenv("RAY_ADDRESS", raising=False)
-        from ray.cluster_utils import Cluster
+        yield
 
-        started = Cluster()  # its processes are stopped at its shutdown, or when this process ends
-        try:
-            # A dead node is noticed within about a second (by default: after 5 missed checks 3 s apart).
-            health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
-                      "health_check_failure_threshold": 2}
-            started.add_node(num_cpus=0, include_dashboard=False, _system_config=health)
-            for _ in range(2):
-                started.add_node(num_cpus=1)
-            started.wait_for_nodes()
-            yield started
-        finally:
-            started.shutdown()
+
+@pytest.fixture(scope="module")
+def cluster():
+    """The module's Ray cluster; its nodes (all but the head) can be killed by a test."""
+    from ray.cluster_utils import Cluster
+
+    started = Cluster()  # its processes are stopped at its shutdown, or when this process ends
+    try:
+        # A dead node is noticed within about a second (by default: after 5 missed checks 3 s apart).
+        health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500,
+                  "health_check_failure_threshold": 2}
+        started.add_node(num_cpus=0, include_dashboard=False, _system_config=health)
+        for _ in range(2):
+            started.add_node(num_cpus=1)
+        started.wait_for_nodes()
+        yield started
+    finally:
+        started.shutdown()
 
 
 @pytest.fixture(scope="module")
