@@ -196,3 +196,17 @@ def test_ray_overhead_times_both_executors_on_the_same_runs(tmp_path: Path, smol
     saved = {e: json.loads((tmp_path / "runs" / f"{e}-0" / "results.json").read_text()) for e in ("local", "ray")}
     assert [saved[e]["config"]["executor"] for e in ("local", "ray")] == ["local", "ray"]
     assert saved["local"]["config"]["workers"] == 2
+
+
+def test_prefix_sharing_compares_the_three_steps_on_real_prompts(tmp_path: Path, smol_tokenizer, data_dir) -> None:
+    from conftest import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny", smol_tokenizer)
+    out = tmp_path / "prefix_sharing.json"
+    report = _load("prefix_sharing").main(["--model", model, "--data-dir", str(data_dir), "--tasks",
+                                          "rotten_tomatoes", "--batches", "1", "--repeats", "1", "--json", str(out)])
+    (task,) = json.loads(out.read_text())["tasks"]
+    assert task == report["tasks"][0] and task["train_batches"] == 1 and task["score_batches"] == 2
+    assert set(task["train_s"]) == {"shared", "unshared", "heads"} and set(task["score_s"]) == {"shared", "unshared"}
+    # The two paths compute the same numbers: rounding apart.
+    assert task["loss_difference"] < 1e-3 and task["gradient_difference_relative"] < 1e-3 and task["score_difference"] < 1e-3

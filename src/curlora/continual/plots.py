@@ -253,7 +253,7 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     "learned nothing, so forgot nothing" case) or diverged. The rates are chosen among all runs; a
     chosen run without ``train_loss`` (written before runs kept it) is left out. False when no
     chosen run has one."""
-    finished = [r for r in results.get("runs") or [] if r.get("status") == "ok"]
+    finished = [r for r in results.get("runs") or [] if r.get("status") == "ok" and "validation_accuracy" in r]
     chosen = chosen_rates(select_learning_rates(finished))
     runs = [r for r in finished if r.get("train_loss") and chosen.get((r["method"], r.get("rank"))) == r.get("lr")]
     if not runs:
