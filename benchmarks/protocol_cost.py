@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_time import REPO, machine, median, timed_sweep  # noqa: E402
+from sweep_time import REPO, comparison_flags, machine, median, parse_comparison, timed_sweep  # noqa: E402
 
 from curlora.fileio import atomic_write_json  # noqa: E402
 
@@ -41,14 +41,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--method-lrs", action="append", default=None,
                    help="METHOD=RATE as in curlora continual (default: curlora=1e-2 and lora=1e-3)")
-    p.add_argument("--repeats", type=int, default=2, help="alternate the protocols this many times")
-    p.add_argument("--threads", type=int, help="OMP/MKL threads (default: torch's own choice)")
-    p.add_argument("--work-dir", type=Path, help="keep run directories here (default: a temporary one)")
-    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "protocol_cost.json")
-    args, extra = p.parse_known_args(argv)
-    extra = extra[1:] if extra[:1] == ["--"] else extra
-    if args.repeats < 1:
-        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    comparison_flags(p, "protocol_cost.json", 2, "the protocols")
+    args, extra = parse_comparison(p, argv)
     rates = args.method_lrs or ["curlora=1e-2", "lora=1e-3"]
     methods = ",".join(entry.split("=", 1)[0] for entry in rates)
     flags = ["--methods", methods, *[f for entry in rates for f in ("--method-lrs", entry)], *extra]

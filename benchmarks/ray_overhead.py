@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_time import REPO, machine, median, timed_sweep  # noqa: E402
+from sweep_time import REPO, comparison_flags, machine, median, parse_comparison, timed_sweep  # noqa: E402
 
 from curlora.fileio import atomic_write_json  # noqa: E402
 
@@ -62,14 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--eval-examples", type=int, default=150)
     p.add_argument("--examples-per-task", type=int, help="shrink the sweep (default: the config's 240)")
     p.add_argument("--workers", type=int, default=2, help="the local pool's processes (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=1, help="alternate the executors this many times")
-    p.add_argument("--threads", type=int, help="OMP/MKL threads for both (default: torch's own choice)")
-    p.add_argument("--work-dir", type=Path, help="keep run directories here (default: a temporary one)")
-    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "ray_overhead.json")
-    args, extra = p.parse_known_args(argv)
-    extra = extra[1:] if extra[:1] == ["--"] else extra
-    if args.repeats < 1:
-        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    comparison_flags(p, "ray_overhead.json", 1, "the executors")
+    args, extra = parse_comparison(p, argv)
     flags = ["--lrs", args.lrs, "--eval-examples", str(args.eval_examples), *extra]
     if args.examples_per_task is not None:
         flags += ["--examples-per-task", str(args.examples_per_task)]

@@ -65,6 +65,23 @@ def cpu_name() -> str:
     return "unknown"
 
 
+def comparison_flags(p: argparse.ArgumentParser, results: str, repeats: int, what: str) -> None:
+    """The flags every side-by-side benchmark takes: repeats, threads, where runs and results go."""
+    p.add_argument("--repeats", type=int, default=repeats, help=f"alternate {what} this many times")
+    p.add_argument("--threads", type=int, help="OMP/MKL threads for every run (default: torch's own choice)")
+    p.add_argument("--work-dir", type=Path, help="keep run directories here (default: a temporary one)")
+    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / results)
+
+
+def parse_comparison(p: argparse.ArgumentParser, argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """Parsed flags and the rest (for curlora continual, after an optional ``--``); repeats checked."""
+    args, extra = p.parse_known_args(argv)
+    extra = extra[1:] if extra[:1] == ["--"] else extra
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    return args, extra
+
+
 def median(values: list[float]) -> float:
     return sorted(values)[len(values) // 2]
 
@@ -139,16 +156,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--lrs", default="3e-4,1e-3,3e-3,1e-2")
     p.add_argument("--eval-examples", type=int, default=150)
     p.add_argument("--examples-per-task", type=int, help="shrink the sweep (default: the config's 240)")
-    p.add_argument("--repeats", type=int, default=1, help="alternate before/after this many times")
-    p.add_argument("--threads", type=int, help="OMP/MKL threads for both (default: torch's own choice)")
     p.add_argument("--after-flags", default="", help='flags for the after version only, e.g. "--workers 2"')
-    p.add_argument("--work-dir", type=Path, help="keep run directories here (default: a temporary one)")
-    p.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "sweep_time.json")
-    args, extra = p.parse_known_args(argv)
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
-    if args.repeats < 1:
-        p.error(f"--repeats must be at least 1, got {args.repeats}")
+    comparison_flags(p, "sweep_time.json", 1, "before/after")
+    args, extra = parse_comparison(p, argv)
     flags = ["--lrs", args.lrs, "--eval-examples", str(args.eval_examples)]
     if args.examples_per_task is not None:
         flags += ["--examples-per-task", str(args.examples_per_task)]
