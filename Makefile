@@ -17,8 +17,12 @@ setup: $(STAMP)
 run: $(STAMP)
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/curlora continual --output-dir runs/default --resume
 
+# Test files in TEST_WORKERS processes (pytest-xdist), a file's tests together in one of them (its
+# module fixtures, such as the Ray cluster, built once); most of the suite is one busy core.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf $(VENV) runs

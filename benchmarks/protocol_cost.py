@@ -5,8 +5,9 @@
 
 Each protocol runs ``python -m curlora.cli continual --protocol P`` in a child process (this working
 tree, one process, no workers) with the same flags: the default offline suite and model, the
-adapter methods at the given rates, nothing else. The protocols alternate (heads, generative,
-heads, ...) so that the machine's drift falls on both; the ratio of the median wall times (and of
+adapter methods at the given rates, nothing else. The protocols alternate, the one that goes first
+swapping every repeat (heads, generative, generative, heads, ...), so that the machine's drift falls
+on both; the ratio of the median wall times (and of
 CPU times) is the generative protocol's cost. The floors are left out: the heads floor trains
 heads, the generative ones train nothing, so they measure different work. Besides the totals,
 each run's own wall time (from results.json) is compared per method. Writes
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_time import REPO, comparison_flags, machine, median, parse_comparison, timed_sweep  # noqa: E402
+from sweep_time import REPO, alternate, comparison_flags, machine, median, medians, parse_comparison  # noqa: E402
 
 from curlora.fileio import atomic_write_json  # noqa: E402
 
@@ -47,20 +48,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     methods = ",".join(entry.split("=", 1)[0] for entry in rates)
     flags = ["--methods", methods, *[f for entry in rates for f in ("--method-lrs", entry)], *extra]
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    timings: dict[str, list[dict[str, Any]]] = {p: [] for p in PROTOCOLS}
     with tempfile.TemporaryDirectory(prefix="protocol-cost-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for repeat in range(args.repeats):
-            for protocol in PROTOCOLS:
-                run = timed_sweep(REPO / "src", work / f"{protocol}-{repeat}", ["--protocol", protocol, *flags],
-                                  args.threads)
-                run["runs"] = run_times(Path(run["output_dir"]) / "results.json")
-                timings[protocol].append(run)
-                print(f"{protocol} #{repeat}: wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s; runs "
-                      + ", ".join(f"{k} {v:.1f} s" for k, v in run["runs"].items()), flush=True)
-    wall = {p: median([r["wall_s"] for r in runs]) for p, runs in timings.items()}
-    cpu = {p: median([r["cpu_s"] for r in runs]) for p, runs in timings.items()}
+        timings = alternate({p: (REPO / "src", ["--protocol", p, *flags]) for p in PROTOCOLS},
+                            work, args.repeats, args.threads)
+        for run in (run for runs in timings.values() for run in runs):
+            run["runs"] = run_times(Path(run["output_dir"]) / "results.json")
+    wall, cpu = medians(timings)
     per_run = {key: median([r["runs"][key] for r in timings["generative"]])
                / median([r["runs"][key] for r in timings["heads"]]) for key in timings["heads"][0]["runs"]}
     report = {

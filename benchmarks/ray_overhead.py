@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_time import REPO, comparison_flags, machine, median, parse_comparison, timed_sweep  # noqa: E402
+from sweep_time import REPO, alternate, comparison_flags, machine, medians, parse_comparison  # noqa: E402
 
 from curlora.fileio import atomic_write_json  # noqa: E402
 
@@ -69,20 +69,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         flags += ["--examples-per-task", str(args.examples_per_task)]
     executor_flags = {"local": ["--workers", str(args.workers)], "ray": ["--executor", "ray"]}
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    timings: dict[str, list[dict[str, Any]]] = {e: [] for e in executor_flags}
     with tempfile.TemporaryDirectory(prefix="ray-overhead-") as tmp:
         work = args.work_dir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for repeat in range(args.repeats):
-            order = list(executor_flags) if repeat % 2 == 0 else list(reversed(executor_flags))
-            for executor in order:
-                run = timed_sweep(REPO / "src", work / f"{executor}-{repeat}", flags + executor_flags[executor],
-                                  args.threads)
-                timings[executor].append(run)
-                print(f"{executor} #{repeat}: wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s", flush=True)
+        timings = alternate({e: (REPO / "src", flags + f) for e, f in executor_flags.items()},
+                            work, args.repeats, args.threads)
         numbers = {e: run_numbers(Path(runs[0]["output_dir"]) / "results.json") for e, runs in timings.items()}
-    wall = {e: median([r["wall_s"] for r in runs]) for e, runs in timings.items()}
-    cpu = {e: median([r["cpu_s"] for r in runs]) for e, runs in timings.items()}
+    wall, cpu = medians(timings)
     differences = unequal(numbers["local"], numbers["ray"])
     report = {
         "meta": {"flags": flags, "executor_flags": executor_flags, "repeats": args.repeats, "started": started,

@@ -116,6 +116,28 @@ def timed_sweep(src: Path, output_dir: Path, flags: list[str], threads: int | No
     return {"wall_s": wall, "cpu_s": usage.ru_utime + usage.ru_stime, "output_dir": str(output_dir)}
 
 
+def alternate(variants: dict[str, tuple[Path, list[str]]], work: Path, repeats: int,
+              threads: int | None) -> dict[str, list[dict[str, Any]]]:
+    """Each variant's sweep (its source tree, its flags) ``repeats`` times into ``work/NAME-REPEAT``,
+    the variants taking turns and the one that goes first swapping every repeat (A, B, B, A, ...), so
+    that the machine's drift and warm-up fall on both."""
+    timings: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    for repeat in range(repeats):
+        order = list(variants) if repeat % 2 == 0 else list(reversed(variants))
+        for name in order:
+            src, flags = variants[name]
+            run = timed_sweep(src, work / f"{name}-{repeat}", flags, threads)
+            timings[name].append(run)
+            print(f"{name} #{repeat}: wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s", flush=True)
+    return timings
+
+
+def medians(timings: dict[str, list[dict[str, Any]]]) -> tuple[dict[str, float], dict[str, float]]:
+    """The median wall and CPU seconds of each variant's sweeps."""
+    return ({name: median([r["wall_s"] for r in runs]) for name, runs in timings.items()},
+            {name: median([r["cpu_s"] for r in runs]) for name, runs in timings.items()})
+
+
 def headline(results_path: Path) -> dict[str, Any]:
     """Per run (method, rank, lr, seed): ACC (mean final-row accuracy) and final perplexity; the
     chosen learning rate per (method, rank)."""
@@ -174,16 +196,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trees = {"before": export_ref(args.before, Path(tmp) / "tree-before") / "src"}
         trees["after"] = (REPO / "src" if args.after == WORKTREE
                           else export_ref(args.after, Path(tmp) / "tree-after") / "src")
-        timings: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
-        for repeat in range(args.repeats):
-            for version in ("before", "after"):
-                extra = shlex.split(args.after_flags) if version == "after" else []
-                run = timed_sweep(trees[version], work / f"{version}-{repeat}", flags + extra, args.threads)
-                timings[version].append(run)
-                print(f"{version} #{repeat}: wall {run['wall_s']:.1f} s, cpu {run['cpu_s']:.1f} s", flush=True)
+        timings = alternate({"before": (trees["before"], flags),
+                             "after": (trees["after"], flags + shlex.split(args.after_flags))},
+                            work, args.repeats, args.threads)
         numbers = {v: headline(Path(timings[v][0]["output_dir"]) / "results.json") for v in timings}
-    wall = {v: median([r["wall_s"] for r in runs]) for v, runs in timings.items()}
-    cpu = {v: median([r["cpu_s"] for r in runs]) for v, runs in timings.items()}
+    wall, cpu = medians(timings)
     report = {
         "meta": {"before": args.before, "after": args.after, "flags": flags, "after_flags": args.after_flags,
                  "repeats": args.repeats, "started": started, **machine(args.threads)},

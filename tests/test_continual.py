@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -309,7 +310,8 @@ def test_own_corpus_file_is_scored_and_named(tmp_path, tiny_model_dir, data_dir,
     config = tiny_config(tiny_model_dir, data_dir, methods=["head"], tasks=["sst2"], corpus_file=str(corpus))
     results = ContinualRunner(config, tmp_path / "run").run()
     entry = results["corpus"]
-    assert entry["name"] == "style-guide.txt" and entry["file"] == str(corpus.resolve())
+    assert entry["name"] == "style-guide.txt" and entry["sha256"] == hashlib.sha256(corpus.read_bytes()).hexdigest()
+    assert str(tmp_path) not in json.dumps(entry)  # no directory of this machine in the results
     assert entry["bytes"] == corpus.stat().st_size and entry["tokens_scored"] == 95  # ppl_max_tokens 96
     assert "style-guide.txt" in (tmp_path / "run" / "report.md").read_text()
     # The same file through the flag gives the same base perplexity.

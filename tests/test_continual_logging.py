@@ -54,7 +54,10 @@ def _check_events_match(results: dict, config: ContinualConfig) -> None:
 
 
 def test_events_hold_the_runs_step_losses_accuracies_perplexity_and_acc(tmp_path, tiny_model_dir, data_dir):
-    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], log_dir=str(tmp_path / "tb"))
+    """Written by the pool's worker processes, each run into its own directory (the resume test below
+    logs in this process)."""
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], log_dir=str(tmp_path / "tb"),
+                         workers=2)
     results = ContinualRunner(config, tmp_path / "run").run()
     assert all(run["status"] == "ok" and any(run["train_loss"]) for run in results["runs"])
     _check_events_match(results, config)

@@ -99,3 +99,14 @@ def test_a_gguf_file_converts_to_a_model_with_the_source_tensors_logits_and_is_c
     model, _ = pretrained.load_model_and_tokenizer(str(tmp_path / "tiny3.gguf"))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, sources[3](input_ids=ids).logits)
+
+
+def test_a_conversion_that_finishes_second_keeps_the_first_ones_copy(tmp_path):
+    """Two processes converting one file on first use: the later replace finds the cache entry there."""
+    write_tiny_gguf(tmp_path / "tiny.gguf", tiny_llama(seed=3, hidden=32, vocab=len(TOKENS)))
+    target = tmp_path / "cache" / "models" / "tiny"
+    pretrained._convert_gguf(tmp_path / "tiny.gguf", target, "tiny")
+    first = {p.name: p.stat().st_ino for p in target.iterdir()}
+    pretrained._convert_gguf(tmp_path / "tiny.gguf", target, "tiny")  # what the slower process does
+    assert {p.name: p.stat().st_ino for p in target.iterdir()} == first
+    assert [p.name for p in target.parent.iterdir()] == ["tiny"]  # its temporary directory is gone

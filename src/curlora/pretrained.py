@@ -52,7 +52,9 @@ def smollm2_gguf_path() -> Path:
 def _convert_gguf(gguf: Path, target: Path, name_or_path: str) -> None:
     """GGUF → plain float32 transformers model + tokenizer, written atomically to ``target``.
 
-    A killed conversion leaves only a hidden temporary directory, never ``target``.
+    A killed conversion leaves only a hidden temporary directory, never ``target``. Two processes
+    converting the same file at once (``--workers``, two commands on first use) both succeed: the
+    one that finishes second keeps the first one's copy, the same conversion.
     """
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"Reading {gguf.name} needs the gguf package: pip install 'curlora[gguf]'.")
@@ -69,7 +71,11 @@ def _convert_gguf(gguf: Path, target: Path, name_or_path: str) -> None:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

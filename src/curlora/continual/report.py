@@ -282,7 +282,7 @@ Keys = list[list[Any]]
 def _header(results: Mapping[str, Any], runs: list[Mapping[str, Any]]) -> list[str]:
     n_ok = sum(r.get("status") == "ok" for r in runs)
     corpus = results.get("corpus") or {}
-    source = f", file {corpus['file']}" if corpus.get("file") else ""
+    source = f", sha256 {corpus['sha256'][:12]}…" if corpus.get("sha256") else ""
     return ["# Continual-learning report", "",
             f"Model: {results.get('model', DASH)}. Runs: {n_ok} ok, {len(runs) - n_ok} not ok. "
             f"Perplexity corpus: {corpus.get('name', DASH)}{source} ({corpus.get('tokens_scored', DASH)} "

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import hashlib
 import os
 import resource
 import time
@@ -263,12 +264,14 @@ class ContinualRunner:
         self.calibration_ids = calibration_windows(tokenizer, cfg.corda_samples, cfg.corda_sample_tokens) if needed else None
 
     def _corpus_entry(self) -> dict[str, Any]:
-        """What results.json says about the perplexity corpus; a user's file is named with its size."""
+        """What results.json says about the perplexity corpus. A user's file is named by its name, size
+        and sha256 (the path as given stays in the config): results that travel carry no machine's
+        directory layout, and whoever reads them can still tell which text was scored."""
         cfg = self.config
         entry: dict[str, Any] = {"name": cfg.corpus}
         if cfg.corpus_file is not None:
-            path = Path(cfg.corpus_file).expanduser()
-            entry = {"name": path.name, "file": str(path.resolve()), "bytes": path.stat().st_size}
+            data = Path(cfg.corpus_file).expanduser().read_bytes()
+            entry = {"name": Path(cfg.corpus_file).name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
         return {**entry, "tokens_scored": int(self.corpus_ids.numel() - 1),
                 "window": cfg.ppl_window, "stride": cfg.ppl_stride}
 
