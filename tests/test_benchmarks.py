@@ -31,6 +31,15 @@ def init_cost():
     return _load("init_cost")
 
 
+@pytest.mark.parametrize("path", sorted(BENCH.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_benchmark_config_is_accepted(path: Path) -> None:
+    """The experiments' YAML files (their commands are in their headers) load as they are committed."""
+    from curlora.continual import run_specs
+    from curlora.continual.config import load_config
+
+    assert run_specs(load_config(None, path, {}))
+
+
 def test_train_step_structure(train_step, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
     results = train_step.main([

@@ -17,6 +17,8 @@ from conftest import free_port, kill_after_first_task, save_tiny_llama
 from curlora.cli import main
 from curlora.continual import ContinualRunner, run_specs
 from curlora.continual.config import ContinualConfig, load_config
+from curlora.continual.frontier import select_learning_rates
+from curlora.continual.report import write_report
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +187,48 @@ def test_sweep_enumerates_methods_rates_and_penalties():
                                        method_lrs={"curlora": {8: [1e-2], 16: [3e-3]}}))
     assert [(s.method, s.rank, s.lr) for s in chosen] == [("curlora", 8, 1e-2), ("curlora", 16, 3e-3),
                                                           ("lora", 8, 1e-3), ("lora", 16, 1e-3)]
+    # confirm_seeds: each (method label, rank) at the rate its grid chose; none for a method that chose none.
+    config = ContinualConfig(methods=["curlora", "lora", "head"], ranks=[8, 16], lrs=[1e-3, 1e-2],
+                             u_penalties=[0.0, 0.1], seeds=[0], confirm_seeds=[2, 1])
+    assert run_specs(config) == run_specs(dataclasses.replace(config, confirm_seeds=[]))  # the grid alone
+    chosen = {("curlora+eq11(λ=0.1)", 8): 1e-3, ("curlora", 8): 1e-2, ("curlora", 16): 1e-3, ("head", None): None}
+    extra = run_specs(config, chosen)[len(run_specs(config)):]
+    assert [(s.seed, s.label, s.rank, s.lr) for s in extra] == [
+        (seed, label, rank, lr) for seed in (2, 1) for (label, rank), lr in chosen.items()]  # in the grid's order
+    with pytest.raises(ValueError, match=r"seeds \[0, 1\] and confirm_seeds \[1, 2\] must name each seed once"):
+        ContinualConfig(seeds=[0, 1], confirm_seeds=[1, 2])
+
+
+def test_confirm_seeds_repeat_the_rate_the_grid_chose_on_validation(tmp_path, tiny_model_dir, data_dir):
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lrs=[1e-2, 1e-3], confirm_seeds=[1])
+    results = ContinualRunner(config, tmp_path / "run").run()
+    grid = [run for run in results["runs"] if run["seed"] == 0]
+    (choice,) = [c["lr"] for c in select_learning_rates(grid) if c["method"] == "curlora"]
+    assert [(r["method"], r["lr"], r["seed"]) for r in results["runs"]] == [
+        ("curlora", 1e-2, 0), ("curlora", 1e-3, 0), ("head", None, 0), ("curlora", choice, 1), ("head", None, 1)]
+    # The choice reads the grid's seed only: seed 1's run at the chosen rate does not move it.
+    assert results["frontier"]["selection"] == select_learning_rates(grid)
+    assert all(run["selected"] for run in results["runs"] if run["seed"] == 1)
+    # A report written again from results.json chooses on the grid's seed too: seed 1 scoring 0 on
+    # validation leaves the chosen rate's validation accuracy in its table as seed 0 had it.
+    (score,) = [c["validation_accuracy"][choice] for c in select_learning_rates(grid) if c["method"] == "curlora"]
+    assert score > 0
+    changed = copy.deepcopy(results)
+    for run in changed["runs"]:
+        if run["seed"] == 1:
+            run["validation_accuracy"] = [0.0] * len(run["validation_accuracy"])
+    write_report(changed, tmp_path / "again")
+    assert f"{choice:g}: {score:.3f}" in (tmp_path / "again" / "report.md").read_text()
+    # One more rate on --resume: the grid's new run trains, then seed 1 at whatever the grid now chooses.
+    wider = dataclasses.replace(config, lrs=[1e-2, 1e-3, 3e-2])
+    resumed = ContinualRunner(wider, tmp_path / "run", resume=True).run()
+    grid = [run for run in resumed["runs"] if run["seed"] == 0]
+    (choice,) = [c["lr"] for c in select_learning_rates(grid) if c["method"] == "curlora"]
+    assert [(r["method"], r["lr"], r["seed"]) for r in resumed["runs"]] == [
+        ("curlora", 1e-2, 0), ("curlora", 1e-3, 0), ("curlora", 3e-2, 0), ("head", None, 0),
+        ("curlora", choice, 1), ("head", None, 1)]
+    unmarked = [[{k: v for k, v in run.items() if k != "selected"} for run in r["runs"][:2]] for r in (resumed, results)]
+    assert unmarked[0] == unmarked[1]  # kept, not trained again
 
 
 def test_presets_files_and_flags_layer(tmp_path):

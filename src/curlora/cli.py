@@ -88,6 +88,9 @@ def _continual_parser(sub) -> None:
     p.add_argument("--methods", type=_strings, help="comma-separated: " + describe() + "; peft:<type> (any PEFT method); or a variant declared under method_variants in --config")
     p.add_argument("--ranks", type=_ints)
     p.add_argument("--seeds", type=_ints)
+    p.add_argument("--confirm-seeds", type=_ints,
+                   help="more seeds, run once the --seeds runs finished, at the rate each method × rank chose "
+                        "on their validation accuracy, e.g. --seeds 0 --confirm-seeds 1,2")
     p.add_argument("--examples-per-task", type=int)
     p.add_argument("--eval-examples", type=int)
     p.add_argument("--epochs", type=int)
@@ -149,7 +152,7 @@ def _run_continual(args: argparse.Namespace) -> int:
     overrides = {
         key: getattr(args, key)
         for key in (
-            "data_dir", "source", "model", "protocol", "chat_template", "k_shot", "generation_examples", "tasks", "corpus", "corpus_file", "methods", "ranks", "seeds", "examples_per_task",
+            "data_dir", "source", "model", "protocol", "chat_template", "k_shot", "generation_examples", "tasks", "corpus", "corpus_file", "methods", "ranks", "seeds", "confirm_seeds", "examples_per_task",
             "eval_examples", "epochs", "batch_size", "lr", "lrs", "head_lr", "u_penalties", "ewc_lambda", "ewc_fisher_examples", "replay_per_task", "olora_lambda",
             "corda_samples", "corda_sample_tokens", "alpha",
             "max_length", "ppl_max_tokens", "ppl_window", "ppl_stride", "ppl_after_every_task", "bf16", "device", "workers", "progress", "quantize", "log_dir",

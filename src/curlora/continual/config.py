@@ -26,7 +26,7 @@ RUNTIME_FIELDS = ("progress", "workers", "log_dir", "executor", "ray_address", "
 EXECUTORS = ("local", "ray")
 # Which runs an experiment holds, not what any one run computes (a run's file is named by its method,
 # rank, rate, λ and seed): a run directory may resume with more or fewer of these, e.g. more seeds.
-GRID_FIELDS = ("methods", "ranks", "lr", "lrs", "method_lrs", "seeds", "u_penalties")
+GRID_FIELDS = ("methods", "ranks", "lr", "lrs", "method_lrs", "seeds", "confirm_seeds", "u_penalties")
 # Per-method settings: resuming may add entries, never change one that earlier runs used.
 GRID_MAPPINGS = ("method_variants", "peft_kwargs")
 # A task_files entry holds load_task_file's keyword arguments but these, which the run sets alike for
@@ -60,6 +60,9 @@ class ContinualConfig:
     alpha: float = 1.0
     target_modules: list[str] | None = None  # None: the architecture's q/k/v (c_attn for GPT-2)
     seeds: list[int] = field(default_factory=lambda: [0])
+    # More seeds at each method × rank's rate chosen on validation by the runs of ``seeds`` (the usual
+    # sweep: every rate on one seed, the chosen one on more); they run once those runs have finished.
+    confirm_seeds: list[int] = field(default_factory=list)
     data_seed: int = 0
     examples_per_task: int = 240
     eval_examples: int = 150
@@ -111,7 +114,7 @@ class ContinualConfig:
             raise ValueError(f"Unknown protocol {self.protocol!r}; choose one of {sorted(PROTOCOLS)}.")
         if self.methods is None:
             self.methods = list(PROTOCOLS[self.protocol].default_methods)
-        for name in ("tasks", "task_files", "methods", "ranks", "seeds", "u_penalties", "lrs"):
+        for name in ("tasks", "task_files", "methods", "ranks", "seeds", "confirm_seeds", "u_penalties", "lrs"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (list, tuple)):
                 raise ValueError(f"Config field {name!r} must be a list, e.g. [{value!r}], got {value!r}.")
@@ -195,6 +198,10 @@ class ContinualConfig:
                     checks.positive(f"every value of {where}", value)
         checks.integers("ranks", self.ranks, minimum=1)
         checks.integers("seeds", self.seeds)
+        checks.integers("confirm_seeds", self.confirm_seeds)
+        if len({*self.seeds, *self.confirm_seeds}) < len(self.seeds) + len(self.confirm_seeds):
+            raise ValueError(f"seeds {self.seeds} and confirm_seeds {self.confirm_seeds} must name each seed once "
+                             f"(confirm_seeds run only at the rates the runs of seeds chose).")
         checks.integer("data_seed", self.data_seed)
         checks.finite("alpha", self.alpha)
         for name in ("examples_per_task", "eval_examples", "epochs", "batch_size", "eval_batch_size", "max_length"):

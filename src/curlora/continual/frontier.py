@@ -11,7 +11,7 @@ forgetting), and reads the cost at matched accuracy.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from curlora.continual.metrics import seed_stat, interpolate_at_accuracy, mean_std, run_metrics
@@ -33,10 +33,15 @@ def validation_accuracy(run: Mapping[str, Any]) -> float:
     return mean_std(run["validation_accuracy"])[0]
 
 
-def select_learning_rates(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Per (method, rank): the rate with the best seed-mean validation accuracy (ties: smaller rate)."""
+def select_learning_rates(runs: Sequence[Mapping[str, Any]],
+                          seeds: Collection[int] | None = None) -> list[dict[str, Any]]:
+    """Per (method, rank): the rate with the best seed-mean validation accuracy (ties: smaller rate),
+    read from the runs of ``seeds`` only (None: every run), the grid that ``confirm_seeds`` then repeat
+    at the chosen rate; their runs must not move the choice they were made for."""
     by_group: dict[tuple, dict[Any, list[float]]] = {}
     for run in _ok(runs):
+        if seeds is not None and run.get("seed") not in seeds:
+            continue
         by_group.setdefault(_group_key(run), {}).setdefault(run.get("lr"), []).append(validation_accuracy(run))
     choices = []
     for (method, rank), by_lr in by_group.items():
@@ -149,9 +154,10 @@ def default_targets(points: Sequence[Mapping[str, Any]], n: int = 3) -> list[flo
     return [round(low + (high - low) * i / (n - 1), 3) for i in range(n)]
 
 
-def analyse(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Selection + frontier for ``results.json``; marks each run ``selected`` in place."""
-    selection = select_learning_rates(runs)
+def analyse(runs: list[dict[str, Any]], selection_seeds: Collection[int] | None = None) -> dict[str, Any]:
+    """Selection (on the runs of ``selection_seeds``, None: all) + frontier for ``results.json``; marks
+    each run ``selected`` in place."""
+    selection = select_learning_rates(runs, selection_seeds)
     mark_selected(runs, selection)
     points = frontier_points(runs)
     targets = default_targets(points)

@@ -407,7 +407,9 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     tasks = list(results.get("tasks") or [])
     task_names = [t["name"] for t in tasks]
     runs = deepcopy(list(results.get("runs") or []))
-    frontier = analyse(runs) if results.get("frontier") is not None else None
+    config = results.get("config") or {}
+    grid_seeds = config.get("seeds") if config.get("confirm_seeds") else None  # the seeds that chose the rates
+    frontier = analyse(runs, grid_seeds) if results.get("frontier") is not None else None
     # With a learning-rate sweep the headline shows each method at its validation-selected rate.
     summary = summarize({"runs": [r for r in runs if r.get("selected", True)]})
     floors = floor_methods(runs)

@@ -12,6 +12,7 @@ atomically, so a killed run resumes where it stopped and ends with the same numb
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import hashlib
 import os
@@ -19,7 +20,7 @@ import resource
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 import torch.distributed as dist
@@ -33,7 +34,7 @@ from curlora import CURLoRAConfig, stability_diagnostics
 from curlora.data import CALIBRATION_CORPUS, DataError, TaskSplits, load_corpus, load_corpus_file, load_task, load_task_file, make_validation_split
 from curlora.continual.evaluation import perplexity
 from curlora.continual.config import GRID_FIELDS, GRID_MAPPINGS, RUNTIME_FIELDS, ContinualConfig
-from curlora.continual.frontier import analyse
+from curlora.continual.frontier import analyse, chosen_rates, select_learning_rates
 from curlora.continual.rundir import RunFileError, check_fresh, open_lock, read_config, read_perplexity, read_run, read_task_state
 from curlora.continual.methods import Adapted, BuildContext, FinishedTask
 from curlora.continual.protocols import PROTOCOLS, RunState
@@ -92,8 +93,10 @@ class RunSpec:
         return "_".join(parts + [f"s{self.seed}"])
 
 
-def run_specs(config: ContinualConfig) -> list[RunSpec]:
-    """Every run of a config: each method at each of the sweep's values that apply to it."""
+def run_specs(config: ContinualConfig, chosen: Mapping[tuple, Any] | None = None) -> list[RunSpec]:
+    """Every run of a config: each method at each of the sweep's values that apply to it, for each of
+    ``seeds``; given ``chosen`` ((method label, rank) -> the rate validation chose among those runs,
+    :meth:`ContinualRunner.grid_choice`), then each of ``confirm_seeds`` at the chosen rates only."""
     specs = []
     for seed in config.seeds:
         for name in config.methods:
@@ -104,6 +107,10 @@ def run_specs(config: ContinualConfig) -> list[RunSpec]:
                 for lr in config.rates_for(name, rank) if method.takes_lr else [None]:
                     for penalty in penalties:
                         specs.append(RunSpec(name, rank, lr, penalty, seed))
+    if chosen is not None:
+        grid = [spec for spec in specs if spec.seed == config.seeds[0]]
+        specs += [dataclasses.replace(spec, seed=seed) for seed in config.confirm_seeds for spec in grid
+                  if (spec.label, spec.rank) in chosen and chosen[(spec.label, spec.rank)] == spec.lr]
     return specs
 
 
@@ -492,10 +499,13 @@ class ContinualRunner:
         if self.run_dir.is_dir():  # a resumed run: refuse at once if another command is on it
             self._lock_run_dir()
         runs_dir = self.run_dir / "runs"
-        pending = [spec for spec in run_specs(self.config) if not (runs_dir / f"{spec.key}.json").is_file()]
+        pending = self._missing(run_specs(self.config))
+        seeds = [spec.seed for spec in pending]
+        if self.config.confirm_seeds:  # which confirm runs are due is known once the grid is complete
+            seeds += self.config.confirm_seeds if pending else [spec.seed for spec in self._missing(self._specs())]
         with executor_for(self.config) as executor:
             # The model and the data are loaded and checked (nothing is written) before the directory is made.
-            base = executor.base(self, list(dict.fromkeys(spec.seed for spec in pending)))
+            base = executor.base(self, list(dict.fromkeys(seeds)))
             self._create_run_dir()
             self._lock_run_dir()
             if self.is_main and not (self.run_dir / "base_perplexity.json").is_file():
@@ -504,6 +514,8 @@ class ContinualRunner:
                 self._say(f"task {task['name']}: train {task['n_train']}, validation {task['n_validation']}, "
                           f"eval {task['n_eval']}, majority-class accuracy {task['majority_accuracy']:.3f}")
             executor.run(self, pending, base)
+            if self.config.confirm_seeds:
+                executor.run(self, self._missing(self._specs()), base)
         if not self.is_main:
             return None
         results = self._results(runs_dir, base.described)
@@ -582,15 +594,33 @@ class ContinualRunner:
             atomic_write_json(self.run_dir / "runs" / f"{spec.key}.json", result)
         self._barrier()
 
+    def _missing(self, specs: list[RunSpec]) -> list[RunSpec]:
+        """The runs of ``specs`` without a result file (what --resume still trains)."""
+        return [spec for spec in specs if not (self.run_dir / "runs" / f"{spec.key}.json").is_file()]
+
+    def grid_choice(self) -> dict[tuple, Any]:
+        """(method label, rank) -> the rate the finished runs of ``seeds`` chose on validation (a method
+        none of whose runs finished has none)."""
+        tasks = len(self.config.tasks) + len(self.config.task_files)
+        runs_dir = self.run_dir / "runs"
+        return chosen_rates(select_learning_rates(
+            [read_run(runs_dir / f"{spec.key}.json", tasks) for spec in run_specs(self.config)
+             if (runs_dir / f"{spec.key}.json").is_file()]))
+
+    def _specs(self) -> list[RunSpec]:
+        """Every run of the experiment: the grid over ``seeds`` and, with ``confirm_seeds``, those seeds at
+        the rates the grid chose."""
+        return run_specs(self.config, self.grid_choice() if self.config.confirm_seeds else None)
+
     def _results(self, runs_dir: Path, described: dict[str, Any]) -> dict[str, Any]:
         cfg = self.config
-        runs = [read_run(runs_dir / f"{spec.key}.json", len(described["tasks"])) for spec in run_specs(cfg)]
+        runs = [read_run(runs_dir / f"{spec.key}.json", len(described["tasks"])) for spec in self._specs()]
         results = {
             "schema_version": SCHEMA_VERSION,
             "config": cfg.to_dict(),
             **described,
             "runs": runs,
-            "frontier": analyse(runs),
+            "frontier": analyse(runs, cfg.seeds),
         }
         results["summary"] = summarize(results)
         return results
