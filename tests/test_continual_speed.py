@@ -108,6 +108,16 @@ def test_a_worker_scores_a_frozen_backbone_on_the_features_the_parent_computed(t
     assert _numbers({"runs": [pooled]}) == _numbers({"runs": [one_process]})
 
 
+def test_confirm_seeds_after_a_pool_train_in_this_process_when_one_run_is_left(tmp_path, tiny_model_dir, data_dir):
+    """Two grid runs in two workers, then the one confirming run in this process (whose model the
+    pool's workers had instead)."""
+    config = tiny_config(tiny_model_dir, data_dir, methods=["curlora"], lrs=[1e-2, 1e-3], confirm_seeds=[1],
+                         workers=2)
+    results = ContinualRunner(config, tmp_path).run()
+    assert [(run["seed"], run["status"]) for run in results["runs"]] == [(0, "ok"), (0, "ok"), (1, "ok")]
+    assert results["runs"][2]["lr"] == results["frontier"]["selection"][0]["lr"]
+
+
 def test_a_pool_resumes_the_runs_it_had_not_finished(tmp_path, tiny_model_dir, data_dir):
     config = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lrs=[1e-2, 3e-3], workers=2)
     first = ContinualRunner(config, tmp_path / "run").run()

@@ -117,6 +117,9 @@ class LocalExecutor:
     def run(self, runner: ContinualRunner, pending: list[RunSpec], base: Base) -> None:
         workers = min(self.config.workers or 1, len(pending))
         if workers <= 1:
+            if pending and self.base_lm is None:  # an earlier call's workers had it (confirm_seeds' second call)
+                self.base_lm = runner._prepare()
+                runner.protocol.base_cache.update(base.base_cache)
             for spec in pending:
                 runner._save(spec, runner._train(spec, self.base_lm, base.before_rows[spec.seed]))
             return
