@@ -211,7 +211,7 @@ def test_a_killed_driver_resumes_training_only_what_was_missing(cluster, config,
                   lambda pid: driver.send_signal(signal.SIGKILL))
     watch.start()
     try:
-        assert driver.wait(timeout=300) == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
+        assert driver.wait(timeout=900) == -signal.SIGKILL, (tmp_path / "driver.log").read_text()[-3000:]
         deadline = time.monotonic() + 60
         while _processes(f"ray::{second}") and time.monotonic() < deadline:  # Ray ends a dead driver's tasks
             time.sleep(0.1)
