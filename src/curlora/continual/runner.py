@@ -514,11 +514,12 @@ class ContinualRunner:
                 self._say(f"task {task['name']}: train {task['n_train']}, validation {task['n_validation']}, "
                           f"eval {task['n_eval']}, majority-class accuracy {task['majority_accuracy']:.3f}")
             executor.run(self, pending, base)
+            specs = self._specs()  # with confirm_seeds, the finished grid says which confirming runs are due
             if self.config.confirm_seeds:
-                executor.run(self, self._missing(self._specs()), base)
+                executor.run(self, self._missing(specs), base)
         if not self.is_main:
             return None
-        results = self._results(runs_dir, base.described)
+        results = self._results(runs_dir, base.described, specs)
         atomic_write_json(self.run_dir / "results.json", results)
         write_report(results, self.run_dir)
         return results
@@ -612,9 +613,9 @@ class ContinualRunner:
         the rates the grid chose."""
         return run_specs(self.config, self.grid_choice() if self.config.confirm_seeds else None)
 
-    def _results(self, runs_dir: Path, described: dict[str, Any]) -> dict[str, Any]:
+    def _results(self, runs_dir: Path, described: dict[str, Any], specs: list[RunSpec]) -> dict[str, Any]:
         cfg = self.config
-        runs = [read_run(runs_dir / f"{spec.key}.json", len(described["tasks"])) for spec in self._specs()]
+        runs = [read_run(runs_dir / f"{spec.key}.json", len(described["tasks"])) for spec in specs]
         results = {
             "schema_version": SCHEMA_VERSION,
             "config": cfg.to_dict(),
