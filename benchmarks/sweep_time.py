@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -83,7 +84,8 @@ def parse_comparison(p: argparse.ArgumentParser, argv: list[str] | None) -> tupl
 
 
 def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
+    """The median (of an even count, the mean of the middle two)."""
+    return statistics.median(values)
 
 
 def machine(threads: int | None) -> dict[str, Any]:

@@ -179,6 +179,22 @@ def test_protocol_cost_alternates_the_protocols_on_the_same_runs(tmp_path: Path,
     saved = [json.loads((tmp_path / "runs" / f"{p}-0" / "results.json").read_text()) for p in ("heads", "generative")]
     assert [s["protocol"]["name"] for s in saved] == ["heads", "generative"]
     assert [s["config"]["methods"] for s in saved] == [["curlora"], ["curlora"]]
+    assert report["wall_ratio_per_repeat"] == [report["wall_ratio"]]
+
+
+def test_protocol_cost_summarises_stored_timings_with_the_median_of_an_even_count(tmp_path: Path) -> None:
+    def timing(wall: float, run: float) -> dict:
+        return {"wall_s": wall, "cpu_s": 2 * wall, "output_dir": "x", "runs": {"lora lr=0.001": run}}
+
+    stored = tmp_path / "earlier.json"
+    stored.write_text(json.dumps({"meta": {"repeats": 2}, "timings": {
+        "heads": [timing(100.0, 40.0), timing(120.0, 60.0)], "generative": [timing(165.0, 75.0), timing(165.0, 75.0)]}}))
+    out = tmp_path / "again.json"
+    report = _load("protocol_cost").main(["--summarise", str(stored), "--json", str(out)])
+    assert report["wall_ratio"] == report["cpu_ratio"] == 165.0 / 110.0  # not the upper middle value, 120
+    assert report["wall_ratio_per_repeat"] == [1.65, 165.0 / 120.0]
+    assert report["per_run_wall_ratio"] == {"lora lr=0.001": 1.5}
+    assert json.loads(out.read_text()) == report and report["meta"] == {"repeats": 2}
 
 
 @pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed: pip install 'curlora[ray]'")
