@@ -199,6 +199,21 @@ def test_results_without_per_step_losses_say_so_instead_of_a_plot(tmp_path):
     assert not (tmp_path / "train_loss.png").exists() and "training loss (`train_loss`;" in report
 
 
+def test_a_generative_run_of_floors_alone_has_no_loss_plot_and_its_report_says_why(tmp_path):
+    """zero-shot and k-shot train nothing: their runs keep an empty loss list per task (this crashed
+    the report of a floors-only command)."""
+    from curlora.continual.report import write_report
+
+    runs = [{**_loss_run(m, None, None, 0, 0.5, _losses(1.1, 0.0)), "train_loss": [[], []],
+             "final_train_loss": [None, None]} for m in ("zero-shot", "k-shot")]
+    results = {"schema_version": 1, "config": {}, "model": "m", "runs": runs, "frontier": None,
+               "tasks": [{"name": name, "label_names": ["a", "b"], "n_train": 30, "n_eval": 20,
+                          "majority_accuracy": 0.5} for name in TASKS[:2]], "corpus": {"name": "c"}}
+    assert not plots.plot_loss_curves(results, tmp_path / "train_loss.png")
+    report = write_report(results, tmp_path).read_text(encoding="utf-8")
+    assert not (tmp_path / "train_loss.png").exists() and "such as zero-shot and k-shot, have none" in report
+
+
 def test_loss_curves_are_drawn_at_the_rate_chosen_among_all_runs_not_among_those_with_losses(tmp_path, captured):
     """Older runs without per-step losses still take part in the rate choice: a newer run at a
     rejected rate is not drawn as if it were the chosen one."""

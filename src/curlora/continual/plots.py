@@ -251,11 +251,11 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     validation (the rate its headline numbers come from): seeds averaged step by step, a faint raw
     line and a trailing-mean trend. Shows whether a method learned at its rate (a flat loss is the
     "learned nothing, so forgot nothing" case) or diverged. The rates are chosen among all runs; a
-    chosen run without ``train_loss`` (written before runs kept it) is left out. False when no
-    chosen run has one."""
+    chosen run without a loss (written before runs kept ``train_loss``, or a method that trains
+    nothing: the generative floors) is left out. False when no chosen run has one."""
     finished = [r for r in results.get("runs") or [] if r.get("status") == "ok" and "validation_accuracy" in r]
     chosen = chosen_rates(select_learning_rates(finished))
-    runs = [r for r in finished if r.get("train_loss") and chosen.get((r["method"], r.get("rank"))) == r.get("lr")]
+    runs = [r for r in finished if any(r.get("train_loss") or ()) and chosen.get((r["method"], r.get("rank"))) == r.get("lr")]
     if not runs:
         return False
     curves: dict[tuple, list[list[list[float]]]] = {}

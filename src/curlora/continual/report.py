@@ -388,8 +388,9 @@ def _loss_section(results: Mapping[str, Any], run_dir: Path) -> list[str]:
                       "a flat curve is a method that learned nothing at its rate (a method whose chosen runs "
                       "predate per-step losses is not drawn)."), "",
                      "![training loss](train_loss.png)", ""]
-    return md + ["Not plotted: no run at a chosen rate in these results recorded its per-step training loss "
-                 "(`train_loss`; runs written before it was kept).", ""]
+    return md + ["Not plotted: no run at a chosen rate in these results recorded a per-step training loss "
+                 "(`train_loss`; runs written before it was kept, and methods that train nothing, such as "
+                 "zero-shot and k-shot, have none).", ""]
 
 
 def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
