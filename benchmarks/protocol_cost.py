@@ -23,10 +23,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sweep_time import REPO, alternate, comparison_flags, machine, median, medians, parse_comparison  # noqa: E402
+from sweep_time import REPO, alternate, comparison_flags, machine, medians, parse_comparison  # noqa: E402
 
 from curlora.fileio import atomic_write_json  # noqa: E402
 
@@ -49,6 +50,8 @@ def summarise(timings: dict[str, list[dict[str, Any]]], meta: dict[str, Any]) ->
     return {
         "meta": meta,
         "timings": timings,
+        "median_wall_s": wall,
+        "median_cpu_s": cpu,
         "wall_ratio": wall["generative"] / wall["heads"],
         "cpu_ratio": cpu["generative"] / cpu["heads"],
         "wall_ratio_per_repeat": [g["wall_s"] / h["wall_s"] for g, h in pairs],
@@ -82,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         report = summarise(timings, {"flags": flags, "repeats": args.repeats, "started": started,
                                      **machine(args.threads)})
     atomic_write_json(args.json, report)
-    wall, _ = medians(report["timings"])
+    wall = report["median_wall_s"]
     print(f"generative / heads: wall {report['wall_ratio']:.2f}x (per repeat "
           + ", ".join(f"{r:.2f}x" for r in report["wall_ratio_per_repeat"])
           + f"), cpu {report['cpu_ratio']:.2f}x (median wall {wall['heads']:.1f} s → {wall['generative']:.1f} s); "

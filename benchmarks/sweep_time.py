@@ -23,13 +23,13 @@ import argparse
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 from curlora.fileio import atomic_write_json
@@ -81,11 +81,6 @@ def parse_comparison(p: argparse.ArgumentParser, argv: list[str] | None) -> tupl
     if args.repeats < 1:
         p.error(f"--repeats must be at least 1, got {args.repeats}")
     return args, extra
-
-
-def median(values: list[float]) -> float:
-    """The median (of an even count, the mean of the middle two)."""
-    return statistics.median(values)
 
 
 def machine(threads: int | None) -> dict[str, Any]:
