@@ -79,7 +79,7 @@ def _continual_parser(sub) -> None:
                         "prompt -> answer text, loss on the answer only, no heads (floors: zero-shot, k-shot)")
     p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                    help="generative: prompts as chat turns (default: when the tokenizer has a chat template)")
-    p.add_argument("--k-shot", type=int, help="generative: training rows shown in the k-shot floor's prompts (default 4)")
+    p.add_argument("--k-shot", type=int, help="generative: training rows of each label shown in the k-shot floor's prompts (default 4)")
     p.add_argument("--generation-examples", type=int,
                    help="generative: evaluation rows per task checked for a valid greedy answer (default 32)")
     p.add_argument("--tasks", type=_strings, help="comma-separated task names, in training order")

@@ -313,10 +313,24 @@ def _answers_section(keys: Keys, groups: list[Mapping[str, Any]], task_names: li
         return []
     return ["## Valid answers by greedy generation", "",
             ("After the last task, the first evaluation rows of each task answered by greedy generation: the "
-             "share whose answer, up to its end token, is one of the task's answer words. Accuracy above "
-             "scores the answers' likelihoods instead, so it needs no valid generation."), "",
+             "share whose answer, up to its end token, is one of the task's answers exactly as scored (case "
+             "and spacing included). Accuracy above scores the answers' likelihoods instead, so it needs no "
+             "valid generation."), "",
             format_table([[*k, *(_ms(s) for s in _pad(g.get("valid_answer_rate") or [], len(task_names)))]
-                          for k, g in zip(keys, groups)], ["Method", "Rank", "LR", "Seeds", *task_names]), ""]
+                          for k, g in zip(keys, groups)], ["Method", "Rank", "LR", "Seeds", *task_names]), "",
+            *_acc_norm_table(keys, groups, task_names)]
+
+
+def _acc_norm_table(keys: Keys, groups: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
+    """acc beside acc_norm after the last task (lm-evaluation-harness's pair): whether an answer
+    spelt in more tokens than the others moved a method's accuracy (runs before acc_norm: no table)."""
+    if not any(g.get("accuracy_norm") for g in groups):
+        return []
+    return ["Accuracy after the last task as acc (the sum of the answer's token log-probabilities: the "
+            "accuracy matrix, ACC and the frontier use it) / acc_norm (that sum per character of the answer).", "",
+            format_table([[*k, *(f"{_ms(a)} / {_ms(n)}" for a, n in zip(g["task_accuracy"], _pad(
+                g.get("accuracy_norm") or [], len(task_names)))), f"{_ms(g['acc'])} / {_ms(g.get('acc_norm'))}"]
+                for k, g in zip(keys, groups)], ["Method", "Rank", "LR", "Seeds", *task_names, "ACC"]), ""]
 
 
 def _perplexity_section(keys: Keys, groups: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
