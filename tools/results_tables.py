@@ -258,7 +258,7 @@ def resolved_text(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
         if verdict:
             better = "CURLoRA" if (a[key]["mean"] > b[key]["mean"]) == higher_better else "LoRA"
             word = "higher" if (a[key]["mean"] > b[key]["mean"]) else "lower"
-            parts.append(f"{what} {word} for CURLoRA: **for {better}** ({interval(a[key], digits, signed)} "
+            parts.append(f"{what}: CURLoRA's {word}, in **{better}'s** favour ({interval(a[key], digits, signed)} "
                          f"vs {interval(b[key], digits, signed)})")
     if not any_interval:
         return "one seed: nothing can be"
