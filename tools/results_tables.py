@@ -214,7 +214,7 @@ def rate_text(loaded: Loaded, g: Mapping[str, Any]) -> str:
     c = chosen(loaded, g["method"], g.get("rank"))
     notes = []
     if c is None or len(c["validation_accuracy"]) < 2:
-        notes.append("one rate run")
+        notes.append("the only rate run")
     else:
         if c["lr"] != g["lr"]:
             notes.append("not chosen")
@@ -266,17 +266,16 @@ def resolved_text(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
 
 
 def table_verdict(prefix: str, floor: bool = False) -> str:
-    headers = ["model, tasks (seeds, base perplexity)", "rank: rate CURLoRA / LoRA", "ACC", "plasticity",
+    headers = ["model, tasks: report (seeds, base perplexity)", "rank: rate CURLoRA / LoRA", "ACC", "plasticity",
                "forgetting", "perplexity increase", "resolved (95 % intervals apart)"]
     if floor:
         headers.insert(6, "ACC − floor")
-    headers.append("report")
     rows = []
     for name in VERDICT:
         experiment = EXPERIMENTS[name]
         for loaded, rank, c, lo in verdict_rows(name):
             note = f"; {experiment.note}" if experiment.note else ""
-            row = [f"{experiment.model}, {experiment.tasks} ({seeds_text(loaded)}, "
+            row = [f"[{experiment.model}, {experiment.tasks}]({prefix}{name}/report.md) ({seeds_text(loaded)}, "
                    f"{_num(loaded.base_perplexity, 2)}{note})",
                    f"{rank}: {rate(c['lr'])} / {rate(lo['lr'])}",
                    f"{mean(c['acc'])} / {mean(lo['acc'])}",
@@ -290,7 +289,6 @@ def table_verdict(prefix: str, floor: bool = False) -> str:
                 row.insert(6, DASH if head is None else
                            f"{c['acc']['mean'] - head['acc']['mean']:+.3f} / {lo['acc']['mean'] - head['acc']['mean']:+.3f}"
                            f" ({floor_resolution(c, lo, head)})")
-            row.append(link(name, prefix))
             rows.append(row)
     return format_table(rows, headers)
 
