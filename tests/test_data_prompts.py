@@ -201,3 +201,18 @@ def test_prompt_pieces_gain_no_token_at_a_seam_on_a_dummy_prefix_tokenizer(name)
     shown = prompt.template.format(text=demos[0].text, text_pair=demos[0].text_pair)
     assert collator.prompt_ids(example, prompt, demos) == tokenizer(
         f"{shown} {prompt.label_words[0]}\n\n{text}", add_special_tokens=False).input_ids
+
+
+def test_docs_answer_table_is_what_the_tokenizers_give(smol_tokenizer, gemma_tokenizer):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "answer_forms.py"
+    spec = importlib.util.spec_from_file_location("answer_forms", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    table = tool.render({"SmolLM2, chat": (smol_tokenizer, True), "SmolLM2, plain": (smol_tokenizer, False),
+                         "Gemma-3-270m, plain": (gemma_tokenizer, False)})
+    text = tool.TARGET.read_text(encoding="utf-8")
+    assert tool.updated(text, table) == text, "docs/benchmark.md's answer table is stale: run tools/answer_forms.py"
+    assert "| bbc_news | sports | `Sports` | `␣sports` | `␣sports` |" in table

@@ -197,10 +197,12 @@ def run_metrics(run: Mapping[str, Any]) -> dict[str, Any]:
     if final is None and after:
         final = after[-1]
     params = run.get("trainable_params") or {}
+    # A method that learns every task at once (multitask) has no "earlier" task: forgetting is undefined.
+    sequential = run.get("sequential", True)
     return {
         "acc": final_accuracy(R),
-        "bwt": backward_transfer(R),
-        "forgetting": average_forgetting(R),
+        "bwt": backward_transfer(R) if sequential else None,
+        "forgetting": average_forgetting(R) if sequential else None,
         "plasticity": plasticity(R),
         "ppl_before": before,
         "ppl_final": final,
