@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from curlora.extras import EXTRAS, main
+from curlora.cli import main
+from curlora.extras import EXTRAS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "curlora"
@@ -183,6 +184,10 @@ def test_command_names_the_missing_extra_before_any_work(monkeypatch, capsys, ar
     import curlora.extras
 
     monkeypatch.setattr(curlora.extras, "missing_packages", lambda e: ["pkg"] if e == extra else [])
-    monkeypatch.setitem(sys.modules, "curlora.cli", None)  # the check runs before the CLI is imported
+
+    def parser_built():
+        raise AssertionError("the parser (and with it the harness) was imported before the extras were checked")
+
+    monkeypatch.setattr("curlora.cli.build_parser", parser_built)
     assert main(argv) == 2
     assert f"pip install 'curlora[{extra}]'" in capsys.readouterr().err
