@@ -84,6 +84,16 @@ def test_executor_ray_names_its_extra_before_any_work(monkeypatch):
         ContinualConfig(executor="ray")
 
 
+def test_import_layers_hold():
+    """pyproject.toml's import-linter contracts (the layers of docs/library.md): the core imports none of
+    the harness, the benchmark's layers import one way, and no package has an import circle."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "0 broken" in result.stdout
+
+
 def test_extras_match_pyproject():
     optional = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     declared = {
