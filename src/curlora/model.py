@@ -174,7 +174,7 @@ class CURLoRAModel(nn.Module):
         self.active_adapter: str | None = None
         for param in model.parameters():
             param.requires_grad_(False)
-        self._expose_forward_signature()
+        self.expose_forward_signature()
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -187,10 +187,11 @@ class CURLoRAModel(nn.Module):
             kwargs["labels"] = labels
         return self.base_model(*args, **kwargs)
 
-    def _expose_forward_signature(self) -> None:
+    def expose_forward_signature(self) -> None:
         """Give this instance's ``forward`` the wrapped model's signature (``inspect`` follows
         ``__wrapped__``): ``transformers.Trainer`` keeps only the dataset columns that
-        ``model.forward`` names, so a bare ``forward(*args, **kwargs)`` would get empty batches."""
+        ``model.forward`` names, so a bare ``forward(*args, **kwargs)`` would get empty batches.
+        Public for trainers that patch the wrapped model's ``forward`` (curlora.sft.trainer)."""
         self.__dict__.pop("forward", None)
         if callable(getattr(self.base_model, "forward", None)):
             self.forward = functools.update_wrapper(
