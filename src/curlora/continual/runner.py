@@ -80,9 +80,10 @@ class ContinualRunner:
     def _base_seeds(self, pending: list[RunSpec]) -> list[int]:
         """The seeds whose before-training rows the runs still to train need."""
         seeds = [spec.seed for spec in pending]
-        if self.config.confirm_seeds:  # which confirming runs are due is known once the grid is complete
-            due = missing(self.experiment(), self.run_dir.finished())
-            seeds += self.config.confirm_seeds if pending else [spec.seed for spec in due]
+        if self.config.confirm_seeds and pending:  # which confirming runs are due is known once the grid is complete
+            seeds += self.config.confirm_seeds
+        elif self.config.confirm_seeds:
+            seeds += [spec.seed for spec in missing(self.experiment(), self.run_dir.finished())]
         return list(dict.fromkeys(seeds))
 
     def _train(self, executor: Executor, specs: list[RunSpec], base: Base) -> None:
