@@ -99,9 +99,9 @@ def test_zero_shot_row_is_the_untouched_model_scored_and_k_shot_shows_training_r
     results = runner.run()
     runs = {r["method"]: r for r in results["runs"]}
     base = _base_model(tiny_model_dir)
-    collator = runner.protocol.collator
+    collator = runner.prepared.protocol.collator
     by_hand = []
-    for task in runner.tasks:
+    for task in runner.prepared.data.tasks:
         correct = 0
         for example in task.eval:
             batch = collator.prompt_batch([example], task.prompt)
@@ -114,9 +114,9 @@ def test_zero_shot_row_is_the_untouched_model_scored_and_k_shot_shows_training_r
     assert runs["curlora"]["accuracy_matrix"][0] == by_hand  # every method's before row is zero-shot
     assert zero["trainable_params"] == {"adapter": 0, "heads": 0} and zero["train_loss"] == [[], []]
     assert zero["perplexity"]["final"] == zero["perplexity"]["before"]
-    state = runner.protocol.start_run(0, base)
+    state = runner.prepared.protocol.start_run(0, base)
     demos = state.demonstrations(0, 2)
-    train = runner.tasks[0].train
+    train = runner.prepared.data.tasks[0].train
     assert all(d in train for d in demos) and {d.label for d in demos} == {0, 1}
     assert state.demonstrations(0, 2) == demos  # seeded
     assert runs["k-shot"]["accuracy_matrix"][1] != [None, None]
