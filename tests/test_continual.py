@@ -488,3 +488,33 @@ def test_resume_with_new_methods_ranks_and_rates_trains_only_the_new_runs(tmp_pa
     # The first runs read back as they were (but for the frontier's choice of rate among the new ones).
     for got, want in zip(results["runs"][:2], first["runs"]):
         assert {k: v for k, v in got.items() if k != "selected"} == {k: v for k, v in want.items() if k != "selected"}
+
+
+def test_ceilings_learn_all_tasks_at_once_or_each_alone(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    from curlora.continual import loop
+
+    learned = {}
+    original = loop.train_task
+
+    def recording(model, items, *args, **kwargs):
+        learned.setdefault(kwargs["description"].split("_r4_")[0], []).append(sorted({j for _, j in items}))
+        return original(model, items, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_task", recording)
+    config = tiny_config(tiny_model_dir, data_dir, methods=["multitask", "single-task", "lora", "head"])
+    results = ContinualRunner(config, tmp_path).run()
+    runs = {run["method"]: run for run in results["runs"]}
+    # multitask: one training pass over both tasks' rows (and both heads), nothing after it.
+    assert learned["multitask"] == [[0, 1]] and learned["single-task"] == [[0], [1]]
+    multitask = runs["multitask"]
+    assert [len(steps) for steps in multitask["train_loss"]] == [6, 0]  # 2 × 24 rows at batch 8, then none
+    assert multitask["ceiling"] and not multitask["sequential"]
+    # single-task: task 1's own LoRA leaves task 0's accuracy (scored with task 0's LoRA) exactly as it was.
+    single = runs["single-task"]
+    assert single["accuracy_matrix"][2][0] == single["accuracy_matrix"][1][0]
+    assert single["needs_task_identity"] and single["stored_per_task"] > 0 and single["sequential"]
+    summary = {g["method"]: g for g in results["summary"]}
+    assert summary["multitask"]["forgetting"] is None and summary["single-task"]["forgetting"]["mean"] == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "[ceiling]" in report and "learns every task at once: BWT and forgetting are not defined" in report
+    assert "of the way from the floor (head" in report

@@ -111,22 +111,26 @@ class Run:
         return events
 
     def learn(self, i: int) -> list[float]:
-        """Task ``i`` learned (with the method's replay rows); its step losses."""
-        task, protocol, adapted = self.prepared.data.tasks[i], self.protocol, self.adapted
+        """Step ``i`` of the sequence learned: task ``i`` (with the method's replay rows), or whichever
+        tasks the method learns at this step (a multitask run learns all at the first and none after);
+        its step losses."""
+        tasks, protocol, adapted = self.prepared.data.tasks, self.protocol, self.adapted
         torch.manual_seed(derived_seed(self.spec.seed, "task", i, self.spec.key))
         generator = torch.Generator().manual_seed(derived_seed(self.spec.seed, "shuffle", i))
         adapted.start_task(i)
-        if self.method.frozen_backbone and not protocol.task_parameters(i):
-            losses = []  # a floor that trains nothing (zero-shot, k-shot)
+        learned = adapted.training_tasks(i, len(tasks))
+        rows = [(e, j) for j in learned for e in tasks[j].train] + (adapted.replay_examples() if learned else [])
+        parameters = protocol.task_parameters(learned)
+        if not rows or (self.method.frozen_backbone and not parameters):
+            losses = []  # nothing to learn at this step: a floor (zero-shot, k-shot), a multitask run's later steps
         else:
             losses = train_task(
-                self.model, [(e, i) for e in task.train] + adapted.replay_examples(), protocol.loss,
-                protocol.task_parameters(i), self.settings, generator, adapted.u_params,
+                self.model, rows, protocol.loss, parameters, self.settings, generator, adapted.u_params,
                 progress=self.prepared.config.progress and self.prepared.parallel.is_main,
-                description=f"{self.spec.key} · {task.name}", penalty=adapted.penalty,
-                on_step=self.on_step(task.name) if self.on_step else None,
+                description=f"{self.spec.key} · {' + '.join(tasks[j].name for j in learned)}",
+                penalty=adapted.penalty, on_step=self.on_step(tasks[i].name) if self.on_step else None,
             )
-        adapted.end_task(i, FinishedTask(task.train, i, protocol.loss))
+        adapted.end_task(i, FinishedTask(tasks[i].train, i, protocol.loss))
         return losses
 
     def score(self, i: int) -> tuple[list[float | None], float | None]:
@@ -181,6 +185,8 @@ class Run:
                 "heads": protocol.num_parameters(),
             },
             "frozen_backbone": self.method.frozen_backbone,
+            "ceiling": self.method.ceiling,
+            "sequential": self.method.sequential,
             "stored_per_task": adapted.stored_per_task(),
             "rows_kept_per_task": adapted.rows_kept_per_task(),
             "needs_task_identity": adapted.needs_task_identity,

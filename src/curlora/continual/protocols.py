@@ -35,8 +35,9 @@ from curlora.continual.training import Item, autocast, batches, derived_seed
 class RunState(ABC):
     """What a protocol keeps for one run (a method at one rate and seed) beside the adapted LM."""
 
-    def task_parameters(self, task_index: int) -> list[nn.Parameter]:
-        """Parameters trained with the task at ``head_lr`` (besides the method's own); none by default."""
+    def task_parameters(self, task_indices: Sequence[int]) -> list[nn.Parameter]:
+        """Parameters trained at ``head_lr`` (besides the method's own) while the tasks of
+        ``task_indices`` are learned (one task, or every task for multitask); none by default."""
         return []
 
     @abstractmethod
@@ -156,10 +157,10 @@ class HeadsRun(RunState):
             heads.append(nn.Linear(hidden, task.num_labels))
         self.heads = nn.ModuleList(heads).to(protocol.device)
 
-    def task_parameters(self, task_index: int) -> list[nn.Parameter]:
+    def task_parameters(self, task_indices: Sequence[int]) -> list[nn.Parameter]:
         for j, head in enumerate(self.heads):
-            head.requires_grad_(j == task_index)
-        return list(self.heads[task_index].parameters())
+            head.requires_grad_(j in task_indices)
+        return [p for j in task_indices for p in self.heads[j].parameters()]
 
     def loss(self, model: nn.Module, items: Sequence[Item], backbone_trains: bool) -> torch.Tensor:
         protocol = self.protocol
