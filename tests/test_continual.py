@@ -518,3 +518,50 @@ def test_ceilings_learn_all_tasks_at_once_or_each_alone(tmp_path, tiny_model_dir
     report = (tmp_path / "report.md").read_text()
     assert "[ceiling]" in report and "learns every task at once: BWT and forgetting are not defined" in report
     assert "of the way from the floor (head" in report
+
+
+def test_a_committed_experiment_folder_continues_from_a_fresh_clone(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """An experiment under docs/results/<name> is killed mid-way, its folder committed as the repository's
+    .gitignore lets it be (run files, config, base perplexity; no checkpoints or lock), and the same
+    command on a fresh clone trains only the missing runs and ends with the same results."""
+    import shutil
+    import subprocess
+
+    from curlora.continual import loop
+
+    config = tiny_config(tiny_model_dir, data_dir, methods=["lora", "head"], lrs=[1e-2, 3e-2], confirm_seeds=[1])
+    uninterrupted = ContinualRunner(config, tmp_path / "whole").run()
+    repo = tmp_path / "repo"
+    folder = repo / "docs" / "results" / "experiment"
+    shutil.copy(Path(__file__).resolve().parents[1] / ".gitignore", repo.mkdir() or repo / ".gitignore")
+    original, saved = loop.save_task, []
+
+    def killed_on_the_third_run(ckpt_dir, adapted, protocol, state):
+        original(ckpt_dir, adapted, protocol, state)
+        saved.append(ckpt_dir.name)
+        if len(set(saved)) == 3:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(loop, "save_task", killed_on_the_third_run)
+    with pytest.raises(KeyboardInterrupt):
+        ContinualRunner(config, folder).run()
+    assert (folder / "checkpoints").is_dir()  # the third run's first task, which a commit leaves out
+
+    def git(*args, cwd=repo):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "two runs of the experiment")
+    git("clone", "-q", str(repo), str(tmp_path / "clone"), cwd=tmp_path)
+    clone = tmp_path / "clone" / "docs" / "results" / "experiment"
+    assert not (clone / "checkpoints").exists() and not (clone / ".lock").exists()
+    committed = {p.stem for p in (clone / "runs").glob("*.json")}
+    assert len(committed) == 2 and (clone / "config.yaml").is_file() and (clone / "base_perplexity.json").is_file()
+    trained = []
+    monkeypatch.setattr(loop, "save_task", lambda ckpt_dir, *args: trained.append(ckpt_dir.name) or original(ckpt_dir, *args))
+    resumed = ContinualRunner(config, clone, resume=True).run()
+    every = {p.stem for p in (tmp_path / "whole" / "runs").glob("*.json")}
+    assert set(trained) == every - committed and len(every) == 5  # 2 × 2 grid runs, 1 confirming run
+    assert _comparable(resumed) == _comparable(uninterrupted)
