@@ -16,7 +16,7 @@ from curlora.continual.protocols import PROTOCOLS
 from curlora.data import (
     CALIBRATION_CORPUS, CORPORA, OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS, TASKS, load_task_file,
 )
-from curlora.data.sources import read_text
+from curlora.data.sources import benchmark_dir, read_text
 
 SOURCES = ("offline", "local", "hub")
 # How a run is executed, not what it computes: a run may resume with other values of these.
@@ -250,14 +250,17 @@ class ContinualConfig:
         if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
             raise FileNotFoundError(f"data_dir {self.data_dir} does not exist or is not a directory.")
         for spec in self.task_files:
-            if not isinstance(spec, dict) or not {"path", "text_column", "label_column"} <= set(spec):
-                raise ValueError(f"Every task_files entry must be a mapping with keys path, text_column and "
-                                 f"label_column, got {spec!r}.")
+            if not isinstance(spec, dict) or "path" not in spec:
+                raise ValueError(f"Every task_files entry must be a mapping with key path, got {spec!r}.")
             for key in sorted(set(spec) - set(TASK_FILE_KEYS)):
                 set_by = (f"the run sets it for every task from {RUN_SET_TASK_KEYS[key]}"
                           if key in RUN_SET_TASK_KEYS else f"known keys: {', '.join(TASK_FILE_KEYS)}")
                 raise ValueError(f"task_files entry {spec['path']!r} has key {key!r}, which it cannot take: {set_by}.")
-            checks.existing_file("task file", spec["path"])
+            if benchmark_dir(spec["path"]) is None:  # an O-LoRA dataset names its own files and columns
+                checks.existing_file("task file", spec["path"])
+                if not {"text_column", "label_column"} <= set(spec):
+                    raise ValueError(f"task_files entry {spec['path']!r} needs keys text_column and label_column "
+                                     f"(only an O-LoRA dataset directory, with labels.json, implies them).")
             if spec.get("eval_path") is not None:
                 checks.existing_file("task eval file", spec["eval_path"])
 

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ __all__ = [
     "read_table",
     "read_text",
     "examples_from_rows",
+    "BenchmarkDir",
+    "benchmark_dir",
 ]
 
 csv.field_size_limit(1 << 24)
@@ -198,16 +201,20 @@ def hub_examples(task: str, split: str, text: str, label: str,
 
 
 def read_table(path: str | Path) -> tuple[list[str], list[dict[str, Any]]]:
-    """Rows of a CSV, TSV (GLUE-style: no quoting) or JSON-lines file as dicts.
+    """Rows of a CSV, TSV (GLUE-style: no quoting), JSON-lines file, or a ``.json`` file holding one
+    JSON list of objects (O-LoRA's benchmark files), as dicts.
 
-    Returns (column names, rows); the row's line number is stored under ``"__line__"``.
+    Returns (column names, rows); the row's line number is stored under ``"__line__"`` (a JSON list's
+    item number, from 1, under ``"__item__"``: O-LoRA's files are one line).
     """
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"missing file {path}")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
-        columns, rows = _json_lines(path, read_text(path))
+        text = read_text(path)
+        json_list = suffix == ".json" and text.lstrip().startswith("[")
+        columns, rows = (_json_list if json_list else _json_lines)(path, text)
     elif suffix in (".csv", ".tsv", ".txt"):
         columns, rows = _delimited_rows(path, read_text(path), suffix)
     else:
@@ -233,6 +240,24 @@ def _json_lines(path: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]
     if not rows:
         raise DataError(f"{path}: file is empty (no JSON lines); put one JSON object per line")
     return columns, rows
+
+
+def _json_list(path: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]:
+    try:
+        items = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}, line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})") from None
+    except RecursionError:  # json nests by recursion: a file of 100,000 brackets
+        raise DataError(f"{path}: JSON nested too deep; a list of flat objects is expected") from None
+    columns: list[str] = []
+    for i, obj in enumerate(items, start=1):
+        if not isinstance(obj, dict):
+            raise DataError(f"{path}, item {i}: expected a JSON object per list item, got {type(obj).__name__}")
+        columns += [k for k in obj if k not in columns]
+        obj["__item__"] = i
+    if not items:
+        raise DataError(f"{path}: the JSON list is empty; it needs labelled objects")
+    return columns, items
 
 
 def _delimited_rows(path: Path, text: str, suffix: str) -> tuple[list[str], list[dict[str, Any]]]:
@@ -281,12 +306,15 @@ def examples_from_rows(
         if col is not None and col not in columns:
             raise DataError(f"{path}: missing column {col!r} (columns are {list(columns)})")
 
+    def at(row: dict[str, Any]) -> str:
+        return f"{path}, item {row['__item__']}" if "__item__" in row else f"{path}, line {row['__line__']}"
+
     def raw_label(row: dict[str, Any]) -> str:
         v = row.get(label_column)
         if v is None or (isinstance(v, str) and not v.strip()):
-            raise DataError(f"{path}, line {row['__line__']}: empty label in column {label_column!r}")
+            raise DataError(f"{at(row)}: empty label in column {label_column!r}")
         if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-            raise DataError(f"{path}, line {row['__line__']}: label {v!r} is not a string or integer")
+            raise DataError(f"{at(row)}: label {v!r} is not a string or integer")
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         return str(v).strip()
@@ -307,20 +335,82 @@ def examples_from_rows(
 
     out = []
     for row, raw in zip(rows, raws):
-        line = row["__line__"]
         if raw not in mapping:
-            raise DataError(
-                f"{path}, line {line}: label {raw!r} is not in the task's label set {names}"
-            )
+            raise DataError(f"{at(row)}: label {raw!r} is not in the task's label set {names}")
         text = row.get(text_column)
         if not isinstance(text, str) or not text.strip():
-            raise DataError(f"{path}, line {line}: empty or non-text value in column {text_column!r}")
+            raise DataError(f"{at(row)}: empty or non-text value in column {text_column!r}")
         pair = None
         if text_pair_column is not None:
             pair = row.get(text_pair_column)
             if not isinstance(pair, str) or not pair.strip():
-                raise DataError(
-                    f"{path}, line {line}: empty or non-text value in column {text_pair_column!r}"
-                )
+                raise DataError(f"{at(row)}: empty or non-text value in column {text_pair_column!r}")
         out.append(Example(text, mapping[raw], pair))
     return out, names
+
+
+# --------------------------------------------------------------------------- O-LoRA's benchmark files
+
+
+@dataclass(frozen=True)
+class BenchmarkDir:
+    """One dataset of O-LoRA's ``CL_Benchmark`` (cmnfriend/O-LoRA): ``train.json`` and ``test.json``, each
+    a JSON list of ``{"label": ..., "sentence": ...}``, and ``labels.json`` listing the label strings.
+    Its ``dev.json`` is never read: in that repository it is the test file again."""
+
+    root: Path
+
+    @property
+    def name(self) -> str:
+        return self.root.name
+
+    @property
+    def train(self) -> Path:
+        return self.root / "train.json"
+
+    @property
+    def test(self) -> Path:
+        return self.root / "test.json"
+
+    @property
+    def dev(self) -> Path:
+        return self.root / "dev.json"
+
+    def label_names(self) -> list[str]:
+        """labels.json's strings, in order: the task's classes and its answer words."""
+        path = self.root / "labels.json"
+        try:
+            names = json.loads(read_text(path))
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}, line {exc.lineno}, column {exc.colno}: not valid JSON ({exc.msg})") from None
+        if (not isinstance(names, list) or len(names) < 2
+                or not all(isinstance(n, str) and n.strip() for n in names) or len(set(names)) != len(names)):
+            raise DataError(f"{path}: expected a JSON list of at least 2 distinct label strings, got {names!r:.200}")
+        return names
+
+    def dev_note(self) -> str | None:
+        """What the task's notes say of dev.json: it is never used, and why when it is the test file."""
+        if not self.dev.is_file():
+            return None
+        if self.test.is_file() and self.dev.read_bytes() == self.test.read_bytes():
+            return ("dev.json is byte-identical to test.json, so it is not used: validation for choosing rates "
+                    "is carved from train.json's rows")
+        return "dev.json is not used: validation for choosing rates is carved from train.json's rows"
+
+
+def benchmark_dir(path: str | Path) -> BenchmarkDir | None:
+    """The O-LoRA dataset that ``path`` names (its directory, or the ``train.json`` in it, with a
+    ``labels.json`` beside), or None for any other file."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if not (p / "labels.json").is_file():
+            raise DataError(f"{p} is a directory but not one of O-LoRA's datasets (no labels.json in it); "
+                            f"point path at a CSV / TSV / JSON(L) file or at such a dataset directory")
+        return BenchmarkDir(p)
+    if p.suffix == ".json" and (p.parent / "labels.json").is_file():
+        if p.name in ("test.json", "dev.json"):  # dev.json is test.json again in O-LoRA's repository
+            raise DataError(f"{p} holds O-LoRA's test rows, which are never trained or selected on; point path "
+                            f"at its directory (or its train.json)")
+        if p.name == "train.json":
+            return BenchmarkDir(p.parent)
+    return None

@@ -9,6 +9,7 @@ stratified, text-disjoint train/eval split.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,6 +182,19 @@ def _pick_source(name: str, available: Sequence[str], source: str | None, data_d
     return source
 
 
+def _subsample(split: str, rows: list[Example], n: int, seed: int, label_names: Sequence[str],
+               notes: list[str]) -> list[Example]:
+    """A seeded stratified subsample of ``n`` rows, named in ``notes`` with the rows kept of each label
+    (a CPU-sized run of a large benchmark must say exactly what it trained and scored on)."""
+    kept = stratified_subsample(rows, n, seed)
+    if len(kept) < len(rows):
+        counts = Counter(e.label for e in kept)
+        per_label = ", ".join(f"{label_names[lab]}: {counts[lab]}" for lab in sorted(counts))
+        notes.append(f"{split}: {len(kept)} of {len(rows)} rows, a seeded (seed={seed}) stratified subsample "
+                     f"({per_label})")
+    return kept
+
+
 def _finish(
     name: str,
     label_names: Sequence[str],
@@ -209,11 +223,9 @@ def _finish(
         if bad:
             raise DataError(f"{origin}: {split} label {bad[0]} outside the task's label set {list(label_names)}")
     if max_train is not None:
-        train = stratified_subsample(train, max_train, seed)
-        notes.append(f"train subsampled to {len(train)} (stratified, seed={seed})")
+        train = _subsample("train", train, max_train, seed, label_names, notes)
     if max_eval is not None:
-        eval_ = stratified_subsample(eval_, max_eval, seed + 1)
-        notes.append(f"eval subsampled to {len(eval_)} (stratified, seed={seed + 1})")
+        eval_ = _subsample("eval", eval_, max_eval, seed + 1, label_names, notes)
     if not train or not eval_:
         raise DataError(f"{origin}: subsampling left an empty split (max_train={max_train}, max_eval={max_eval})")
     return TaskSplits(name, list(label_names), train, eval_, notes=notes)
@@ -283,8 +295,8 @@ def load_corpus_file(path: str | Path, max_chars: int | None = None) -> str:
 
 def load_task_file(
     path: str | Path,
-    text_column: str,
-    label_column: str,
+    text_column: str | None = None,
+    label_column: str | None = None,
     text_pair_column: str | None = None,
     label_names: Sequence[str] | None = None,
     seed: int = 0,
@@ -296,16 +308,32 @@ def load_task_file(
     template: str | None = None,
     label_words: Sequence[str] | None = None,
 ) -> TaskSplits:
-    """A user's own task from a CSV, TSV (no quoting, GLUE-style) or JSONL file.
+    """A user's own task from a CSV, TSV (no quoting, GLUE-style) or JSON(L) file, or one dataset of
+    O-LoRA's benchmark (its directory or its ``train.json``; see :class:`sources.BenchmarkDir`).
 
     Labels are names from ``label_names`` or integer indices into it; without
     ``label_names`` the sorted distinct label values are the classes. With
     ``eval_path`` that file is the eval split; otherwise a seeded, stratified,
-    text-disjoint split of ``path`` is made. ``template`` and ``label_words`` say how the
-    generative protocol asks for the label (default: the label names as answers, see
+    text-disjoint split of ``path`` is made. An O-LoRA dataset gives the columns (``sentence``,
+    ``label``), the label names (labels.json, also the answer words), ``eval_path`` (test.json) and the
+    name (its directory's) unless given; its dev.json is never read. ``template`` and ``label_words``
+    say how the generative protocol asks for the label (default: the label names as answers, see
     :mod:`curlora.data.prompts`); they are checked here, before any work.
     """
     p = Path(path).expanduser()
+    layout = sources.benchmark_dir(p)
+    origin_notes: list[str] = []
+    if layout is not None:
+        p, name = layout.train, name or layout.name
+        text_column, label_column = text_column or "sentence", label_column or "label"
+        label_names = layout.label_names() if label_names is None else label_names
+        eval_path = layout.test if eval_path is None else eval_path
+        origin_notes = [f"O-LoRA benchmark files {layout.name}/: train.json gives the training and validation "
+                        f"rows, {Path(eval_path).name} the evaluation rows"]
+        origin_notes += [note] if (note := layout.dev_note()) else []
+    elif text_column is None or label_column is None:
+        raise DataError(f"{p}: a task file needs text_column and label_column (the columns holding the text and "
+                        f"the label); only an O-LoRA dataset directory (with labels.json) implies them")
     columns, rows = sources.read_table(p)
     train, names = sources.examples_from_rows(
         p, columns, rows, text_column, label_column, text_pair_column, label_names
@@ -323,6 +351,7 @@ def load_task_file(
         raise DataError(f"{p}: no labelled rows")
     splits = _finish(name or p.stem, names, train, eval_, seed, eval_fraction,
                      max_train, max_eval, str(p))
+    splits.notes[:0] = origin_notes
     splits.prompt = prompt_for(splits.name, names, text_pair_column is not None, template, label_words,
                                origin=f"{p} (template / label_words)")
     if eval_path is not None:
