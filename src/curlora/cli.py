@@ -31,6 +31,15 @@ def _strings(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _orders(entries: list[list[str]]) -> list[Any]:
+    """The ``orders`` override from repeated --orders flags: each a permutation of the task names
+    (b,a,c), or each one name of an order the preset or config defines (load_config picks those)."""
+    names = [entry for entry in entries if len(entry) == 1]
+    if names and len(names) < len(entries):
+        raise ValueError("--orders mixes names of the preset's orders with task lists; give one form.")
+    return [name for (name,) in names] if names else entries
+
+
 def _method_rates(text: str) -> tuple[str, int | None, list[float]]:
     """``curlora=1e-3,1e-2`` -> ("curlora", None, [0.001, 0.01]); ``curlora@8=1e-2`` -> ("curlora", 8, [0.01])."""
     name, sep, rates = text.partition("=")
@@ -92,6 +101,10 @@ def _continual_parser(sub) -> None:
     p.add_argument("--confirm-seeds", type=_ints,
                    help="more seeds, run once the --seeds runs finished, at the rate each method × rank chose "
                         "on their validation accuracy, e.g. --seeds 0 --confirm-seeds 1,2")
+    p.add_argument("--orders", type=_strings, action="append",
+                   help="task orders, an axis like --seeds: repeat per order, each the task names in the order "
+                        "learned (--orders b,a,c --orders c,b,a), or the name of an order the preset or --config "
+                        "defines (--orders 2 --orders 3); every run repeats in every order")
     p.add_argument("--examples-per-task", type=int)
     p.add_argument("--eval-examples", type=int)
     p.add_argument("--epochs", type=int)
@@ -162,6 +175,8 @@ def _run_continual(args: argparse.Namespace) -> int:
     }
     if args.method_lrs:
         overrides["method_lrs"] = _method_rate_grid(args.method_lrs)
+    if args.orders:
+        overrides["orders"] = _orders(args.orders)
     if overrides["ppl_max_tokens"] == 0:
         overrides["ppl_max_tokens"] = None
     config = load_config(args.preset, args.config, overrides)

@@ -17,6 +17,7 @@ from curlora.data import (
     CALIBRATION_CORPUS, CORPORA, OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS, TASKS, load_task_file,
 )
 from curlora.data.sources import benchmark_dir, read_text
+from curlora.data.tasks import task_file_name
 
 SOURCES = ("offline", "local", "hub")
 # How a run is executed, not what it computes: a run may resume with other values of these.
@@ -25,8 +26,8 @@ RUNTIME_FIELDS = ("progress", "workers", "log_dir", "executor", "ray_address", "
 # Where runs train (curlora.continual.executors): this machine, or a Ray cluster.
 EXECUTORS = ("local", "ray")
 # Which runs an experiment holds, not what any one run computes (a run's file is named by its method,
-# rank, rate, λ and seed): a run directory may resume with more or fewer of these, e.g. more seeds.
-GRID_FIELDS = ("methods", "ranks", "lr", "lrs", "method_lrs", "seeds", "confirm_seeds", "u_penalties")
+# rank, rate, λ, seed and task order): a run directory may resume with more or fewer of these, e.g. more seeds.
+GRID_FIELDS = ("methods", "ranks", "lr", "lrs", "method_lrs", "seeds", "confirm_seeds", "u_penalties", "orders")
 # Per-method settings: resuming may add entries, never change one that earlier runs used.
 GRID_MAPPINGS = ("method_variants", "peft_kwargs")
 # A task_files entry holds load_task_file's keyword arguments but these, which the run sets alike for
@@ -63,6 +64,10 @@ class ContinualConfig:
     # More seeds at each method × rank's rate chosen on validation by the runs of ``seeds`` (the usual
     # sweep: every rate on one seed, the chosen one on more); they run once those runs have finished.
     confirm_seeds: list[int] = field(default_factory=list)
+    # Task orders, an axis like seeds: permutations of the task names ([[b, a, c], ...], each named by its
+    # indices into the tasks as listed, e.g. "1-0-2") or named ones ({reverse: [c, b, a]}). Empty: the tasks
+    # as listed, once. A run in the listed order keeps the run file it has without orders.
+    orders: list[list[str]] | dict[str, list[str]] = field(default_factory=list)
     data_seed: int = 0
     examples_per_task: int = 240
     eval_examples: int = 150
@@ -264,6 +269,8 @@ class ContinualConfig:
             if spec.get("eval_path") is not None:
                 checks.existing_file("task eval file", spec["eval_path"])
 
+        check_orders(self)
+
     def _check_executor(self) -> None:
         """The device and the executor's settings. Under Ray the runs train on the cluster's nodes, so the
         device is not looked for on this machine, and each run's GPU is the one Ray gives it."""
@@ -316,6 +323,22 @@ class ContinualConfig:
             entry = entry[rank]
         return list(entry or self.learning_rates)
 
+    @property
+    def task_names(self) -> list[str]:
+        """The tasks' names in training order: the built-in tasks, then the task files."""
+        return [*self.tasks, *(task_file_name(spec["path"], spec.get("name")) for spec in self.task_files)]
+
+    def sequences(self) -> dict[str, tuple[int, ...]]:
+        """Each order's name and its tasks' indices into :attr:`task_names`, in the order learned ({}
+        without ``orders``)."""
+        named = list(self.orders.items()) if isinstance(self.orders, dict) else [(None, o) for o in self.orders]
+        index = {name: i for i, name in enumerate(self.task_names)}
+        sequences = {}
+        for name, order in named:
+            sequence = tuple(index[task] for task in order)
+            sequences[name if name is not None else "-".join(map(str, sequence))] = sequence
+        return sequences
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -326,6 +349,30 @@ class ContinualConfig:
         if unknown:
             raise ValueError(f"Unknown config keys {unknown}; known keys: {sorted(known)}.")
         return cls(**data)
+
+
+def check_orders(cfg: ContinualConfig) -> None:
+    """Each order is a permutation of the tasks (by name), no two alike, a named one's name fit for a run file;
+    orders need the tasks' names to differ."""
+    if not cfg.orders:
+        return
+    names = cfg.task_names
+    if len(set(names)) != len(names):
+        raise ValueError(f"orders name tasks by name, but the tasks' names repeat ({names}); give task files "
+                         f"their own name (name: ...).")
+    entries = (list(cfg.orders.items()) if isinstance(cfg.orders, dict)
+               else [(i, order) for i, order in enumerate(cfg.orders)])
+    seen: dict[tuple, Any] = {}
+    for label, order in entries:
+        where = f"orders[{label!r}]"
+        if isinstance(label, str):
+            checks.identifier(f"{where}: the order's name", label)
+        if not isinstance(order, (list, tuple)) or sorted(map(str, order)) != sorted(names):
+            raise ValueError(f"{where} must list every task once, in the order learned (a permutation of "
+                             f"{names}), got {order!r}.")
+        if tuple(order) in seen:
+            raise ValueError(f"{where} is the same order as orders[{seen[tuple(order)]!r}]; give each order once.")
+        seen[tuple(order)] = label
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -380,6 +427,8 @@ def load_config(
         loaded, lines = _read_yaml(path)
         data.update(loaded)
     given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if given.get("orders") and all(isinstance(name, str) for name in given["orders"]):
+        given["orders"] = _named(data.get("orders"), given["orders"])
     data.update(given)
     try:
         return ContinualConfig.from_dict(data)
@@ -388,6 +437,16 @@ def load_config(
         if key is None:
             raise
         raise ValueError(f"{path}, line {lines[key]}: {error}") from None
+
+
+def _named(defined: Any, names: list[str]) -> dict[str, Any]:
+    """The orders among ``defined`` (the preset's or the config file's named orders) that ``names`` pick."""
+    defined = defined if isinstance(defined, dict) else {}
+    unknown = [name for name in names if name not in defined]
+    if unknown:
+        raise ValueError(f"--orders names {unknown}, but the preset and config name the orders {sorted(defined)}; "
+                         f"pick among those, or give orders as task names, e.g. --orders b,a,c.")
+    return {name: defined[name] for name in names}
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:

@@ -37,7 +37,8 @@ def select_learning_rates(runs: Sequence[Mapping[str, Any]],
                           seeds: Collection[int] | None = None) -> list[dict[str, Any]]:
     """Per (method, rank): the rate with the best seed-mean validation accuracy (ties: smaller rate),
     read from the runs of ``seeds`` only (None: every run), the grid that ``confirm_seeds`` then repeat
-    at the chosen rate; their runs must not move the choice they were made for."""
+    at the chosen rate; their runs must not move the choice they were made for. With task orders, the
+    mean is pooled over every order run: one rate per method and rank, whatever the order."""
     by_group: dict[tuple, dict[Any, list[float]]] = {}
     for run in _ok(runs):
         if seeds is not None and run.get("seed") not in seeds:
@@ -66,12 +67,18 @@ def mark_selected(runs: list[dict[str, Any]], selection: Sequence[Mapping[str, A
         run["selected"] = chosen.get(_group_key(run), object()) == run.get("lr")
 
 
+def replicate(run: Mapping[str, Any]) -> str:
+    """What one run repeats a point as: its seed, and its task order where the runs have orders."""
+    return str(run.get("seed")) if run.get("order") is None else f"{run.get('seed')}, order {run['order']}"
+
+
 def frontier_points(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One point per (method, rank, lr): seed means, std and 95 % interval of plasticity and of
-    each cost, and the per-seed values (matched-plasticity intervals are read per seed)."""
+    """One point per (method, rank, lr): means over seeds (and task orders), std and 95 % interval of
+    plasticity and of each cost, and each seed's (seed and order's) values, under ``per_seed``
+    (matched-plasticity intervals are read per seed and order)."""
     grouped: dict[tuple, list[tuple[Any, dict[str, Any]]]] = {}
     for run in _ok(runs):
-        grouped.setdefault((*_group_key(run), run.get("lr")), []).append((run.get("seed"), run_metrics(run)))
+        grouped.setdefault((*_group_key(run), run.get("lr")), []).append((replicate(run), run_metrics(run)))
     points = []
     for (method, rank, lr), members in grouped.items():
         point = {"method": method, "rank": rank, "lr": lr, "n_seeds": len(members)}
@@ -80,7 +87,7 @@ def frontier_points(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             point[name] = None if stat is None else stat["mean"]
             point[f"{name}_std"] = None if stat is None else stat["std"]
             point[f"{name}_ci95"] = None if stat is None else stat["ci95"]
-        point["per_seed"] = {str(seed): {name: m[name] for name in ("plasticity", *COSTS)} for seed, m in members}
+        point["per_seed"] = {seed: {name: m[name] for name in ("plasticity", *COSTS)} for seed, m in members}
         points.append(point)
     return points
 

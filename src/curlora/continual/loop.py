@@ -39,11 +39,15 @@ def build_method(lm: nn.Module, spec: RunSpec, config: ContinualConfig,
 
 
 def train_run(prepared: Prepared, spec: RunSpec, base: Base, ckpt_dir: Path) -> dict[str, Any]:
-    """The result of ``spec``'s run, resumed from its latest checkpoint in ``ckpt_dir`` if it has one."""
+    """The result of ``spec``'s run, resumed from its latest checkpoint in ``ckpt_dir`` if it has one. Its
+    accuracy rows and per-task lists are in the order it learned the tasks (``task_order`` in the result)."""
+    prepared = prepared.in_order(spec.sequence)
     run = Run(prepared, spec, base)
     state = load_latest(ckpt_dir, run.adapted, run.protocol, prepared.data.tasks)
     if state is None:
-        state = {"accuracy_matrix": [base.before_rows[spec.seed]], "ppl_after_task": [], "final_losses": [],
+        before = base.before_rows[spec.seed]
+        before = before if spec.sequence is None else [before[k] for k in spec.sequence]
+        state = {"accuracy_matrix": [before], "ppl_after_task": [], "final_losses": [],
                  "train_loss": [], "elapsed_s": run.build_s, "tasks_done": 0}
     else:
         prepared.parallel.say(f"[{ckpt_dir.name}] resuming after task {state['tasks_done']}")
@@ -198,9 +202,10 @@ class Run:
 
 
 def identity(spec: RunSpec, config: ContinualConfig) -> dict[str, Any]:
-    """The fields that name a run in its result, finished or failed."""
+    """The fields that name a run in its result, finished or failed; with ``orders``, the order's name and
+    the tasks' indices (into the results' ``tasks``) in the order learned."""
     return {"method": spec.label, "base_method": spec.method, "rank": spec.rank, "seed": spec.seed,
-            "lr": spec.lr, "head_lr": config.head_lr, "u_penalty": spec.u_penalty}
+            "lr": spec.lr, "head_lr": config.head_lr, "u_penalty": spec.u_penalty, **spec.order_fields}
 
 
 def reset_peak_memory(device: torch.device) -> None:

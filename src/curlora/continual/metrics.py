@@ -6,6 +6,10 @@ is measured after training through task ``i`` (0-based task ``i-1``). In an afte
 tasks seen so far (``j < i``) must be numbers; later entries may be ``None``. Every metric
 here therefore reads only after-rows at or below the diagonal, never row 0 or unseen tasks.
 
+A run in another task order (``task_order``: the tasks' indices, as listed, in the order it learned
+them) has its matrix in that order, so every metric reads it as above; its per-task lists are put back
+in the tasks' listed order, so that a task's column means one task across orders.
+
 All functions are pure so the runner, the report and the tests share one definition.
 """
 
@@ -177,6 +181,18 @@ def constant(value: float) -> dict[str, Any]:
     return {"mean": value, "std": 0.0, "n": 0, "ci95": None}
 
 
+def in_listed_order(run: Mapping[str, Any], values: Sequence[Any]) -> list[Any]:
+    """A run's per-task ``values``, given in the order it learned the tasks, in the tasks' listed order
+    (unchanged for a run without ``task_order``, or a list shorter than its tasks: not measured)."""
+    order = run.get("task_order")
+    if not order or len(values) != len(order):
+        return list(values)
+    listed: list[Any] = [None] * len(order)
+    for step, task in enumerate(order):
+        listed[task] = values[step]
+    return listed
+
+
 def run_metrics(run: Mapping[str, Any]) -> dict[str, Any]:
     """Per-run metrics: scalars of ``SCALAR_METRICS`` plus per-task lists.
 
@@ -197,6 +213,7 @@ def run_metrics(run: Mapping[str, Any]) -> dict[str, Any]:
     if final is None and after:
         final = after[-1]
     params = run.get("trainable_params") or {}
+
     # A method that learns every task at once (multitask) has no "earlier" task: forgetting is undefined.
     sequential = run.get("sequential", True)
     return {
@@ -212,13 +229,13 @@ def run_metrics(run: Mapping[str, Any]) -> dict[str, Any]:
         "stored_per_task": run.get("stored_per_task", 0),
         "wall_time_s": run.get("wall_time_s"),
         "peak_memory_mb": run.get("peak_memory_mb"),
-        "task_accuracy": [float(x) for x in R[T]],
+        "task_accuracy": in_listed_order(run, [float(x) for x in R[T]]),
         "ppl_after_task": after,
         "accuracy_matrix": [list(row) for row in R],
         # Generative protocol: the share of greedy answers that were an answer word, per task.
-        "valid_answer_rate": list(run.get("valid_answer_rate") or []),
+        "valid_answer_rate": in_listed_order(run, run.get("valid_answer_rate") or []),
         # Generative protocol: the final row's length-normalised accuracy (acc_norm), per task.
-        "accuracy_norm": list(run.get("accuracy_norm") or []),
+        "accuracy_norm": in_listed_order(run, run.get("accuracy_norm") or []),
     }
 
 
@@ -233,9 +250,11 @@ def aggregate_runs(
     """Group runs with status "ok" by ``keys`` and give mean/std/n per metric.
 
     Failed runs are skipped: a partial sequence would bias ACC/BWT. Groups keep the order
-    of first appearance. Each group holds the key values, ``n_runs``, ``seeds``, one
-    ``{"mean","std","n"}`` (or None) per name in ``SCALAR_METRICS``, and per-element stats
-    lists ``task_accuracy`` (final row), ``ppl_after_task`` and ``accuracy_matrix``.
+    of first appearance. Each group holds the key values, ``n_runs``, ``seeds``, ``orders`` (the
+    task orders its runs learned in, [] without orders), one ``{"mean","std","n"}`` (or None) per name
+    in ``SCALAR_METRICS`` (over every run of the group: its seeds and its orders), and per-element stats
+    lists ``task_accuracy`` (final row, per task as listed), ``ppl_after_task`` and ``accuracy_matrix``
+    (per step of the sequence: over several orders, the k-th task learned is not one task).
     """
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for run in runs:
@@ -250,6 +269,7 @@ def aggregate_runs(
         agg: dict[str, Any] = dict(zip(keys, key))
         agg["n_runs"] = len(members)
         agg["seeds"] = [r.get("seed") for r in members]
+        agg["orders"] = list(dict.fromkeys(r["order"] for r in members if r.get("order") is not None))
         for name in SCALAR_METRICS:
             agg[name] = seed_stat(m[name] for m in per_run)
         agg["task_accuracy"] = _elementwise(m["task_accuracy"] for m in per_run)
@@ -265,13 +285,15 @@ def aggregate_runs(
     return out
 
 
-def summarize(results: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Summary for ``results["summary"]``: aggregates by (method, rank, lr).
+def summarize(results: Mapping[str, Any], by_order: bool = False) -> list[dict[str, Any]]:
+    """Summary for ``results["summary"]``: aggregates by (method, rank, lr), over seeds and task orders;
+    ``by_order``: by (method, rank, lr, order), each order on its own (``results["summary_by_order"]``).
 
     lr is part of the key so an lr sweep is never averaged together; with one lr per
     method x rank this equals grouping by (method, rank).
     """
-    return aggregate_runs(results.get("runs") or [], keys=("method", "rank", "lr"))
+    keys = ("method", "rank", "lr", "order") if by_order else ("method", "rank", "lr")
+    return aggregate_runs(results.get("runs") or [], keys=keys)
 
 
 def interpolate_at_accuracy(

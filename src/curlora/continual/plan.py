@@ -1,4 +1,4 @@
-"""The plan of a command's runs: the grid of (method, rank, rate, λ, seed), the confirming seeds at
+"""The plan of a command's runs: the grid of (method, rank, rate, λ, seed, task order), the confirming seeds at
 the rates the grid chose on validation, and which runs still lack a result. Pure functions: what is
 finished comes in as arguments, so the plan reads no file."""
 
@@ -15,13 +15,17 @@ from curlora.continual.frontier import chosen_rates, select_learning_rates
 
 @dataclass(frozen=True)
 class RunSpec:
-    """One run: a method at one rank, rate and Eq. 11 λ, under one seed."""
+    """One run: a method at one rank, rate and Eq. 11 λ, under one seed, learning the tasks in one order
+    (``order`` names it, ``sequence`` gives the tasks' indices in the config's list as learned; both None
+    without ``orders``: the tasks as listed)."""
 
     method: str
     rank: int | None
     lr: float | None
     u_penalty: float
     seed: int
+    order: str | None = None
+    sequence: tuple[int, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -29,8 +33,15 @@ class RunSpec:
         return f"{self.method}+eq11(λ={self.u_penalty:g})" if self.u_penalty else self.method
 
     @property
+    def order_fields(self) -> dict[str, Any]:
+        """What a result says of the run's order: its name and the tasks' indices in the order learned
+        (nothing without orders; a run made before orders existed gets them when it is read back)."""
+        return {} if self.order is None else {"order": self.order, "task_order": list(self.sequence or ())}
+
+    @property
     def key(self) -> str:
-        """The run's name in the run directory (``runs/<key>.json``, ``checkpoints/<key>``)."""
+        """The run's name in the run directory (``runs/<key>.json``, ``checkpoints/<key>``). A run in the
+        tasks' listed order has the name it had before orders existed, so older run directories resume."""
         parts = [self.method.replace(":", "-")]
         if self.rank is not None:
             parts.append(f"r{self.rank}")
@@ -38,23 +49,29 @@ class RunSpec:
             parts.append(f"lr{self.lr:g}")
         if self.u_penalty:
             parts.append(f"lam{self.u_penalty:g}")
-        return "_".join(parts + [f"s{self.seed}"])
+        parts.append(f"s{self.seed}")
+        if self.sequence is not None and list(self.sequence) != sorted(self.sequence):
+            parts.append(f"order-{self.order}")
+        return "_".join(parts)
 
 
 def run_specs(config: ContinualConfig, chosen: Mapping[tuple, Any] | None = None) -> list[RunSpec]:
     """Every run of a config: each method at each of the sweep's values that apply to it, for each of
-    ``seeds``; given ``chosen`` ((method label, rank) -> the rate validation chose among those runs),
-    then each of ``confirm_seeds`` at the chosen rates only."""
+    ``seeds`` and of ``orders``; given ``chosen`` ((method label, rank) -> the rate validation chose among
+    those runs, pooled over the orders), then each of ``confirm_seeds`` at the chosen rates only, in every
+    order."""
     specs = []
+    orders = config.sequences() or {None: None}
     for seed in config.seeds:
-        for name in config.methods:
-            method = config.method(name)
-            ranks = config.ranks if method.takes_rank else [None]
-            penalties = config.u_penalties if method.takes_u_penalty else [0.0]
-            for rank in ranks:
-                for lr in config.rates_for(name, rank) if method.takes_lr else [None]:
-                    for penalty in penalties:
-                        specs.append(RunSpec(name, rank, lr, penalty, seed))
+        for order, sequence in orders.items():
+            for name in config.methods:
+                method = config.method(name)
+                ranks = config.ranks if method.takes_rank else [None]
+                penalties = config.u_penalties if method.takes_u_penalty else [0.0]
+                for rank in ranks:
+                    for lr in config.rates_for(name, rank) if method.takes_lr else [None]:
+                        for penalty in penalties:
+                            specs.append(RunSpec(name, rank, lr, penalty, seed, order, sequence))
     if chosen is not None:
         grid = [spec for spec in specs if spec.seed == config.seeds[0]]
         specs += [dataclasses.replace(spec, seed=seed) for seed in config.confirm_seeds for spec in grid

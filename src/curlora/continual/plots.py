@@ -22,6 +22,7 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 
 from curlora.continual.frontier import chosen_rates, select_learning_rates
+from curlora.continual.metrics import in_listed_order
 from curlora.fileio import atomic_write_bytes
 
 DASH = "—"
@@ -260,7 +261,9 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
         return False
     curves: dict[tuple, list[list[list[float]]]] = {}
     for run in runs:
-        curves.setdefault((run["method"], run.get("rank"), run.get("lr")), []).append(run["train_loss"])
+        # Panel j is task j as listed: a run in another order learned it at another step.
+        curves.setdefault((run["method"], run.get("rank"), run.get("lr")), []).append(
+            in_listed_order(run, run["train_loss"]))
     task_names = [t["name"] for t in results.get("tasks") or []] or [f"task {i}" for i in range(len(runs[0]["train_loss"]))]
     fig = new_figure((1.5 + 3.6 * len(task_names), 4.2))
     axes = fig.subplots(1, len(task_names), sharey=True, squeeze=False)[0]

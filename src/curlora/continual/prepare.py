@@ -4,7 +4,9 @@ the protocol, and what the unchanged base model gives every run (:class:`Base`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,16 @@ class Prepared:
     @property
     def device(self) -> torch.device:
         return self.parallel.device
+
+    def in_order(self, sequence: Sequence[int] | None) -> Prepared:
+        """What a run that learns the tasks in ``sequence`` (indices into the tasks as listed; None: as
+        listed) sees: its tasks, their validation splits and the protocol in that order, the same model,
+        corpus and base-model cache."""
+        if sequence is None or list(sequence) == list(range(len(self.data.tasks))):
+            return self
+        data = dataclasses.replace(self.data, tasks=[self.data.tasks[k] for k in sequence],
+                                   validation=[self.data.validation[k] for k in sequence])
+        return dataclasses.replace(self, data=data, protocol=self.protocol.reordered(sequence))
 
     def accuracies(self, adapted: Adapted, state: RunState, splits: str, upto: int, base: bool) -> list[float | None]:
         """Accuracy of tasks 0..upto (inclusive) on ``splits`` ("eval_splits" or "validation"), each

@@ -15,6 +15,7 @@ frontier read only this interface.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 from abc import ABC, abstractmethod
@@ -78,6 +79,9 @@ class Protocol(ABC):
     def __init__(self, tasks: Sequence[TaskSplits], tokenizer: Any, config: Any, device: torch.device,
                  bf16: bool) -> None:
         self.tasks = list(tasks)
+        # Each task's place in the config's list: what a run in another order keys its base-model cache and
+        # its seeds by, so that a task's head and demonstrations do not depend on when it is learned.
+        self.canonical = list(range(len(self.tasks)))
         self.config = config
         self.device = device
         self.bf16 = bf16
@@ -92,6 +96,14 @@ class Protocol(ABC):
     def describe(self) -> dict[str, Any]:
         """What results.json records about the protocol."""
         return {"name": self.name}
+
+    def reordered(self, order: Sequence[int]) -> "Protocol":
+        """This protocol for a run that learns the tasks in ``order`` (indices into ``tasks``): task ``i`` of
+        the copy is ``tasks[order[i]]``; it shares the tokenizer's collator and the base-model cache."""
+        view = copy.copy(self)
+        view.tasks = [self.tasks[k] for k in order]
+        view.canonical = [self.canonical[k] for k in order]
+        return view
 
     def _cached(self, key: tuple, base: bool, compute):
         if not base:
@@ -153,7 +165,7 @@ class HeadsRun(RunState):
         self.protocol = protocol
         heads = []
         for i, task in enumerate(protocol.tasks):
-            torch.manual_seed(derived_seed(seed, "head", i))
+            torch.manual_seed(derived_seed(seed, "head", protocol.canonical[i]))
             heads.append(nn.Linear(hidden, task.num_labels))
         self.heads = nn.ModuleList(heads).to(protocol.device)
 
@@ -179,7 +191,7 @@ class HeadsRun(RunState):
     def accuracy(self, model: nn.Module, task_index: int, split: str, examples: Sequence[Example],
                  base: bool, demonstrations: int = 0) -> float:
         protocol = self.protocol
-        features = protocol._cached((split, task_index), base, lambda: split_features(
+        features = protocol._cached((split, protocol.canonical[task_index]), base, lambda: split_features(
             model, examples, protocol.collator, protocol.config.eval_batch_size, protocol.bf16, protocol.device))
         return head_accuracy(self.heads[task_index], features)
 
@@ -247,21 +259,21 @@ class GenerativeRun(RunState):
         convention: a prompt that shows some labels and not others tilts the model towards the shown
         ones, Zhao et al. 2021), drawn per run seed from training rows only, in a seeded order; a
         label with fewer than ``k`` training rows shows all it has."""
-        task = self.protocol.tasks[task_index]
+        task, canonical = self.protocol.tasks[task_index], self.protocol.canonical[task_index]
         order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(
-            derived_seed(self.seed, "demonstrations", task_index))).tolist()
+            derived_seed(self.seed, "demonstrations", canonical))).tolist()
         by_label: dict[int, list[Example]] = {}
         for i in order:
             by_label.setdefault(task.train[i].label, []).append(task.train[i])
         chosen = [row for label in sorted(by_label) for row in by_label[label][:k]]
         shuffle = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(
-            derived_seed(self.seed, "demonstration order", task_index))).tolist()
+            derived_seed(self.seed, "demonstration order", canonical))).tolist()
         return [chosen[i] for i in shuffle]
 
     def accuracy(self, model: nn.Module, task_index: int, split: str, examples: Sequence[Example],
                  base: bool, demonstrations: int = 0) -> float:
         demos = tuple(self.demonstrations(task_index, demonstrations)) if demonstrations else ()
-        key = (split, task_index, demos)
+        key = (split, self.protocol.canonical[task_index], demos)
         scored = self.protocol._cached(key, base, lambda: self._accuracy(model, task_index, examples, demos))
         self.scored[(task_index, id(examples))] = scored
         return scored.acc

@@ -51,6 +51,34 @@ INTERVAL_NOTE = ("Values are mean ± sample std over seeds, with the 95 % Studen
                  "in brackets, where more than one seed finished. A difference is called resolved only "
                  "when the two 95 % intervals do not overlap; with one seed nothing is resolved.")
 
+
+def orders_of(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The task orders the runs learned in, as named in the config ([] without orders)."""
+    return list(dict.fromkeys(r["order"] for r in runs if r.get("order") is not None))
+
+
+def interval_note(runs: Sequence[Mapping[str, Any]]) -> str:
+    """INTERVAL_NOTE, saying what the intervals run over: seeds, or seeds and task orders."""
+    orders = orders_of(runs)
+    if not orders:
+        return INTERVAL_NOTE
+    return (f"Values are mean ± sample std over seeds and task orders (every run of a seed in an order counts "
+            f"once; orders {', '.join(orders)}), with the 95 % Student-t interval of the mean in brackets, where "
+            f"more than one run finished; the per-order table gives each order over its seeds alone. A difference "
+            f"is called resolved only when the two 95 % intervals do not overlap; with one run nothing is resolved.")
+
+
+def step_names(runs: Sequence[Mapping[str, Any]], task_names: list[str]) -> list[str]:
+    """What the k-th step of the sequence is called where runs of several orders are averaged by step
+    (perplexity after each task, accuracy matrices): its task's name if every run learned the tasks in
+    one order, else its place ("1st task learned" is not one task across orders)."""
+    sequences = {tuple(r["task_order"]) for r in runs if r.get("task_order") is not None}
+    if not sequences:
+        return task_names
+    if len(sequences) == 1:
+        return [task_names[k] for k in next(iter(sequences))]
+    return [f"task {k + 1} learned" for k in range(len(task_names))]
+
 Stat = Mapping[str, float] | None
 
 
@@ -103,8 +131,8 @@ def _label(g: Mapping[str, Any]) -> str:
 
 def _plot_accuracy_matrix(g: Mapping[str, Any], task_names: list[str], path: Path) -> None:
     grid = [[math.nan if x is None else x["mean"] for x in row] for row in g["accuracy_matrix"]]
-    seeds = g["n_runs"]
-    plot_accuracy_matrix(grid, task_names, f"{_label(g)} accuracy (mean of {seeds} seed{'s' * (seeds > 1)})", path)
+    runs, what = g["n_runs"], "run" if g.get("orders") else "seed"
+    plot_accuracy_matrix(grid, task_names, f"{_label(g)} accuracy (mean of {runs} {what}{'s' * (runs > 1)})", path)
 
 
 def _matrix_filenames(groups: list[Mapping[str, Any]]) -> list[str]:
@@ -204,7 +232,7 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
         mark = " [floor]" if is_head else " [ceiling]" if g["method"] in ceilings else ""
         lines.append(f"- {name}{mark}: " + "; ".join(c for c in clauses if c)
                      + ".")
-    lines.append(f"- {INTERVAL_NOTE}")
+    lines.append(f"- {interval_note(runs)}")
     return lines
 
 
@@ -252,13 +280,16 @@ def _base_perplexity(runs: Sequence[Mapping[str, Any]]) -> float | None:
                  if r.get("status") == "ok" and (r.get("perplexity") or {}).get("before") is not None), None)
 
 
-def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path, base_ppl: float | None) -> list[str]:
+def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path, base_ppl: float | None,
+                      orders: bool = False) -> list[str]:
     """Rate selection, the frontier plot and the matched-accuracy table, when rates were swept."""
     if not frontier or not any(len(c["validation_accuracy"]) > 1 for c in frontier["selection"]):
         return []
     md = ["## Learning-rate selection (validation split only)", "",
           ("Each method × rank ran at every rate; the headline tables above use the rate with the "
-           "best mean final accuracy on validation rows carved from the training data."), "",
+           "best mean final accuracy on validation rows carved from the training data"
+           + (", pooled over every task order run (one rate per method × rank, whatever the order)."
+              if orders else ".")), "",
           format_table([[c["method"], c["rank"], _lr(c["lr"]),
                          ", ".join(f"{_lr(lr)}: {acc:.3f}" for lr, acc in c["validation_accuracy"].items())]
                         for c in frontier["selection"]],
@@ -311,7 +342,7 @@ def _header(results: Mapping[str, Any], runs: list[Mapping[str, Any]]) -> list[s
             f"Model: {results.get('model', DASH)}. Runs: {n_ok} ok, {len(runs) - n_ok} not ok. "
             f"Perplexity corpus: {corpus.get('name', DASH)}{source} ({corpus.get('tokens_scored', DASH)} "
             f"tokens, window {corpus.get('window', DASH)}, stride {corpus.get('stride', DASH)}).",
-            INTERVAL_NOTE, ""]
+            interval_note(runs), ""]
 
 
 def _tasks_section(tasks: list[Mapping[str, Any]]) -> list[str]:
@@ -390,21 +421,43 @@ def _threads_note(runs: list[Mapping[str, Any]]) -> list[str]:
 
 
 def _runs_section(runs: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
+    ordered = bool(orders_of(runs))
     md = ["## Runs", "", format_table(
-        [[r.get("method"), r.get("rank"), r.get("seed"), _lr(r.get("lr")), _lr(r.get("head_lr")),
-          r.get("status"), _num(r.get("wall_time_s"), 1),
+        [[r.get("method"), r.get("rank"), r.get("seed"), *([r.get("order")] if ordered else []), _lr(r.get("lr")),
+          _lr(r.get("head_lr")), r.get("status"), _num(r.get("wall_time_s"), 1),
           None if r.get("status") == "ok" else str(r.get("error") or "no error message")[:300]]
          for r in runs],
-        ["Method", "Rank", "Seed", "LR", "Head LR", "Status", "Wall time (s)", "Error"]), ""]
+        ["Method", "Rank", "Seed", *(["Order"] if ordered else []), "LR", "Head LR", "Status", "Wall time (s)",
+         "Error"]), ""]
     md += ["## Accuracy matrices per run", "",
            ("Row 'before' is measured before any training (heads untrained under the heads protocol, the "
             "model zero-shot under the generative one; unseen tasks may be missing); row 'after X' after "
             "training through task X."), ""]
     for r in runs:
         if r.get("status") == "ok":
-            md += [f"### {_label(r)}, seed {r.get('seed')}, lr {_lr(r.get('lr'))}", "",
-                   _run_matrix_table(r["accuracy_matrix"], task_names), ""]
+            order = f", order {r['order']}" if r.get("order") is not None else ""
+            md += [f"### {_label(r)}, seed {r.get('seed')}{order}, lr {_lr(r.get('lr'))}", "",
+                   _run_matrix_table(r["accuracy_matrix"], step_names([r], task_names)), ""]
     return md
+
+
+def _orders_section(runs: list[Mapping[str, Any]]) -> list[str]:
+    """Every metric per task order, each order over its own seeds (runs at the chosen rates); no
+    section without orders."""
+    if not orders_of(runs):
+        return []
+    groups = summarize({"runs": runs}, by_order=True)
+    first = {(g["method"], g.get("rank"), g.get("lr")): i for i, g in reversed(list(enumerate(groups)))}
+    groups.sort(key=lambda g: first[(g["method"], g.get("rank"), g.get("lr"))])  # each method's orders together
+    return ["## Per task order", "",
+            ("The metrics of each task order on its own, over its seeds (the tables above pool seeds and "
+             "orders): order changes what is forgotten, so a verdict that holds in one order may not in another."),
+            "", format_table(
+                [[g["method"], g.get("rank"), _lr(g.get("lr")), g.get("order"), g["n_runs"], _ms(g["acc"]),
+                  _ms(g["bwt"], signed=True), _ms(g["forgetting"], signed=True), _ms(g["plasticity"]),
+                  _ms(g["ppl_increase"], 2, signed=True)] for g in groups],
+                ["Method", "Rank", "LR", "Order", "Seeds", "ACC", "BWT", "Forgetting", "Plasticity",
+                 "Perplexity increase"]), ""]
 
 
 def _plots_section(groups: list[Mapping[str, Any]], task_names: list[str], run_dir: Path) -> list[str]:
@@ -446,6 +499,7 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     tasks = list(results.get("tasks") or [])
     task_names = [t["name"] for t in tasks]
     runs = deepcopy(list(results.get("runs") or []))
+    steps = step_names(runs, task_names)
     config = results.get("config") or {}
     grid_seeds = config.get("seeds") if config.get("confirm_seeds") else None  # the seeds that chose the rates
     frontier = analyse(runs, grid_seeds) if results.get("frontier") is not None else None
@@ -453,13 +507,15 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     summary = summarize({"runs": [r for r in runs if r.get("selected", True)]})
     floors = floor_methods(runs)
     groups = [g for g in summary if g["method"] not in floors] + [g for g in summary if g["method"] in floors]
-    keys = [[g["method"], g.get("rank"), _lr(g.get("lr")), g["n_runs"]] for g in groups]
+    keys = [[g["method"], g.get("rank"), _lr(g.get("lr")),
+             f"{len(set(g['seeds']))} × {len(g['orders'])} orders" if g["orders"] else g["n_runs"]] for g in groups]
     md = [*_header(results, runs), *_tasks_section(tasks),
           "## Reading", "", *_reading(groups, tasks, runs), "",
           *_accuracy_section(keys, groups, tasks), *_answers_section(keys, groups, task_names),
-          *_perplexity_section(keys, groups, task_names),
-          *_metrics_section(keys, groups, runs), *_frontier_section(frontier, run_dir, _base_perplexity(runs)),
-          *_runs_section(runs, task_names), *_plots_section(groups, task_names, run_dir),
+          *_perplexity_section(keys, groups, steps),
+          *_metrics_section(keys, groups, runs), *_orders_section([r for r in runs if r.get("selected", True)]),
+          *_frontier_section(frontier, run_dir, _base_perplexity(runs), bool(orders_of(runs))),
+          *_runs_section(runs, task_names), *_plots_section(groups, steps, run_dir),
           *_loss_section(results, run_dir)]
     path = run_dir / "report.md"
     atomic_write_bytes(path, "\n".join(md).encode("utf-8"))

@@ -17,7 +17,7 @@ from curlora.fileio import atomic_write_json
 def collect_results(config: ContinualConfig, described: Mapping[str, Any],
                     runs: list[dict[str, Any]]) -> dict[str, Any]:
     """results.json's content: the config, what the base model described (model, protocol, tasks,
-    corpus), every run, the learning-rate frontier and the summary."""
+    corpus), every run, the learning-rate frontier and the summary (with task orders, also per order)."""
     results = {
         "schema_version": SCHEMA_VERSION,
         "config": config.to_dict(),
@@ -26,6 +26,8 @@ def collect_results(config: ContinualConfig, described: Mapping[str, Any],
         "frontier": analyse(runs, config.seeds),
     }
     results["summary"] = summarize(results)
+    if any(run.get("order") is not None for run in runs):
+        results["summary_by_order"] = summarize(results, by_order=True)
     return results
 
 

@@ -72,7 +72,8 @@ class ContinualRunner:
                 self._train(executor, missing(specs, run_dir.finished()), base)
         if not run_dir.parallel.is_main:
             return None
-        runs = run_dir.read_results([spec.key for spec in specs], len(base.described["tasks"]))
+        runs = [{**run, **spec.order_fields} for spec, run in
+                zip(specs, run_dir.read_results([spec.key for spec in specs], len(base.described["tasks"])))]
         results = collect_results(cfg, base.described, runs)
         write_results(results, run_dir.path)
         return results

@@ -40,6 +40,7 @@ __all__ = [
     "load_corpus",
     "load_corpus_file",
     "load_task_file",
+    "task_file_name",
 ]
 
 DataDir = str | Path | None
@@ -293,6 +294,15 @@ def load_corpus_file(path: str | Path, max_chars: int | None = None) -> str:
     return text
 
 
+def task_file_name(path: str | Path, name: str | None = None) -> str:
+    """A task file's name in reports: ``name``, else its O-LoRA dataset's directory name, else the
+    file's stem (what :func:`load_task_file` names the task, known before it reads a row)."""
+    if name:
+        return name
+    layout = sources.benchmark_dir(path)
+    return layout.name if layout is not None else Path(path).expanduser().stem
+
+
 def load_task_file(
     path: str | Path,
     text_column: str | None = None,
@@ -323,8 +333,9 @@ def load_task_file(
     p = Path(path).expanduser()
     layout = sources.benchmark_dir(p)
     origin_notes: list[str] = []
+    name = task_file_name(p, name)
     if layout is not None:
-        p, name = layout.train, name or layout.name
+        p = layout.train
         text_column, label_column = text_column or "sentence", label_column or "label"
         label_names = layout.label_names() if label_names is None else label_names
         eval_path = layout.test if eval_path is None else eval_path
@@ -349,7 +360,7 @@ def load_task_file(
             raise DataError(f"{ep}: the eval split is empty")
     if not train:
         raise DataError(f"{p}: no labelled rows")
-    splits = _finish(name or p.stem, names, train, eval_, seed, eval_fraction,
+    splits = _finish(name, names, train, eval_, seed, eval_fraction,
                      max_train, max_eval, str(p))
     splits.notes[:0] = origin_notes
     splits.prompt = prompt_for(splits.name, names, text_pair_column is not None, template, label_words,
