@@ -115,3 +115,35 @@ def test_orders_from_the_command_line_are_task_lists_or_names_the_config_defines
     with pytest.raises(ValueError, match="--orders mixes names"):
         _orders([["second"], ["mrpc", "sst2"]])
 
+
+def test_the_olora_standard_preset_runs_on_its_files_in_the_orders_asked(tmp_path, tiny_model_dir, capsys):
+    from curlora.cli import main
+    from curlora.continual.config import load_config
+
+    from test_data_benchmark import write_olora
+
+    labels = {"TC/dbpedia": ["Company", "Artist", "Village"], "SC/amazon": ["negative", "neutral", "positive"],
+              "TC/yahoo": ["Sports", "Health"], "TC/agnews": ["World", "Sports", "Business", "Science or Technology"]}
+    for folder, names in labels.items():
+        kind, name = folder.split("/")
+        write_olora(tmp_path, name, names, per_label=6, test_per_label=3, kind=kind)
+    root = tmp_path / "CL_Benchmark"
+    with pytest.raises(ValueError, match="lies in the data directory: pass --data-dir"):
+        load_config("olora-standard")
+    config = load_config("olora-standard", overrides={"data_dir": str(root)})
+    assert config.task_names == ["dbpedia", "amazon", "yahoo", "agnews"] and config.protocol == "generative"
+    assert config.sequences() == {"1": (0, 1, 2, 3), "2": (0, 1, 3, 2), "3": (2, 1, 3, 0)}
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("General text about the world, sports and business.\n" * 20)
+    out = tmp_path / "run"
+    assert main(["continual", "--preset", "olora-standard", "--data-dir", str(root), "--model", tiny_model_dir,
+                 "--methods", "zero-shot", "--orders", "1", "--orders", "3", "--examples-per-task", "8",
+                 "--eval-examples", "8", "--corpus-file", str(corpus), "--ppl-max-tokens", "96", "--ppl-window", "64",
+                 "--ppl-stride", "32", "--no-progress", "--output-dir", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(p.stem for p in (out / "runs").glob("*.json")) == ["zero-shot_s0", "zero-shot_s0_order-3"]
+    assert [t["name"] for t in results["tasks"]] == ["dbpedia", "amazon", "yahoo", "agnews"]
+    notes = results["tasks"][0]["notes"]
+    assert any("dev.json is byte-identical to test.json, so it is not used" in n for n in notes)
+    assert any(n.startswith("train: ") and "stratified subsample (Company: " in n for n in notes)
+    assert results["protocol"]["prompts"]["agnews"]["label_words"] == labels["TC/agnews"]

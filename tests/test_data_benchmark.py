@@ -16,10 +16,11 @@ from curlora.data.splits import Example, text_key
 
 
 def write_olora(root: Path, name: str, labels: list[str], per_label: int = 12, test_per_label: int = 5,
-                dev: str = "test") -> Path:
-    """One dataset in O-LoRA's layout: one-line JSON lists of {"label", "sentence"}; ``dev``: "test" (a
-    byte copy of test.json, as in O-LoRA's repository), "own" (texts of its own) or "none"."""
-    folder = root / "CL_Benchmark" / "TC" / name
+                dev: str = "test", kind: str = "TC") -> Path:
+    """One dataset in O-LoRA's layout (root/CL_Benchmark/<kind>/<name>): one-line JSON lists of {"label",
+    "sentence"}; ``dev``: "test" (a byte copy of test.json, as in O-LoRA's repository), "own" (texts of its
+    own) or "none"."""
+    folder = root / "CL_Benchmark" / kind / name
     folder.mkdir(parents=True)
 
     def rows(split: str, n: int) -> list[dict[str, str]]:

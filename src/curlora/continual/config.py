@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -412,13 +413,51 @@ PRESETS["paper-small"] = {
 }
 
 
+# O-LoRA's benchmarks (Wang et al. 2023; the public repository cmnfriend/O-LoRA, folder CL_Benchmark/): its
+# datasets as task files under --data-dir (a task file path starting with DATA_DIR lies there), learned under
+# the generative protocol with labels.json's strings as answers, in the paper's orders. The standard sequence
+# is orders 1-3 (4 tasks); the long one orders 4-6 (15 tasks; Progressive Prompts' orders). Sized for a CPU:
+# a seeded stratified subsample of each task's rows (the task's notes in results.json name it).
+DATA_DIR = "{data_dir}"
+
+
+def _olora(folders: list[str], orders: dict[str, list[str]], examples: int) -> dict[str, Any]:
+    return {"tasks": [], "task_files": [{"path": f"{DATA_DIR}/{folder}"} for folder in folders], "orders": orders,
+            "protocol": "generative", "examples_per_task": examples, "eval_examples": 150, "max_length": 128}
+
+
+PRESETS["olora-standard"] = _olora(
+    ["TC/dbpedia", "SC/amazon", "TC/yahoo", "TC/agnews"],
+    {"1": ["dbpedia", "amazon", "yahoo", "agnews"], "2": ["dbpedia", "amazon", "agnews", "yahoo"],
+     "3": ["yahoo", "amazon", "agnews", "dbpedia"]}, examples=240)
+PRESETS["olora-long"] = _olora(
+    ["NLI/MNLI", "NLI/CB", "WiC/WiC", "COPA/COPA", "QQP/QQP", "BoolQA/BoolQA", "NLI/RTE", "SC/IMDB", "SC/yelp",
+     "SC/amazon", "SC/SST-2", "TC/dbpedia", "TC/agnews", "MultiRC/MultiRC", "TC/yahoo"],
+    {"4": ["MNLI", "CB", "WiC", "COPA", "QQP", "BoolQA", "RTE", "IMDB", "yelp", "amazon", "SST-2", "dbpedia",
+           "agnews", "MultiRC", "yahoo"],
+     "5": ["MultiRC", "BoolQA", "WiC", "MNLI", "CB", "COPA", "QQP", "RTE", "IMDB", "SST-2", "dbpedia", "agnews",
+           "yelp", "amazon", "yahoo"],
+     "6": ["yelp", "amazon", "MNLI", "CB", "COPA", "QQP", "RTE", "IMDB", "SST-2", "dbpedia", "agnews", "yahoo",
+           "MultiRC", "BoolQA", "WiC"]}, examples=120)
+
+
+def _in_data_dir(data: dict[str, Any]) -> None:
+    """Task file paths that start with DATA_DIR put under ``data_dir`` (the presets' benchmark files)."""
+    for spec in data.get("task_files") or []:
+        if isinstance(spec, dict) and isinstance(spec.get("path"), str) and spec["path"].startswith(DATA_DIR):
+            if not data.get("data_dir"):
+                raise ValueError(f"task file {spec['path']!r} lies in the data directory: pass --data-dir (for the "
+                                 f"olora presets: O-LoRA's CL_Benchmark folder, see docs/benchmark.md).")
+            spec["path"] = str(Path(data["data_dir"]) / spec["path"][len(DATA_DIR):].lstrip("/"))
+
+
 def load_config(
     preset: str | None = None, config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
 ) -> ContinualConfig:
     """Preset, then the YAML file, then command-line overrides: later ones win."""
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose from {sorted(PRESETS)}.")
-    data: dict[str, Any] = dict(PRESETS[preset or "default"])
+    data: dict[str, Any] = copy.deepcopy(PRESETS[preset or "default"])
     lines: dict[str, int] = {}
     if config_file is not None:
         path = Path(config_file)
@@ -430,6 +469,7 @@ def load_config(
     if given.get("orders") and all(isinstance(name, str) for name in given["orders"]):
         given["orders"] = _named(data.get("orders"), given["orders"])
     data.update(given)
+    _in_data_dir(data)
     try:
         return ContinualConfig.from_dict(data)
     except ValueError as error:  # a setting the file gave (and no flag replaced) is named with its line
