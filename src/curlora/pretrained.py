@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from curlora.fileio import cache_dir
+from curlora.fileio import cache_dir, read_regular
 from curlora.gemma import GGUF_SHA256, gemma_gguf_path, gemma_terms_path
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -108,7 +108,7 @@ def _cache_problem(target: Path, source_sha256: str) -> str | None:
             return f"holds {odd[0]}, which is not a regular file"
         if MANIFEST not in entries:
             return f"has no {MANIFEST} (made by an older curlora, or not by curlora)"
-        manifest = json.loads(_read_regular(target / MANIFEST))
+        manifest = json.loads(read_regular(target / MANIFEST))
         files = manifest.get("files") if isinstance(manifest, dict) else None
         if not isinstance(files, dict) or manifest.get("source_sha256") != source_sha256:
             return f"was not converted from the pinned GGUF (sha256 {source_sha256})"
@@ -120,15 +120,6 @@ def _cache_problem(target: Path, source_sha256: str) -> str | None:
         return "is missing"
     except (OSError, ValueError, AttributeError) as error:
         return f"cannot be checked ({error})"
-
-
-def _read_regular(path: Path) -> bytes:
-    """A file's bytes, opened without following a link or blocking on a FIFO."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        return handle.read()
 
 
 def _discard(target: Path) -> None:

@@ -35,7 +35,9 @@ from curlora.data import CALIBRATION_CORPUS, DataError, TaskSplits, load_corpus,
 from curlora.continual.evaluation import perplexity
 from curlora.continual.config import GRID_FIELDS, GRID_MAPPINGS, RUNTIME_FIELDS, ContinualConfig
 from curlora.continual.frontier import analyse, chosen_rates, select_learning_rates
-from curlora.continual.rundir import RunFileError, check_fresh, open_lock, read_config, read_perplexity, read_run, read_task_state
+from curlora.continual.rundir import (
+    RunFileError, check_fresh, check_tree, checkpoint_task, open_lock, read_config, read_perplexity, read_run, read_task_state,
+)
 from curlora.continual.methods import Adapted, BuildContext, FinishedTask
 from curlora.continual.protocols import PROTOCOLS, RunState
 from curlora.fileio import atomic_write_bytes, atomic_write_json, atomic_write_text
@@ -193,6 +195,7 @@ class ContinualRunner:
                 f"{self.run_dir} already holds a run; pass --resume to continue it, or choose "
                 f"another --output-dir."
             )
+        check_tree(self.run_dir)
         # A field added since that run was made counts as its default.
         loaded = {**ContinualConfig().to_dict(), **read_config(saved)}
         current = self.config.to_dict()
@@ -450,7 +453,7 @@ class ContinualRunner:
             (ckpt_dir / f"task{older}.safetensors").unlink(missing_ok=True)
 
     def _resume_state(self, ckpt_dir: Path, adapted: Adapted, protocol: RunState) -> dict | None:
-        done = sorted(int(p.stem[4:]) for p in ckpt_dir.glob("task*.json")) if ckpt_dir.is_dir() else []
+        done = sorted(checkpoint_task(p) for p in ckpt_dir.glob("task*.json")) if ckpt_dir.is_dir() else []
         for i in reversed(done):
             tensors_path = ckpt_dir / f"task{i}.safetensors"
             if not tensors_path.is_file():

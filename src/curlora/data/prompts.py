@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from .splits import DataError
 
-__all__ = ["Prompt", "PROMPTS", "default_prompt", "prompt_for"]
+__all__ = ["Prompt", "PROMPTS", "check_template", "default_prompt", "prompt_for"]
 
 FIELDS = ("text", "text_pair")
 
@@ -30,17 +30,7 @@ class Prompt:
 
     def check(self, label_names: Sequence[str], is_pair: bool, origin: str) -> "Prompt":
         """Refuse a template or answer list that cannot express the task; ``origin`` names it."""
-        try:
-            used = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
-        except ValueError as error:
-            raise DataError(f"{origin}: template {self.template!r} is not a valid format string ({error}); "
-                            f"write fields as {{text}} and {{text_pair}}, literal braces as {{{{ }}}}") from None
-        unknown = sorted(used - set(FIELDS))
-        if unknown:
-            raise DataError(f"{origin}: template fields {unknown} are unknown; use {{text}} and {{text_pair}}")
-        if "text" not in used or ("text_pair" in used) != is_pair:
-            need = "{text} and {text_pair}" if is_pair else "{text} and no {text_pair}"
-            raise DataError(f"{origin}: the template must use {need} for this task, got {self.template!r}")
+        check_template(self.template, is_pair, origin)
         words = [w.strip() if isinstance(w, str) else w for w in self.label_words]
         if len(words) != len(label_names) or not all(isinstance(w, str) and w for w in words):
             raise DataError(f"{origin}: label_words needs one non-empty word per label {list(label_names)}, "
@@ -48,6 +38,30 @@ class Prompt:
         if len({w.casefold() for w in words}) != len(words):
             raise DataError(f"{origin}: label_words {words} repeat a word; each label needs its own answer")
         return Prompt(self.template, tuple(words))
+
+
+def check_template(template: str, is_pair: bool, origin: str) -> None:
+    """Refuse a template whose replacement fields are not exactly {text} (and {text_pair} for a pair
+    task): a conversion or format spec ({text!a}, {text:.0}, {text:>2000000}) would silently hide the
+    example's text from the model, or blow the prompt past any length bound."""
+    try:
+        parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as error:
+        raise DataError(f"{origin}: template {template!r} is not a valid format string ({error}); "
+                        f"write fields as {{text}} and {{text_pair}}, literal braces as {{{{ }}}}") from None
+    used = {name for name, _, _ in parsed}
+    unknown = sorted(used - set(FIELDS))
+    if unknown:
+        raise DataError(f"{origin}: template fields {unknown} are unknown; use {{text}} and {{text_pair}}")
+    dressed = [f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+               for name, spec, conversion in parsed if spec or conversion]
+    if dressed:
+        raise DataError(f"{origin}: template field {dressed[0]} has a conversion or format spec; write the "
+                        f"fields as plain {{text}} and {{text_pair}}")
+    if "text" not in used or ("text_pair" in used) != is_pair:
+        need = "{text} and {text_pair}" if is_pair else "{text} and no {text_pair}"
+        raise DataError(f"{origin}: the template must use {need} for this task, got {template!r}")
 
 
 def _choices(words: Sequence[str]) -> str:
