@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from test_bad_inputs import distinct_rows, no_model, refused, write_rows  # noqa
 from curlora import pretrained
 from curlora.continual import ContinualRunner
 from curlora.continual.config import ContinualConfig
+from curlora.continual.report import write_report
 from curlora.continual.rundir import RunFileError, read_run, read_task_state
 from curlora.data import load_task_file
 from curlora.data.prompts import prompt_for
@@ -302,3 +304,27 @@ def test_a_run_file_nested_deep_is_a_run_file_error(tmp_path):
     with pytest.raises(RunFileError, match="task1.json is damaged"):
         (tmp_path / "task1.json").write_text('{"a": ' * 100_000 + "1" + "}" * 100_000)
         read_task_state(tmp_path / "task1.json", 1)
+
+
+# -- 5. names from data or config in the report ------------------------------------------------------------
+def test_names_from_data_are_escaped_in_the_report_and_drawn_as_written(tmp_path):
+    from test_report import _run
+
+    hostile = {"tasks": ["cost $5_$10", "evil\r| x | <img src=x onerror=alert(1)>"],
+               "label": "<script>alert(1)</script>", "method": "lora<b>"}
+    results = {
+        "schema_version": 1, "config": {}, "model": "tiny <i>model</i>",
+        "tasks": [{"name": name, "label_names": [hostile["label"], "[link](http://evil)"], "n_train": 8,
+                   "n_eval": 8, "majority_accuracy": 0.5} for name in hostile["tasks"]],
+        "corpus": {"name": "c`o`rpus*", "tokens_scored": 10, "window": 8, "stride": 4},
+        "runs": [_run(method, rank, seed, [[0.5, None], [0.9, 0.25], [0.8, 0.8]], [30.3, 30.4])
+                 for method, rank in ((hostile["method"], 8), ("head", None)) for seed in (0, 1)],
+    }
+    md = write_report(results, tmp_path / "run").read_text(encoding="utf-8")  # once failed in math text
+    assert "\r" not in md and "<img" not in md and "<script>" not in md and "<b>" not in md and "<i>" not in md
+    assert "&lt;img src=x onerror=alert(1)&gt;" in md and "cost \\$5_\\$10" in md and "\\[link\\](http://evil)" in md
+    for table in md.split("\n\n"):
+        rows = [line for line in table.splitlines() if line.startswith("|")]
+        widths = {len(re.findall(r"(?<!\\)\|", row)) for row in rows}  # unescaped pipes: the columns
+        assert len(widths) <= 1, table
+    assert (tmp_path / "run" / "perplexity.png").read_bytes().startswith(b"\x89PNG")

@@ -177,7 +177,7 @@ class ContinualConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ContinualConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ValueError(f"Unknown config keys {unknown}; known keys: {sorted(known)}.")
         return cls(**data)
