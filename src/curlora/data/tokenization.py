@@ -41,6 +41,17 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tok
 
 
+# A text is cut to this many characters per token of max_length before it is tokenized: tokenizing a
+# whole text first cost about 175 MB of memory per MB of text. No token is this long (SmolLM2's longest
+# is 81 characters), so the cut never changes which tokens remain.
+MAX_CHARS_PER_TOKEN = 100
+
+
+def clip(text: str | None, max_length: int) -> str | None:
+    """``text`` cut to what ``max_length`` tokens can hold (None stays None)."""
+    return None if text is None else text[: max_length * MAX_CHARS_PER_TOKEN]
+
+
 class ClassificationCollator:
     """Turns a list of :class:`Example` into ``input_ids``, ``attention_mask`` (left
     padded) and ``labels`` tensors; texts longer than ``max_length`` are truncated
@@ -77,13 +88,14 @@ class ClassificationCollator:
         }
 
     def _encode(self, examples: Sequence[Example]):
-        pairs = [e.text_pair for e in examples]
+        pairs = [clip(e.text_pair, self.max_length) for e in examples]
         return self.tokenizer(
-            [e.text for e in examples],
+            [clip(e.text, self.max_length) for e in examples],
             pairs if all(p is not None for p in pairs) else None,
             padding=True,
             truncation=True,
             max_length=self.max_length,
+            split_special_tokens=True,  # "<|im_end|>" in a text is text, never the special token
             return_tensors="pt",
         )
 
@@ -131,8 +143,10 @@ class PromptCollator:
         self.end_ids = self._end_of_answer()
         self._cache: dict[tuple, list[int]] = {}
 
-    def _ids(self, text: str, special: bool = False) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=special).input_ids
+    def _ids(self, text: str, special: bool = False, data: bool = False) -> list[int]:
+        """``text``'s token ids; ``data`` (an example's text, an answer word): a special token's string in
+        it (``<|im_end|>``) is tokenized as text, never as the special token."""
+        return self.tokenizer(text, add_special_tokens=special, split_special_tokens=data).input_ids
 
     def _end_of_answer(self) -> list[int]:
         if not self.chat:
@@ -160,7 +174,7 @@ class PromptCollator:
 
     def answers(self, prompt: Prompt) -> list[list[int]]:
         """Each label's answer tokens (without the end-of-answer token)."""
-        return [self._ids(word if self.chat else " " + word) for word in prompt.label_words]
+        return [self._ids(word if self.chat else " " + word, data=True) for word in prompt.label_words]
 
     def _render(self, examples: Sequence[Example], prompt: Prompt) -> str:
         """The prompt for the last example, the others as answered demonstrations; texts as slots."""
@@ -185,7 +199,8 @@ class PromptCollator:
             texts: dict[int, list[int]] = {}
             for k in range(1, len(pieces), 2):
                 slot, lead = int(pieces[k]), " " if pieces[k - 1].endswith(" ") else ""
-                texts[slot] = self._ids(lead + ((owners[slot // 2].text, owners[slot // 2].text_pair)[slot % 2] or ""))
+                text = (owners[slot // 2].text, owners[slot // 2].text_pair)[slot % 2] or ""
+                texts[slot] = self._ids(lead + clip(text, self.max_length), data=True)
             for i in range(len(owners)):
                 parts = [texts[slot] for slot in (2 * i, 2 * i + 1) if slot in texts]
                 while sum(map(len, parts)) > self.max_length:
