@@ -99,7 +99,7 @@ def check_type(where: str, value: Any, hint: Any) -> None:
             return
     if kind is None and where.isidentifier() and any(_container(option) is list for option in options):
         raise ValueError(f"Config field {where!r} must be a list, e.g. [{value!r}], got {value!r}.")
-    got = checks._got(value) if any(option in (int, float) for option in options) else f"got {value!r}"
+    got = checks.got(value) if any(option in (int, float) for option in options) else f"got {value!r}"
     raise ValueError(f"{where} must be {_describe(hint)}, {got}.")
 
 
@@ -153,10 +153,13 @@ def _distinct(where: str, values: list[Any], key: Any) -> None:
     seen: dict[str, Any] = {}
     for value in values:
         name = key(value)
+        if name in seen and seen[name] == value:
+            raise ValueError(f"{where} names {value!r} twice; give each value once.")
         if name in seen:
-            same = f"names {value!r} twice" if seen[name] == value else f"gives {seen[name]!r} and {value!r}"
-            raise ValueError(f"{where} {same}, which would share run files ({name}: run files keep 6 significant "
-                             f"digits); give each value once, distinct within 6 digits.")
+            why = ("run file names keep 6 significant digits" if isinstance(value, float)
+                   else "run file names write ':' as '-'")
+            raise ValueError(f"{where} gives {seen[name]!r} and {value!r}, which would share run files ({name}: "
+                             f"{why}); keep one, or make them differ there.")
         seen[name] = value
 
 
