@@ -147,6 +147,11 @@ def test_a_template_field_with_a_conversion_or_spec_is_refused_before_any_work(t
         prompt_for("reviews", ["neg", "pos"], False, template=template)
 
 
+def test_a_template_past_its_bound_is_refused_through_the_library_too():
+    with pytest.raises(DataError, match="template is 3,006 characters; at most 2,000"):
+        prompt_for("reviews", ["neg", "pos"], False, template="{text}" + "x" * 3000)
+
+
 # -- 7. values of the wrong type or shape, deep nesting, aliases ---------------------------------------
 BOMB = "methods: [head]\nmethod_variants:\n  x: {base: head, a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1, 1]" + "".join(
     f", {chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 10)}]" for i in range(8)) + "}\n"

@@ -32,9 +32,7 @@ EXECUTORS = ("local", "ray")
 # every task (from the config field named beside each).
 RUN_SET_TASK_KEYS = {"seed": "data_seed", "max_train": "examples_per_task", "max_eval": "eval_examples"}
 TASK_FILE_KEYS = tuple(k for k in inspect.signature(load_task_file).parameters if k not in RUN_SET_TASK_KEYS)
-# Bounds on what a task file entry may make a prompt of: a template is an instruction around the text,
-# an answer a word or two; neither may grow a prompt past what max_length bounds.
-MAX_TEMPLATE_CHARS = 2000
+# An answer is a word or two (the template's own bound is prompts.MAX_TEMPLATE_CHARS).
 MAX_LABEL_WORD_CHARS = 100
 
 
@@ -135,11 +133,8 @@ def check_task_file(spec: Any) -> None:
     name = spec.get("name") or Path(spec["path"]).stem
     checks.identifier(f"{where}: name", name)
     check_task_file_name(name, where)
-    template = spec.get("template")
-    if template is not None:
-        if len(template) > MAX_TEMPLATE_CHARS:
-            raise ValueError(f"{where}: template is {len(template):,} characters; at most {MAX_TEMPLATE_CHARS:,}.")
-        check_template(template, spec.get("text_pair_column") is not None, where)
+    if spec.get("template") is not None:
+        check_template(spec["template"], spec.get("text_pair_column") is not None, where)
     for word in spec.get("label_words") or []:
         if not word.strip() or len(word) > MAX_LABEL_WORD_CHARS or not word.isprintable():
             raise ValueError(f"{where}: every label word must be printable text of 1 to {MAX_LABEL_WORD_CHARS} "

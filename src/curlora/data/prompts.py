@@ -19,6 +19,9 @@ from .splits import DataError
 __all__ = ["Prompt", "PROMPTS", "check_template", "default_prompt", "prompt_for"]
 
 FIELDS = ("text", "text_pair")
+#: A template is an instruction around the text and an answer cue: this bounds a prompt's length beside
+#: max_length (which bounds the example's own text).
+MAX_TEMPLATE_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,10 @@ class Prompt:
 def check_template(template: str, is_pair: bool, origin: str) -> None:
     """Refuse a template whose replacement fields are not exactly {text} (and {text_pair} for a pair
     task): a conversion or format spec ({text!a}, {text:.0}, {text:>2000000}) would silently hide the
-    example's text from the model, or blow the prompt past any length bound."""
+    example's text from the model, or blow the prompt past any length bound; so would a template longer
+    than :data:`MAX_TEMPLATE_CHARS`."""
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise DataError(f"{origin}: template is {len(template):,} characters; at most {MAX_TEMPLATE_CHARS:,}")
     try:
         parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
                   if name is not None]
