@@ -172,7 +172,7 @@ def _refuse_model(*args: Any, **kwargs: Any) -> None:
 @contextlib.contextmanager
 def no_model() -> Iterator[None]:
     """Loading the model raises ReachedModel (not caught by the CLI): a case that gets this far ran."""
-    with mock.patch("curlora.continual.runner.load_model_and_tokenizer", _refuse_model), \
+    with mock.patch("curlora.continual.prepare.load_model_and_tokenizer", _refuse_model), \
             mock.patch("curlora.pretrained.load_model_and_tokenizer", _refuse_model):
         yield
 
@@ -248,9 +248,10 @@ def check_run_dir_case(work: Path, edits: list[tuple[str, str, Any]]) -> int | s
     outside.mkdir()
     (outside / "precious.json").write_text('{"value": 17.0}')
     (outside / "task1.safetensors").write_bytes(b"someone's tensors")
-    runner = ContinualRunner(ContinualConfig(methods=["head"]), run_dir)
-    runner._create_run_dir()
-    runner._lock.close()
+    config = ContinualConfig(methods=["head"])
+    runner = ContinualRunner(config, run_dir)
+    runner.run_dir.create(config)
+    runner.run_dir.unlock()
     for what, relative, payload in edits:
         path = run_dir / relative
         if any(parent.is_symlink() for parent in path.parents):  # an earlier edit linked it away: not here

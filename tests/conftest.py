@@ -120,17 +120,17 @@ def kill_after_first_task(monkeypatch: pytest.MonkeyPatch, record: list | None =
     """Stop the next ContinualRunner command as a kill would (KeyboardInterrupt) right after its first
     task checkpoint is written; later commands checkpoint normally. ``record`` collects (run key,
     tasks done) of every checkpoint written from now on."""
-    from curlora.continual import ContinualRunner
+    from curlora.continual import loop
 
-    original = ContinualRunner._checkpoint
+    original = loop.save_task
     killed = []
 
-    def checkpoint(self, ckpt_dir, adapted, protocol, state):
-        original(self, ckpt_dir, adapted, protocol, state)
+    def checkpoint(ckpt_dir, adapted, protocol, state):
+        original(ckpt_dir, adapted, protocol, state)
         if record is not None:
             record.append((ckpt_dir.name, state["tasks_done"]))
         if state["tasks_done"] == 1 and not killed:
             killed.append(True)
             raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(ContinualRunner, "_checkpoint", checkpoint)
+    monkeypatch.setattr(loop, "save_task", checkpoint)

@@ -25,10 +25,10 @@ def no_model(monkeypatch):
     def refuse_to_load(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad setting was refused")
 
-    import curlora.continual.runner
+    import curlora.continual.prepare
     import curlora.pretrained
 
-    monkeypatch.setattr(curlora.continual.runner, "load_model_and_tokenizer", refuse_to_load)
+    monkeypatch.setattr(curlora.continual.prepare, "load_model_and_tokenizer", refuse_to_load)
     monkeypatch.setattr(curlora.pretrained, "load_model_and_tokenizer", refuse_to_load)
 
 

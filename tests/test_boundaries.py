@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from curlora.extras import EXTRAS, main
+from curlora.cli import main
+from curlora.extras import EXTRAS
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "src" / "curlora"
@@ -81,6 +82,16 @@ def test_executor_ray_names_its_extra_before_any_work(monkeypatch):
     monkeypatch.setattr(curlora.extras, "missing_packages", lambda e: ["ray"] if e == "ray" else [])
     with pytest.raises(ImportError, match=re.escape("executor ray (--executor ray) needs ray: pip install 'curlora[ray]'")):
         ContinualConfig(executor="ray")
+
+
+def test_import_layers_hold():
+    """pyproject.toml's import-linter contracts (the layers of docs/library.md): the core imports none of
+    the harness, the benchmark's layers import one way, and no package has an import circle."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    result = subprocess.run([str(Path(sys.executable).parent / "lint-imports"), "--no-cache"], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "0 broken" in result.stdout
 
 
 def test_extras_match_pyproject():
@@ -183,6 +194,10 @@ def test_command_names_the_missing_extra_before_any_work(monkeypatch, capsys, ar
     import curlora.extras
 
     monkeypatch.setattr(curlora.extras, "missing_packages", lambda e: ["pkg"] if e == extra else [])
-    monkeypatch.setitem(sys.modules, "curlora.cli", None)  # the check runs before the CLI is imported
+
+    def parser_built():
+        raise AssertionError("the parser (and with it the harness) was imported before the extras were checked")
+
+    monkeypatch.setattr("curlora.cli.build_parser", parser_built)
     assert main(argv) == 2
     assert f"pip install 'curlora[{extra}]'" in capsys.readouterr().err

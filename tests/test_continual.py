@@ -18,6 +18,7 @@ from curlora.cli import main
 from curlora.continual import ContinualRunner, run_specs
 from curlora.continual.config import ContinualConfig, load_config
 from curlora.continual.frontier import select_learning_rates
+from curlora.continual.prepare import load_data
 from curlora.continual.report import write_report
 
 
@@ -118,14 +119,14 @@ def test_replay_buffer_holds_training_rows_only_and_replays_them_through_their_h
         heads_after.append(copy.deepcopy(heads[current].state_dict()))
         return losses
 
-    monkeypatch.setattr("curlora.continual.runner.train_task", spy)
+    monkeypatch.setattr("curlora.continual.loop.train_task", spy)
     runner = ContinualRunner(config, tmp_path)
     results = runner.run()
     assert results["runs"][0]["status"] == "ok" and results["runs"][0]["rows_kept_per_task"] == 6
     (first_rows, first_replay, first_head), (_, second_replay, second_head) = seen
     assert first_replay == []
     assert len(second_replay) == 6 and all(h is first_head and h is not second_head for _, h in second_replay)
-    held_out = {text_key(e) for e in [*runner.tasks[0].eval, *runner.validation[0]]}
+    held_out = {text_key(e) for e in [*runner.prepared.data.tasks[0].eval, *runner.prepared.data.validation[0]]}
     replayed = [e for e, _ in second_replay]
     assert all(e in first_rows for e in replayed)  # training rows of task 0 ...
     assert not {text_key(e) for e in replayed} & held_out  # ... never its validation or evaluation rows
@@ -140,7 +141,8 @@ def test_replay_buffer_holds_training_rows_only_and_replays_them_through_their_h
 
 
 def test_resume_refuses_a_changed_config(tmp_path, tiny_model_dir, data_dir):
-    ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"]), tmp_path)._create_run_dir()
+    config = tiny_config(tiny_model_dir, data_dir, methods=["head"])
+    ContinualRunner(config, tmp_path).run_dir.create(config)
     with pytest.raises(ValueError, match="epochs"):
         ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"], epochs=2), tmp_path, resume=True)
 
@@ -149,7 +151,7 @@ def test_a_directory_in_use_by_another_command_is_refused_before_any_work(tmp_pa
     import fcntl
 
     config = tiny_config(tiny_model_dir, data_dir, methods=["head"])
-    ContinualRunner(config, tmp_path)._create_run_dir()
+    ContinualRunner(config, tmp_path).run_dir.create(config)
     with open(tmp_path / ".lock", "a+") as other:  # another command holds the directory
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         other.truncate(0)  # as a command does: the lock file holds its holder's pid only
@@ -325,13 +327,14 @@ def test_a_late_rank_does_not_mistake_a_new_run_for_an_old_one(tmp_path, tiny_mo
 
     script = (
         "import os, sys, time\n"
-        "from curlora.continual.runner import ContinualRunner, init_data_parallel\n"
+        "from curlora.continual.runner import ContinualRunner\n"
+        "from curlora.continual.parallel import DataParallel\n"
         "from curlora.continual.config import ContinualConfig\n"
-        "init_data_parallel('cpu')  # the rendezvous; after it, rank 1 arrives late\n"
+        "DataParallel.join('cpu')  # the rendezvous; after it, rank 1 arrives late\n"
         "if os.environ['RANK'] == '1':\n"
         "    time.sleep(2)\n"
         "config = ContinualConfig(model=sys.argv[1], data_dir=sys.argv[2], tasks=['sst2'], progress=False)\n"
-        "ContinualRunner(config, sys.argv[3])._create_run_dir()  # what run() does once the data loaded\n"
+        "ContinualRunner(config, sys.argv[3]).run_dir.create(config)  # what run() does once the data loaded\n"
     )
     port = str(free_port())
     procs = [
@@ -387,7 +390,7 @@ def test_resume_extends_the_grid_and_keeps_finished_runs(tmp_path, tiny_model_di
     assert [run["seed"] for run in back["runs"]] == [1]
     variant = {"lora-r": {"base": "lora", "init_lora_weights": "gaussian"}}
     config = tiny_config(tiny_model_dir, data_dir, methods=["head"], seeds=[1], method_variants=variant)
-    ContinualRunner(config, tmp_path, resume=True)._create_run_dir()  # a new variant may be added ...
+    ContinualRunner(config, tmp_path, resume=True).run_dir.create(config)  # a new variant may be added ...
     changed = {"lora-r": {"base": "lora", "init_lora_weights": "pissa"}}
     with pytest.raises(ValueError, match=r"method_variants\['lora-r'\]"):  # ... not redefined
         ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"], seeds=[1], method_variants=changed),
@@ -399,28 +402,27 @@ def test_the_paper_small_preset_keeps_the_papers_setup_at_a_cpu_size(tmp_path, t
     kept = ("tasks", "corpus", "ranks", "alpha", "epochs", "max_length", "ppl_window", "ppl_stride", "target_modules")
     assert {k: getattr(small, k) for k in kept} == {k: getattr(paper, k) for k in kept}
     assert small.tasks == ["mrpc", "sst2", "sentiment140"] and small.ranks == [8, 16, 24] and small.epochs == 3
-    runner = ContinualRunner(dataclasses.replace(small, model=tiny_model_dir), tmp_path / "run")
-    runner._load_data(smol_tokenizer)
+    data = load_data(dataclasses.replace(small, model=tiny_model_dir), smol_tokenizer)
     # 120 training rows a task and a validation split large enough to choose a rate on (80, not 21).
-    assert [len(t.train) for t in runner.tasks] == [120, 120, 121]
-    assert [len(v) for v in runner.validation] == [80, 80, 79]
-    assert len(runner.corpus_ids) == 8192
+    assert [len(t.train) for t in data.tasks] == [120, 120, 121]
+    assert [len(v) for v in data.validation] == [80, 80, 79]
+    assert len(data.corpus_ids) == 8192
 
 
 def _counting_train_task(monkeypatch):
-    """Wrap the runner's train_task: record each call's run/task label and the model's trainable tensors
+    """Wrap the run loop's train_task: record each call's run/task label and the model's trainable tensors
     as training starts (a resumed run must start from the checkpoint, not from scratch)."""
-    from curlora.continual import runner as runner_module
+    from curlora.continual import loop
 
     calls = []
-    original = runner_module.train_task
+    original = loop.train_task
 
     def counting(model, *args, description="", **kwargs):
         start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         calls.append((description, start))
         return original(model, *args, description=description, **kwargs)
 
-    monkeypatch.setattr(runner_module, "train_task", counting)
+    monkeypatch.setattr(loop, "train_task", counting)
     return calls
 
 
@@ -486,3 +488,80 @@ def test_resume_with_new_methods_ranks_and_rates_trains_only_the_new_runs(tmp_pa
     # The first runs read back as they were (but for the frontier's choice of rate among the new ones).
     for got, want in zip(results["runs"][:2], first["runs"]):
         assert {k: v for k, v in got.items() if k != "selected"} == {k: v for k, v in want.items() if k != "selected"}
+
+
+def test_ceilings_learn_all_tasks_at_once_or_each_alone(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    from curlora.continual import loop
+
+    learned = {}
+    original = loop.train_task
+
+    def recording(model, items, *args, **kwargs):
+        learned.setdefault(kwargs["description"].split("_r4_")[0], []).append(sorted({j for _, j in items}))
+        return original(model, items, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_task", recording)
+    config = tiny_config(tiny_model_dir, data_dir, methods=["multitask", "single-task", "lora", "head"])
+    results = ContinualRunner(config, tmp_path).run()
+    runs = {run["method"]: run for run in results["runs"]}
+    # multitask: one training pass over both tasks' rows (and both heads), nothing after it.
+    assert learned["multitask"] == [[0, 1]] and learned["single-task"] == [[0], [1]]
+    multitask = runs["multitask"]
+    assert [len(steps) for steps in multitask["train_loss"]] == [6, 0]  # 2 × 24 rows at batch 8, then none
+    assert multitask["ceiling"] and not multitask["sequential"]
+    # single-task: task 1's own LoRA leaves task 0's accuracy (scored with task 0's LoRA) exactly as it was.
+    single = runs["single-task"]
+    assert single["accuracy_matrix"][2][0] == single["accuracy_matrix"][1][0]
+    assert single["needs_task_identity"] and single["stored_per_task"] > 0 and single["sequential"]
+    summary = {g["method"]: g for g in results["summary"]}
+    assert summary["multitask"]["forgetting"] is None and summary["single-task"]["forgetting"]["mean"] == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "[ceiling]" in report and "learns every task at once: BWT and forgetting are not defined" in report
+    assert "of the way from the floor (head" in report
+
+
+def test_a_committed_experiment_folder_continues_from_a_fresh_clone(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    """An experiment under docs/results/<name> is killed mid-way, its folder committed as the repository's
+    .gitignore lets it be (run files, config, base perplexity; no checkpoints or lock), and the same
+    command on a fresh clone trains only the missing runs and ends with the same results."""
+    import shutil
+    import subprocess
+
+    from curlora.continual import loop
+
+    config = tiny_config(tiny_model_dir, data_dir, methods=["lora", "head"], lrs=[1e-2, 3e-2], confirm_seeds=[1])
+    uninterrupted = ContinualRunner(config, tmp_path / "whole").run()
+    repo = tmp_path / "repo"
+    folder = repo / "docs" / "results" / "experiment"
+    shutil.copy(Path(__file__).resolve().parents[1] / ".gitignore", repo.mkdir() or repo / ".gitignore")
+    original, saved = loop.save_task, []
+
+    def killed_on_the_third_run(ckpt_dir, adapted, protocol, state):
+        original(ckpt_dir, adapted, protocol, state)
+        saved.append(ckpt_dir.name)
+        if len(set(saved)) == 3:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(loop, "save_task", killed_on_the_third_run)
+    with pytest.raises(KeyboardInterrupt):
+        ContinualRunner(config, folder).run()
+    assert (folder / "checkpoints").is_dir()  # the third run's first task, which a commit leaves out
+
+    def git(*args, cwd=repo):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "two runs of the experiment")
+    git("clone", "-q", str(repo), str(tmp_path / "clone"), cwd=tmp_path)
+    clone = tmp_path / "clone" / "docs" / "results" / "experiment"
+    assert not (clone / "checkpoints").exists() and not (clone / ".lock").exists()
+    committed = {p.stem for p in (clone / "runs").glob("*.json")}
+    assert len(committed) == 2 and (clone / "config.yaml").is_file() and (clone / "base_perplexity.json").is_file()
+    trained = []
+    monkeypatch.setattr(loop, "save_task", lambda ckpt_dir, *args: trained.append(ckpt_dir.name) or original(ckpt_dir, *args))
+    resumed = ContinualRunner(config, clone, resume=True).run()
+    every = {p.stem for p in (tmp_path / "whole" / "runs").glob("*.json")}
+    assert set(trained) == every - committed and len(every) == 5  # 2 × 2 grid runs, 1 confirming run
+    assert _comparable(resumed) == _comparable(uninterrupted)

@@ -200,7 +200,7 @@ def test_corda_kpm_adapts_what_the_calibration_text_uses_least_and_keeps_the_out
 
 
 def test_corda_calibrates_on_text_that_is_not_the_perplexity_corpus(smol_tokenizer):
-    from curlora.continual.runner import calibration_windows
+    from curlora.continual.prepare import calibration_windows
     from curlora.data import CALIBRATION_CORPUS, load_corpus
 
     windows = calibration_windows(smol_tokenizer, samples=4, tokens=64)

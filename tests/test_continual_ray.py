@@ -30,7 +30,7 @@ from conftest import free_port, save_tiny_llama
 from test_continual import tiny_config
 
 from curlora.continual import ContinualRunner
-from curlora.continual import executors
+from curlora.continual.executors import ray as ray_executor
 from curlora.continual.config import ContinualConfig
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -190,12 +190,12 @@ def test_an_unreachable_cluster_is_named_before_anything_is_written(config, tmp_
 
 
 def test_a_node_that_does_not_see_the_run_directory_says_why(tmp_path):
-    assert "No such file" in executors._unseen(str(tmp_path), "token")
-    (tmp_path / executors.TOKEN).write_text("another")
-    assert "another command's token" in executors._unseen(str(tmp_path), "token")
-    (tmp_path / executors.TOKEN).write_text("token")
-    assert executors._unseen(str(tmp_path), "token") is None
-    assert list(tmp_path.iterdir()) == [tmp_path / executors.TOKEN]  # the write check left nothing
+    assert "No such file" in ray_executor.unseen(str(tmp_path), "token")
+    (tmp_path / ray_executor.TOKEN).write_text("another")
+    assert "another command's token" in ray_executor.unseen(str(tmp_path), "token")
+    (tmp_path / ray_executor.TOKEN).write_text("token")
+    assert ray_executor.unseen(str(tmp_path), "token") is None
+    assert list(tmp_path.iterdir()) == [tmp_path / ray_executor.TOKEN]  # the write check left nothing
 
 
 def test_a_killed_driver_resumes_training_only_what_was_missing(cluster, config, one_process, tmp_path):
@@ -257,7 +257,7 @@ def test_a_run_whose_node_dies_is_retried_from_its_last_task(cluster, config, on
     # The numbers of one process (the runs the node's death did not touch, and the retried one).
     assert dict(zip(KEYS, _numbers(results))) == one_process
     assert {run["threads"] for run in results["runs"]} == {1}  # ray_num_cpus
-    assert results["config"]["executor"] == "ray" and not (tmp_path / executors.TOKEN).exists()
+    assert results["config"]["executor"] == "ray" and not (tmp_path / ray_executor.TOKEN).exists()
     # Its first task was not trained again (its state file is the one written before the node died) ...
     task1 = f"checkpoints/{victim}/task1.json"
     assert _inodes(tmp_path)[task1] == watch.frozen[task1]

@@ -4,7 +4,6 @@ up to float rounding."""
 import copy
 import dataclasses
 import json
-import queue
 
 import pytest
 import torch
@@ -13,8 +12,9 @@ from conftest import save_tiny_llama
 from test_architectures import ARCHITECTURES, tiny
 from test_continual import _comparable, tiny_config
 
-from curlora.continual import ContinualRunner, executors, forward
-from curlora.continual.runner import RunSpec
+from curlora.continual import ContinualRunner, forward
+from curlora.continual.plan import RunSpec
+from curlora.continual.worker import Worker
 from curlora.continual import protocols
 
 
@@ -95,13 +95,11 @@ def test_a_worker_scores_a_frozen_backbone_on_the_features_the_parent_computed(t
     config = tiny_config(tiny_model_dir, data_dir, methods=["head"])
     ContinualRunner(config, tmp_path / "alone").run()
     parent = ContinualRunner(config, tmp_path / "pooled")
-    base = parent._base(parent._prepare(), [0])
-    parent._create_run_dir()
+    base = Worker.for_job(parent.job).base([0])
+    parent.run_dir.create(config)
     calls = _counting_feature_calls(monkeypatch)
-    specs = queue.SimpleQueue()
-    for spec in (RunSpec("head", None, None, 0.0, 0), None):
-        specs.put(spec)
-    executors._pool_worker(config, str(tmp_path / "pooled"), specs, base, 1)
+    spec = RunSpec("head", None, None, 0.0, 0)
+    parent.run_dir.save_result(spec.key, Worker.for_job(parent.job.elsewhere(threads=1)).train(spec, base))
     assert len(calls) == 2  # the two validation splits
     pooled = json.loads((tmp_path / "pooled" / "runs" / "head_s0.json").read_text())
     one_process = json.loads((tmp_path / "alone" / "runs" / "head_s0.json").read_text())

@@ -1,14 +1,16 @@
 """The docs a user reads are checked like code: every relative link and anchor in README.md and
 docs/*.md resolves, every Markdown table has one column count on every row (a row that lost its
 indent breaks a table when rendered), every ``curlora ...`` command in a code block parses with the
-current CLI, every YAML example (but a Kubernetes manifest) holds real config fields, and docs/cli.md
-is what tools/cli_docs.py writes from the parser."""
+current CLI, every YAML example (but a Kubernetes manifest) holds real config fields, docs/cli.md
+is what tools/cli_docs.py writes from the parser, and every result table is what
+tools/results_tables.py writes from the committed results.json files."""
 
 from __future__ import annotations
 
 import importlib.util
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,3 +186,41 @@ def test_the_cli_reference_is_current():
     spec.loader.exec_module(cli_docs)
     assert (ROOT / "docs" / "cli.md").read_text(encoding="utf-8") == cli_docs.render(), (
         "docs/cli.md is stale: run `PYTHONPATH=src python tools/cli_docs.py`")
+
+
+def _results_tables():
+    """tools/results_tables.py as a module (registered, as its dataclasses need)."""
+    if "results_tables" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("results_tables", ROOT / "tools" / "results_tables.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["results_tables"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["results_tables"]
+
+
+@pytest.mark.parametrize("path", ["README.md", "docs/results.md", "docs/choosing.md"])
+def test_the_result_tables_are_what_the_results_files_give(path):
+    tool = _results_tables()
+    text = (ROOT / path).read_text(encoding="utf-8")
+    assert not tool.missing(path, text), f"{path}: result-table markers missing or doubled: {tool.missing(path, text)}"
+    assert text == tool.render(path, text), (
+        f"{path}: a result table differs from the committed results files: run `PYTHONPATH=src python "
+        "tools/results_tables.py` (never edit a generated table by hand)")
+
+
+def test_a_hand_edited_result_table_fails_the_check():
+    tool = _results_tables()
+    text = (ROOT / "docs" / "results.md").read_text(encoding="utf-8")
+    start = tool.START.search(text)
+    table = text[start.end():text.index(tool.END, start.end())]
+    number = re.search(r"\d\.\d{3}", table)
+    edited = text[:start.end() + number.start()] + "9.999" + text[start.end() + number.end():]
+    assert edited != text and tool.render("docs/results.md", edited) == text  # the tool restores it
+
+
+def test_every_results_file_the_docs_read_is_committed_and_listed():
+    tool = _results_tables()
+    for name in tool.EXPERIMENTS:
+        assert (ROOT / "docs" / "results" / name / "results.json").is_file(), name
+    listed = (ROOT / "docs" / "results" / "README.md").read_text(encoding="utf-8")
+    assert all(f"[{name}]({name}/report.md)" in listed for name in tool.EXPERIMENTS)

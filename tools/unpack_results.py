@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from curlora.continual.rundir import RunFileError, read_json, read_run
-from curlora.continual.runner import RunSpec
+from curlora.continual.plan import RunSpec
 from curlora.fileio import atomic_write_json, atomic_write_text
 
 

@@ -8,11 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from curlora.continual.config import PRESETS, load_config
-from curlora.continual.methods import describe
-from curlora.continual.protocols import PROTOCOLS
+from curlora.extras import needed_extras, require_extra
 from curlora.quantization import SCHEMES
-from curlora.sft.train import SFTSettings
 
 
 def _numbers(kind: type, text: str) -> list:
@@ -59,6 +56,10 @@ def _method_rate_grid(entries: list[tuple[str, int | None, list[float]]]) -> dic
 
 
 def _continual_parser(sub) -> None:
+    from curlora.continual.config import PRESETS
+    from curlora.continual.methods import describe
+    from curlora.continual.protocols import PROTOCOLS
+
     p = sub.add_parser(
         "continual",
         help="run tasks in sequence through several fine-tuning methods and report learning and forgetting",
@@ -79,7 +80,7 @@ def _continual_parser(sub) -> None:
                         "prompt -> answer text, loss on the answer only, no heads (floors: zero-shot, k-shot)")
     p.add_argument("--chat-template", action=argparse.BooleanOptionalAction, default=None,
                    help="generative: prompts as chat turns (default: when the tokenizer has a chat template)")
-    p.add_argument("--k-shot", type=int, help="generative: training rows shown in the k-shot floor's prompts (default 4)")
+    p.add_argument("--k-shot", type=int, help="generative: training rows of each label shown in the k-shot floor's prompts (default 4)")
     p.add_argument("--generation-examples", type=int,
                    help="generative: evaluation rows per task checked for a valid greedy answer (default 32)")
     p.add_argument("--tasks", type=_strings, help="comma-separated task names, in training order")
@@ -147,7 +148,7 @@ def _continual_parser(sub) -> None:
 
 
 def _run_continual(args: argparse.Namespace) -> int:
-    from curlora.continual import ContinualRunner
+    from curlora.continual import ContinualRunner, load_config
 
     overrides = {
         key: getattr(args, key)
@@ -175,6 +176,8 @@ def _run_continual(args: argparse.Namespace) -> int:
 
 
 def _sft_parser(sub) -> None:
+    from curlora.sft.train import SFTSettings
+
     p = sub.add_parser(
         "sft",
         help="fine-tune a CURLoRA adapter on prompt/response or chat data (loss on responses only)",
@@ -218,6 +221,7 @@ def _run_sft(args: argparse.Namespace) -> int:
     import json
 
     from curlora.sft import run_sft
+    from curlora.sft.train import SFTSettings
 
     fields = {k: getattr(args, k) for k in SFTSettings.__dataclass_fields__ if k != "extra" and hasattr(args, k)}
     fields["data"], fields["output_dir"] = str(args.data), str(args.output_dir)
@@ -272,7 +276,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The ``curlora`` command: check the extras the subcommand needs, then run it. The harness is
+    imported only after that check (inside the parser's functions), so a missing package is named
+    with its pip command instead of failing an import."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        for extra, purpose in needed_extras(argv):
+            require_extra(extra, purpose)
+    except ImportError as error:
+        print(f"curlora: error: {error}", file=sys.stderr)
+        return 2
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as error:  # the parser itself lists the benchmark's presets
+        print(f"curlora: error: the command needs {error.name}: pip install 'curlora[all]'", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as error:

@@ -1,6 +1,6 @@
-"""The pip extras beyond the core (``pip install curlora`` adapts, saves and loads models) and the
-``curlora`` command's entry point, which names the extra to install before any work starts
-when a subcommand's packages are missing.
+"""The pip extras beyond the core (``pip install curlora`` adapts, saves and loads models): their names,
+which of them a command line needs, and the check that names the extra to install when one is missing
+(the ``curlora`` command, :func:`curlora.cli.main`, runs it before any work starts).
 
 ``EXTRAS`` mirrors pyproject.toml's optional dependencies (a test keeps them equal).
 """
@@ -8,7 +8,6 @@ when a subcommand's packages are missing.
 from __future__ import annotations
 
 import importlib.util
-import sys
 
 #: Distributions of each extra (``all`` installs every one).
 EXTRAS: dict[str, tuple[str, ...]] = {
@@ -42,7 +41,7 @@ def require_extra(extra: str, purpose: str) -> None:
         raise ImportError(f"{purpose} needs {', '.join(missing)}: pip install 'curlora[{extra}]'")
 
 
-def _needed_extras(argv: list[str]) -> list[tuple[str, str]]:
+def needed_extras(argv: list[str]) -> list[tuple[str, str]]:
     """(extra, purpose) pairs the command line ``argv`` needs."""
     command = next((a for a in argv if not a.startswith("-")), None)
     needed = [(extra, f"curlora {command}") for extra in COMMAND_EXTRAS.get(command, ())]
@@ -54,24 +53,3 @@ def _needed_extras(argv: list[str]) -> list[tuple[str, str]]:
                                       for a, b in zip(argv, [*argv[1:], ""])):
         needed.append(("ray", "--executor ray"))
     return needed
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The ``curlora`` command: check the extras the subcommand needs, then run it."""
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        for extra, purpose in _needed_extras(argv):
-            require_extra(extra, purpose)
-    except ImportError as error:
-        print(f"curlora: error: {error}", file=sys.stderr)
-        return 2
-    try:
-        from curlora.cli import main as cli_main
-    except ModuleNotFoundError as error:  # the parser itself lists the benchmark's presets
-        print(f"curlora: error: the command needs {error.name}: pip install 'curlora[all]'", file=sys.stderr)
-        return 2
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

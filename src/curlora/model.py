@@ -148,14 +148,64 @@ def check_adapter(model: nn.Module, directory: str | Path) -> CheckedAdapter:
     return CheckedAdapter(config, states, layers, to_save)
 
 
-class CURLoRAModel(nn.Module):
-    """A model with CURLoRA adapters; behaves like the wrapped model everywhere else.
+class AdapterStateDict(nn.Module):
+    """The state dict of a model wrapped with adapters: only the adapter tensors (every adapter's U,
+    cols and rows, and the ``modules_to_save``), never the frozen base weights. That is what
+    ``transformers.Trainer`` checkpoints and ``accelerate`` saves for a module that is not a
+    ``PreTrainedModel``, and what ``load_state_dict`` restores (C and R are rebuilt from the base
+    weight when indices change). Subclasses hold ``base_model`` and ``peft_config``."""
 
-    ``state_dict()`` holds only the adapter tensors (every adapter's U, cols and rows, and the
-    ``modules_to_save``), never the frozen base weights: that is what ``transformers.Trainer``
-    checkpoints and ``accelerate`` saves for a module that is not a ``PreTrainedModel``, and what
-    ``load_state_dict`` restores (C and R are rebuilt from the base weight when indices change).
-    """
+    base_model: nn.Module
+    peft_config: dict[str, CURLoRAConfig]
+
+    def _adapter_state_keys(self) -> set[str]:
+        """Keys (relative to this module) of every adapter tensor and every module_to_save entry."""
+        keys = set()
+        for name, module in self.named_modules():
+            if isinstance(module, CURAdapter):
+                keys.update(f"{name}.{key}" for key in ("U", "cols", "rows"))
+        for config in self.peft_config.values():
+            for module_name, module in find_modules_to_save(self.base_model, config).items():
+                keys.update(f"base_model.{module_name}.{key}" for key in module.state_dict())
+        return keys
+
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Only the adapter tensors (see the class docstring); ``base_model.state_dict()`` has all."""
+        full = super().state_dict(*args, prefix=prefix, keep_vars=keep_vars)
+        keep = {prefix + key for key in self._adapter_state_keys()}
+        out = destination if destination is not None else OrderedDict()
+        for key, value in full.items():
+            if key in keep:
+                out[key] = value
+        return out
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
+        """Load adapter tensors; ``strict`` checks them only (base weights are not expected)."""
+        expected = self._adapter_state_keys()
+        before = {n: (m.cols.clone(), m.rows.clone()) for n, m in self.named_modules() if isinstance(m, CURAdapter)}
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [key for key in result.missing_keys if key in expected]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"Error loading CURLoRA adapter state: missing keys {missing}, "
+                f"unexpected keys {result.unexpected_keys}."
+            )
+        # Indices that changed mean a differently sampled adapter: rebuild its C and R.
+        layers = dict(curlora_layers(self))
+        for name, (cols, rows) in before.items():
+            adapter = self.get_submodule(name)
+            if torch.equal(cols, adapter.cols) and torch.equal(rows, adapter.rows):
+                continue
+            layer = layers[name.rsplit(".adapters.", 1)[0]]
+            if layer.merged_adapters:
+                raise RuntimeError("Unmerge adapters (unmerge_adapter()) before loading a state dict.")
+            adapter.set_sources(cur_source_weight(layer.base_layer))
+        return type(result)(missing, result.unexpected_keys)
+
+
+class CURLoRAModel(AdapterStateDict):
+    """A model with CURLoRA adapters; behaves like the wrapped model everywhere else. Its
+    ``state_dict()`` holds only the adapter tensors (:class:`AdapterStateDict`)."""
 
     # transformers.Trainer reads this on load; None means "no tied keys were left out on save".
     _keys_to_ignore_on_save = None
@@ -174,7 +224,7 @@ class CURLoRAModel(nn.Module):
         self.active_adapter: str | None = None
         for param in model.parameters():
             param.requires_grad_(False)
-        self._expose_forward_signature()
+        self.expose_forward_signature()
         if config is not None:
             self.add_adapter(adapter_name, config)
             self.set_adapter(adapter_name)
@@ -187,10 +237,11 @@ class CURLoRAModel(nn.Module):
             kwargs["labels"] = labels
         return self.base_model(*args, **kwargs)
 
-    def _expose_forward_signature(self) -> None:
+    def expose_forward_signature(self) -> None:
         """Give this instance's ``forward`` the wrapped model's signature (``inspect`` follows
         ``__wrapped__``): ``transformers.Trainer`` keeps only the dataset columns that
-        ``model.forward`` names, so a bare ``forward(*args, **kwargs)`` would get empty batches."""
+        ``model.forward`` names, so a bare ``forward(*args, **kwargs)`` would get empty batches.
+        Public for trainers that patch the wrapped model's ``forward`` (curlora.sft.trainer)."""
         self.__dict__.pop("forward", None)
         if callable(getattr(self.base_model, "forward", None)):
             self.forward = functools.update_wrapper(
@@ -207,9 +258,6 @@ class CURLoRAModel(nn.Module):
         return self.base_model
 
     # -- adapters -----------------------------------------------------------------------------
-    def _targets(self, config: CURLoRAConfig) -> list[tuple[str, nn.Module]]:
-        return target_layers(self.base_model, config)
-
     def _layer_for(self, name: str, module: nn.Module) -> CURLoRALayer:
         if isinstance(module, CURLoRALayer):
             return module
@@ -222,7 +270,7 @@ class CURLoRAModel(nn.Module):
         self._new_adapter_name(adapter_name)
         self._modules_to_save(config)  # validate before changing anything
         drawn = []  # every layer's draw first: a layer that cannot be sampled leaves the model as it was
-        for name, module in self._targets(config):
+        for name, module in target_layers(self.base_model, config):
             weight = weight_out_in(module.base_layer if isinstance(module, CURLoRALayer) else module)
             generator = module_generator(config.seed, name, weight.device)
             try:
@@ -342,51 +390,6 @@ class CURLoRAModel(nn.Module):
                 for name in names:
                     layer.merge(name)
 
-    # -- state dict (Trainer / Accelerate checkpoints) -------------------------------------------
-    def _adapter_state_keys(self) -> set[str]:
-        """Keys (relative to this module) of every adapter tensor and every module_to_save entry."""
-        keys = set()
-        for name, module in self.named_modules():
-            if isinstance(module, CURAdapter):
-                keys.update(f"{name}.{key}" for key in ("U", "cols", "rows"))
-        for config in self.peft_config.values():
-            for module_name, module in self._modules_to_save(config).items():
-                keys.update(f"base_model.{module_name}.{key}" for key in module.state_dict())
-        return keys
-
-    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """Only the adapter tensors (see the class docstring); ``base_model.state_dict()`` has all."""
-        full = super().state_dict(*args, prefix=prefix, keep_vars=keep_vars)
-        keep = {prefix + key for key in self._adapter_state_keys()}
-        out = destination if destination is not None else OrderedDict()
-        for key, value in full.items():
-            if key in keep:
-                out[key] = value
-        return out
-
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False):
-        """Load adapter tensors; ``strict`` checks them only (base weights are not expected)."""
-        expected = self._adapter_state_keys()
-        before = {n: (m.cols.clone(), m.rows.clone()) for n, m in self.named_modules() if isinstance(m, CURAdapter)}
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [key for key in result.missing_keys if key in expected]
-        if strict and (missing or result.unexpected_keys):
-            raise RuntimeError(
-                f"Error loading CURLoRA adapter state: missing keys {missing}, "
-                f"unexpected keys {result.unexpected_keys}."
-            )
-        # Indices that changed mean a differently sampled adapter: rebuild its C and R.
-        layers = dict(curlora_layers(self))
-        for name, (cols, rows) in before.items():
-            adapter = self.get_submodule(name)
-            if torch.equal(cols, adapter.cols) and torch.equal(rows, adapter.rows):
-                continue
-            layer = layers[name.rsplit(".adapters.", 1)[0]]
-            if layer.merged_adapters:
-                raise RuntimeError("Unmerge adapters (unmerge_adapter()) before loading a state dict.")
-            adapter.set_sources(cur_source_weight(layer.base_layer))
-        return type(result)(missing, result.unexpected_keys)
-
     # -- saving and loading -------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | Path, selected_adapters: list[str] | None = None) -> None:
         """Write each adapter as PEFT does: ``default`` at the top, others in sub-directories."""
@@ -399,18 +402,7 @@ class CURLoRAModel(nn.Module):
             config = self.peft_config[adapter_name]
             if config.base_model_name_or_path is None and base_name:
                 config.base_model_name_or_path = str(base_name)
-            layers = {}
-            for name, layer in curlora_layers(self.base_model):
-                if adapter_name not in layer.adapters:
-                    continue
-                adapter = layer.adapters[adapter_name]
-                layers[name] = LayerState(
-                    U=adapter.U,
-                    cols=adapter.cols,
-                    rows=adapter.rows,
-                    fingerprint=fingerprint(adapter.C, adapter.R),
-                    shape=tuple(weight_out_in(layer.base_layer).shape),
-                )
+            layers = adapter_layer_states(self.base_model, adapter_name)
             extra = {
                 f"{module_name}.{key}": value
                 for module_name, module in self._modules_to_save(config).items()
@@ -459,6 +451,18 @@ class CURLoRAModel(nn.Module):
         wrapper = cls(model)
         wrapper._attach(checked, adapter_name, is_trainable)
         return wrapper
+
+
+def adapter_layer_states(model: nn.Module, adapter_name: str) -> dict[str, LayerState]:
+    """What an adapter file holds for each layer of ``model`` that has ``adapter_name``."""
+    states = {}
+    for name, layer in curlora_layers(model):
+        if adapter_name in layer.adapters:
+            adapter = layer.adapters[adapter_name]
+            states[name] = LayerState(U=adapter.U, cols=adapter.cols, rows=adapter.rows,
+                                      fingerprint=fingerprint(adapter.C, adapter.R),
+                                      shape=tuple(weight_out_in(layer.base_layer).shape))
+    return states
 
 
 def get_curlora_model(

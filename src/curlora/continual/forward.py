@@ -18,7 +18,8 @@ from __future__ import annotations
 import copy
 import inspect
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -247,20 +248,44 @@ def answer_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
         attention_mask = torch.cat([rest.new_ones(rows, prefix), rest], 1)
     positions = _positions(attention_mask)[:, attention_mask.shape[1] - input_ids.shape[1]:]
     kwargs = {"logits_to_keep": 1} if _keeps_logits(lm) else {}
-    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-             use_cache=longer or bool(cache), **cache, **kwargs)
-    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
-    scores = first[:, [a[0] for a in answers]].clone()
-    for k, answer in enumerate(answers):
-        if len(answer) == 1:
-            continue
-        rest = torch.tensor(answer, device=input_ids.device).expand(rows, -1)
-        steps = rest.shape[1] - 1
-        more = lm(input_ids=rest[:, :-1], attention_mask=torch.cat([attention_mask, torch.ones_like(rest[:, :-1])], 1),
-                  position_ids=positions[:, -1:] + 1 + torch.arange(steps, device=input_ids.device),
-                  **{_cache_name(lm): copy.deepcopy(getattr(out, _cache_name(lm)))}, use_cache=True).logits
-        scores[:, k] += F.log_softmax(more.float(), dim=-1).gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
+    with float32_lm_head(lm):
+        out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                 use_cache=longer or bool(cache), **cache, **kwargs)
+        first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+        scores = first[:, [a[0] for a in answers]].clone()
+        for k, answer in enumerate(answers):
+            if len(answer) == 1:
+                continue
+            rest = torch.tensor(answer, device=input_ids.device).expand(rows, -1)
+            steps = rest.shape[1] - 1
+            more = lm(input_ids=rest[:, :-1], attention_mask=torch.cat([attention_mask, torch.ones_like(rest[:, :-1])], 1),
+                      position_ids=positions[:, -1:] + 1 + torch.arange(steps, device=input_ids.device),
+                      **{_cache_name(lm): copy.deepcopy(getattr(out, _cache_name(lm)))}, use_cache=True).logits
+            scores[:, k] += F.log_softmax(more.float(), dim=-1).gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
     return scores
+
+
+@contextmanager
+def float32_lm_head(lm: nn.Module) -> Iterator[None]:
+    """The LM head in float32 while answers are scored, even under bf16 autocast: bf16 logits sit
+    0.06–0.125 apart at their usual size, so two labels' scores tie exactly on many rows. Only the
+    scored positions reach the head, so this costs little; a head that is not a plain Linear (an
+    adapted one) is left as it is."""
+    head = lm.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        yield
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            bias = None if head.bias is None else head.bias.float()
+            return F.linear(hidden.float(), head.weight.float(), bias)
+
+    head.forward = forward  # an instance attribute: the class's forward returns when it is deleted
+    try:
+        yield
+    finally:
+        del head.forward
 
 
 # -- probes: does a saving give the plain computation on this model? ---------------------------

@@ -101,6 +101,11 @@ class Adapted:
         """Earlier tasks' rows to mix into this task's batches, each with its own task's index."""
         return []
 
+    def training_tasks(self, task_index: int, count: int) -> list[int]:
+        """Whose training rows the model learns at step ``task_index`` of ``count`` (and whose heads
+        train with them): the task itself, for any method that learns the tasks in sequence."""
+        return [task_index]
+
     def stored_per_task(self) -> int:
         """Numbers kept for each task beyond its head (0: one shared set for all tasks)."""
         return 0
@@ -110,45 +115,87 @@ class Adapted:
         return 0
 
 
-@dataclass
-class CURBank(Adapted):
-    """One CURLoRA U per task on shared C and R (``curlora-bank``): task t trains its own U from zero
-    while earlier tasks' U stay frozen, and evaluating task j switches to U_j, so earlier tasks are
-    exactly as they were. It needs the task's identity at inference; per task it stores r² numbers
-    per adapted layer. Perplexity is measured with the latest task's U active."""
+def task_adapter_name(task_index: int) -> str:
+    """The adapter of task ``task_index`` in methods that keep one per task (the first is the default)."""
+    return DEFAULT_ADAPTER if task_index == 0 else f"task{task_index}"
 
-    config: CURLoRAConfig | None = None
+
+def _lora_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if "lora_" in n}
+
+
+def _lora_numbers_per_task(model: nn.Module) -> int:
+    return sum(p.numel() for n, p in model.named_parameters() if f".{DEFAULT_ADAPTER}." in n and "lora_" in n)
+
+
+@dataclass
+class AdapterPerTask(Adapted):
+    """Methods that add an adapter (of one config) for each task, train only that one, and evaluate
+    task j with adapter j: earlier tasks stay exactly as they were, at the price of needing the
+    task's identity at inference. Perplexity is measured with the latest task's adapter active."""
+
+    config: Any = None
     needs_task_identity: bool = True
 
-    @staticmethod
-    def adapter_name(task_index: int) -> str:
-        return DEFAULT_ADAPTER if task_index == 0 else f"task{task_index}"
-
     def start_task(self, task_index: int) -> None:
-        name = self.adapter_name(task_index)
-        if name not in self.model.peft_config:  # same config and seed: the same C and R for every task
-            self.model.add_adapter(name, self.config)
-        self.model.set_adapter(name)
-        self.u_params = [p for p in self.model.parameters() if p.requires_grad]
+        name = task_adapter_name(task_index)
+        if name not in self.model.peft_config:
+            self.model.add_adapter(name, copy.deepcopy(self.config))
+        self.model.set_adapter(name)  # only this task's adapter trains
 
     @contextmanager
     def evaluating(self, task_index: int) -> Iterator[None]:
         active = self.model.active_adapter
-        self.model.set_adapter(self.adapter_name(task_index))
+        self.model.set_adapter(task_adapter_name(task_index))
         try:
             yield
         finally:
             self.model.set_adapter(active)
 
-    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if n.endswith(".U")}
-
     def resume(self, tasks_done: int, finished: Sequence[FinishedTask]) -> None:
         for i in range(tasks_done):
             self.start_task(i)
 
+
+@dataclass
+class CURBank(AdapterPerTask):
+    """One CURLoRA U per task on shared C and R (``curlora-bank``): the same config and seed give every
+    task the same C and R, and task t trains its own U from zero; per task it stores r² numbers per
+    adapted layer."""
+
+    def start_task(self, task_index: int) -> None:
+        super().start_task(task_index)
+        self.u_params = [p for p in self.model.parameters() if p.requires_grad]
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if n.endswith(".U")}
+
     def stored_per_task(self) -> int:
         return sum(p.numel() for p in self.u_params)
+
+
+@dataclass
+class Multitask(Adapted):
+    """The multi-task ceiling (``multitask``; O-LoRA's and TRACE's "MTL"): one LoRA learns every
+    task's training rows at once, shuffled together, at the first step of the sequence (same epochs,
+    rates and schedule), and nothing after it. No task comes after another, so forgetting is not
+    defined; its final accuracies are what the adapter can learn of all tasks together."""
+
+    def training_tasks(self, task_index: int, count: int) -> list[int]:
+        return list(range(count)) if task_index == 0 else []
+
+
+@dataclass
+class SingleTask(AdapterPerTask):
+    """The per-task ceiling (``single-task``): a fresh LoRA for each task (its own A from the run's
+    seed, B = 0), trained on that task alone, each task evaluated with its own: nothing is shared and
+    nothing forgotten, so its final row is the accuracy each task reaches when learned alone."""
+
+    def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return _lora_tensors(self.model)
+
+    def stored_per_task(self) -> int:
+        return _lora_numbers_per_task(self.model)
 
 
 @dataclass(frozen=True)
@@ -183,6 +230,8 @@ class Method:
     new_parameters_per_task: bool = False  # trains fresh parameters for each task (bank, O-LoRA)
     needs_calibration: bool = False  # reads BuildContext.calibration_ids when it builds
     decomposes_base_weights: bool = False  # initialises from an SVD of the full-precision W (no quantized base)
+    ceiling: bool = False  # a reference row above the methods (multitask, single-task), not a contender
+    sequential: bool = True  # learns the tasks one after another (False: forgetting is not defined)
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def adapt(self, lm: nn.Module, context: BuildContext, extra: Mapping[str, Any] | None = None) -> Adapted:
@@ -279,40 +328,47 @@ class OLoRA(Adapted):
     lora_config: Any = None
     task_index: int = 0
 
-    @staticmethod
-    def adapter_name(task_index: int) -> str:
-        return DEFAULT_ADAPTER if task_index == 0 else f"task{task_index}"
-
     def _layers(self) -> list[nn.Module]:
         return [m for m in self.model.modules() if isinstance(getattr(m, "lora_A", None), nn.ModuleDict)]
 
     def start_task(self, task_index: int) -> None:
-        name = self.adapter_name(task_index)
+        name = task_adapter_name(task_index)
         if name not in self.model.peft_config:
             self.model.add_adapter(name, copy.deepcopy(self.lora_config))  # B = 0: output unchanged
-        self.model.base_model.set_adapter([self.adapter_name(i) for i in range(task_index + 1)])
+        self.model.base_model.set_adapter([task_adapter_name(i) for i in range(task_index + 1)])
         self.task_index = task_index
         for param_name, param in self.model.named_parameters():
             param.requires_grad_(f".{name}." in param_name)
 
     def penalty(self) -> torch.Tensor | None:
-        earlier = [self.adapter_name(i) for i in range(self.task_index)]
+        earlier = [task_adapter_name(i) for i in range(self.task_index)]
         if not earlier:
             return None
-        current = self.adapter_name(self.task_index)
+        current = task_adapter_name(self.task_index)
         total = sum((layer.lora_A[s].weight @ layer.lora_A[current].weight.t()).pow(2).sum()
                     for layer in self._layers() for s in earlier)
         return self.strength * total
 
     def checkpoint_tensors(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if "lora_" in n}
+        return _lora_tensors(self.model)
 
     def resume(self, tasks_done: int, finished: Sequence[FinishedTask]) -> None:
         for i in range(tasks_done):
             self.start_task(i)
 
     def stored_per_task(self) -> int:
-        return sum(p.numel() for n, p in self.model.named_parameters() if f".{DEFAULT_ADAPTER}." in n and "lora_" in n)
+        return _lora_numbers_per_task(self.model)
+
+
+def _build_multitask(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    return Multitask(_build_lora(lm, context, kwargs).model)
+
+
+def _build_single_task(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+    from peft import LoraConfig
+
+    config = LoraConfig(target_modules=_targets(lm, context), **_lora_size(lm, context), **kwargs)
+    return SingleTask(_get_peft_model(lm, copy.deepcopy(config)), config=config)
 
 
 def _build_olora(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
@@ -417,6 +473,10 @@ register(Method("osf", "PEFT OSF: top singular directions frozen, the orthogonal
                 takes_rank=False))
 register(Method("o-lora", "O-LoRA: a new LoRA per task, earlier ones frozen, new A kept orthogonal to "
                 "earlier As (λ: --olora-lambda)", _build_olora, new_parameters_per_task=True))
+register(Method("multitask", "the multi-task ceiling: one LoRA trained once on every task's rows shuffled together "
+                "(forgetting not defined)", _build_multitask, ceiling=True, sequential=False))
+register(Method("single-task", "the per-task ceiling: a fresh LoRA per task, each task evaluated with its own",
+                _build_single_task, ceiling=True, new_parameters_per_task=True))
 register(Method("head", "frozen backbone, task heads only (the heads protocol's zero-forgetting floor)",
                 _build_head, takes_rank=False, takes_lr=False, frozen_backbone=True))
 register(Method("zero-shot", "the untouched model answering each task's prompt (the generative protocol's floor)",

@@ -197,10 +197,12 @@ def run_metrics(run: Mapping[str, Any]) -> dict[str, Any]:
     if final is None and after:
         final = after[-1]
     params = run.get("trainable_params") or {}
+    # A method that learns every task at once (multitask) has no "earlier" task: forgetting is undefined.
+    sequential = run.get("sequential", True)
     return {
         "acc": final_accuracy(R),
-        "bwt": backward_transfer(R),
-        "forgetting": average_forgetting(R),
+        "bwt": backward_transfer(R) if sequential else None,
+        "forgetting": average_forgetting(R) if sequential else None,
         "plasticity": plasticity(R),
         "ppl_before": before,
         "ppl_final": final,
@@ -215,6 +217,8 @@ def run_metrics(run: Mapping[str, Any]) -> dict[str, Any]:
         "accuracy_matrix": [list(row) for row in R],
         # Generative protocol: the share of greedy answers that were an answer word, per task.
         "valid_answer_rate": list(run.get("valid_answer_rate") or []),
+        # Generative protocol: the final row's length-normalised accuracy (acc_norm), per task.
+        "accuracy_norm": list(run.get("accuracy_norm") or []),
     }
 
 
@@ -251,6 +255,9 @@ def aggregate_runs(
         agg["task_accuracy"] = _elementwise(m["task_accuracy"] for m in per_run)
         agg["ppl_after_task"] = _elementwise(m["ppl_after_task"] for m in per_run)
         agg["valid_answer_rate"] = _elementwise(m["valid_answer_rate"] for m in per_run)
+        agg["accuracy_norm"] = _elementwise(m["accuracy_norm"] for m in per_run)
+        norms = [sum(m["accuracy_norm"]) / len(m["accuracy_norm"]) for m in per_run if m["accuracy_norm"]]
+        agg["acc_norm"] = seed_stat(norms) if norms else None
         agg["accuracy_matrix"] = [
             _elementwise(rows) for rows in zip(*(m["accuracy_matrix"] for m in per_run))
         ]

@@ -15,6 +15,8 @@ frontier read only this interface.
 
 from __future__ import annotations
 
+import warnings
+
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -33,8 +35,9 @@ from curlora.continual.training import Item, autocast, batches, derived_seed
 class RunState(ABC):
     """What a protocol keeps for one run (a method at one rate and seed) beside the adapted LM."""
 
-    def task_parameters(self, task_index: int) -> list[nn.Parameter]:
-        """Parameters trained with the task at ``head_lr`` (besides the method's own); none by default."""
+    def task_parameters(self, task_indices: Sequence[int]) -> list[nn.Parameter]:
+        """Parameters trained at ``head_lr`` (besides the method's own) while the tasks of
+        ``task_indices`` are learned (one task, or every task for multitask); none by default."""
         return []
 
     @abstractmethod
@@ -154,10 +157,10 @@ class HeadsRun(RunState):
             heads.append(nn.Linear(hidden, task.num_labels))
         self.heads = nn.ModuleList(heads).to(protocol.device)
 
-    def task_parameters(self, task_index: int) -> list[nn.Parameter]:
+    def task_parameters(self, task_indices: Sequence[int]) -> list[nn.Parameter]:
         for j, head in enumerate(self.heads):
-            head.requires_grad_(j == task_index)
-        return list(self.heads[task_index].parameters())
+            head.requires_grad_(j in task_indices)
+        return [p for j in task_indices for p in self.heads[j].parameters()]
 
     def loss(self, model: nn.Module, items: Sequence[Item], backbone_trains: bool) -> torch.Tensor:
         protocol = self.protocol
@@ -205,12 +208,28 @@ class HeadsProtocol(Protocol):
 
 
 # -- generative ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scored:
+    """A split's accuracy by summed answer log-probability (``acc``) and per answer character (``acc_norm``)."""
+
+    acc: float
+    acc_norm: float
+
+
+def credit(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """Correct answers among rows of ``scores`` (rows × labels): a row whose top score several labels
+    share counts 1/n when its label is among the n (argmax would hand every tie to the first label)."""
+    tied = scores == scores.max(-1, keepdim=True).values
+    return float((tied.gather(1, labels[:, None]).squeeze(1) / tied.sum(-1)).sum())
+
+
 class GenerativeRun(RunState):
     """Prompt → answer: the LM's loss on the answer tokens, scoring by the answers' log-probabilities."""
 
     def __init__(self, protocol: "GenerativeProtocol", seed: int) -> None:
         self.protocol = protocol
         self.seed = seed
+        self.scored: dict[tuple[int, int], Scored] = {}  # (task, id of the rows) -> their latest scores
 
     def loss(self, model: nn.Module, items: Sequence[Item], backbone_trains: bool) -> torch.Tensor:
         protocol = self.protocol
@@ -224,20 +243,17 @@ class GenerativeRun(RunState):
         return F.cross_entropy(logits.float(), targets[:, 1:][wanted[:, :-1]], reduction="sum")
 
     def demonstrations(self, task_index: int, k: int) -> list[Example]:
-        """The k-shot floor's training rows for a task: seeded per run, labels in turn (a label
-        appears once k reaches the number of labels), from training rows only."""
+        """The k-shot floor's training rows for a task: ``k`` rows of every label (the N-way K-shot
+        convention: a prompt that shows some labels and not others tilts the model towards the shown
+        ones, Zhao et al. 2021), drawn per run seed from training rows only, in a seeded order; a
+        label with fewer than ``k`` training rows shows all it has."""
         task = self.protocol.tasks[task_index]
         order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(
             derived_seed(self.seed, "demonstrations", task_index))).tolist()
         by_label: dict[int, list[Example]] = {}
         for i in order:
             by_label.setdefault(task.train[i].label, []).append(task.train[i])
-        queues = [by_label[label] for label in sorted(by_label)]
-        chosen: list[Example] = []
-        while len(chosen) < min(k, len(task.train)):
-            for queue in queues:
-                if queue and len(chosen) < k:
-                    chosen.append(queue.pop(0))
+        chosen = [row for label in sorted(by_label) for row in by_label[label][:k]]
         shuffle = torch.randperm(len(chosen), generator=torch.Generator().manual_seed(
             derived_seed(self.seed, "demonstration order", task_index))).tolist()
         return [chosen[i] for i in shuffle]
@@ -246,37 +262,46 @@ class GenerativeRun(RunState):
                  base: bool, demonstrations: int = 0) -> float:
         demos = tuple(self.demonstrations(task_index, demonstrations)) if demonstrations else ()
         key = (split, task_index, demos)
-        return self.protocol._cached(key, base, lambda: self._accuracy(model, task_index, examples, demos))
+        scored = self.protocol._cached(key, base, lambda: self._accuracy(model, task_index, examples, demos))
+        self.scored[(task_index, id(examples))] = scored
+        return scored.acc
 
     @torch.no_grad()
     def _accuracy(self, model: nn.Module, task_index: int, examples: Sequence[Example],
-                  demos: Sequence[Example]) -> float:
+                  demos: Sequence[Example]) -> "Scored":
         protocol = self.protocol
         prompt, collator = protocol.tasks[task_index].prompt, protocol.collator
         answers = collator.answers(prompt)
+        # lm-evaluation-harness's acc_norm: the log-probability per character of the answer as written.
+        chars = torch.tensor([len(collator.answer_text(word)) for word in prompt.label_words], dtype=torch.float32)
         model.eval()
         lengths = [len(collator.prompt_ids(e, prompt, demos)) for e in examples]
-        correct = 0
+        acc = norm = 0.0
         for batch in batches(by_length(examples, lengths), protocol.config.eval_batch_size):
             inputs = {k: v.to(protocol.device) for k, v in collator.prompt_batch(batch, prompt, demos).items()}
             with autocast(protocol.device, protocol.bf16):
-                scores = answer_log_probs(model, inputs["input_ids"], inputs["attention_mask"], answers)
-            correct += int((scores.argmax(-1) == inputs["labels"]).sum())  # ties: the first label
-        return correct / len(examples)
+                scores = answer_log_probs(model, inputs["input_ids"], inputs["attention_mask"], answers).cpu()
+            labels = inputs["labels"].cpu()
+            acc += credit(scores, labels)
+            norm += credit(scores / chars, labels)
+        return Scored(acc / len(examples), norm / len(examples))
 
     @torch.no_grad()
     def final_checks(self, model: nn.Module, evaluation: Sequence[Sequence[Example]], demonstrations: int = 0,
                      evaluating: Callable[[int], AbstractContextManager] = lambda j: nullcontext()) -> dict[str, Any]:
-        """Whether greedy generation gives a valid answer word at all, on the first
-        ``generation_examples`` evaluation rows of each task: the share whose generated text, up to
-        the end of the answer, is one of the task's label words (case and surrounding space ignored)."""
-        rates = []
+        """Whether greedy generation gives a valid answer at all, on the first ``generation_examples``
+        evaluation rows of each task: the share whose generated text, up to the end of the answer, is
+        one of the task's answers exactly as scored (:meth:`PromptCollator.answer_text`); and each
+        task's final length-normalised accuracy (``acc_norm``) beside the accuracy matrix's ``acc``."""
+        rates, norms = [], []
         for j, examples in enumerate(evaluation):
             rows = list(examples[: self.protocol.config.generation_examples])
             demos = tuple(self.demonstrations(j, demonstrations)) if demonstrations else ()
             with evaluating(j):
                 rates.append(self._valid_answers(model, rows, self.protocol.tasks[j].prompt, demos) / len(rows))
-        return {"valid_answer_rate": rates}
+                scored = self.scored.get((j, id(examples))) or self._accuracy(model, j, examples, demos)
+            norms.append(scored.acc_norm)
+        return {"valid_answer_rate": rates, "accuracy_norm": norms}
 
     def _valid_answers(self, model: nn.Module, rows: Sequence[Example], prompt: Any,
                        demos: Sequence[Example]) -> int:
@@ -284,7 +309,7 @@ class GenerativeRun(RunState):
         protocol = self.protocol
         collator, tokenizer = protocol.collator, protocol.collator.tokenizer
         lm = causal_lm_of(model)
-        words = {w.casefold() for w in prompt.label_words}
+        answers = {tokenizer.decode(ids) for ids in collator.answers(prompt)}  # the strings scoring compares
         longest = max(map(len, collator.answers(prompt))) + len(collator.end_ids)
         valid = 0
         for batch in batches(rows, protocol.config.eval_batch_size):
@@ -295,7 +320,7 @@ class GenerativeRun(RunState):
                               pad_token_id=tokenizer.pad_token_id, eos_token_id=collator.end_ids[0])
             for row in out[:, inputs["input_ids"].shape[1]:].tolist():
                 end = row.index(collator.end_ids[0]) if collator.end_ids[0] in row else len(row)
-                valid += tokenizer.decode(row[:end]).strip().casefold() in words
+                valid += tokenizer.decode(row[:end]) in answers
         return valid
 
 
@@ -309,6 +334,11 @@ class GenerativeProtocol(Protocol):
     def __init__(self, tasks, tokenizer, config, device, bf16) -> None:
         super().__init__(tasks, tokenizer, config, device, bf16)
         self.collator = PromptCollator(tokenizer, config.max_length, config.chat_template)
+        self.odd_answers = {t.name: odd for t in self.tasks if (odd := self.collator.odd_answers(t.prompt))}
+        for task, odd in self.odd_answers.items():
+            pieces = "; ".join(f"{word!r} as {'|'.join(tokens)}" for word, tokens in odd.items())
+            warnings.warn(f"task {task!r}: answers scored as more tokens than in running text: {pieces} "
+                          f"(see accuracy_norm, and docs/benchmark.md on answer forms)", stacklevel=2)
 
     def start_run(self, seed: int, lm: nn.Module) -> RunState:
         return GenerativeRun(self, seed)
@@ -318,11 +348,17 @@ class GenerativeProtocol(Protocol):
             "name": self.name,
             "chat_template": self.collator.chat,
             "end_of_answer": self.collator.tokenizer.convert_ids_to_tokens(self.collator.end_ids),
-            "scoring": "sum of the answer tokens' log-probabilities given the prompt (not length-normalised); "
-                       "the end-of-answer token is trained but not scored",
+            "scoring": "acc (the accuracy matrix, the frontier): the sum of the answer tokens' log-probabilities "
+                       "given the prompt, scored in float32, a tie counting 1/n; acc_norm (accuracy_norm, the final "
+                       "row): that sum per character of the answer as written; the end-of-answer token is trained "
+                       "but not scored",
             "k_shot": self.config.k_shot,
-            "prompts": {t.name: {"template": t.prompt.template, "label_words": list(t.prompt.label_words)}
+            "k_shot_rows": "k_shot training rows of every label, in a seeded order",
+            "prompts": {t.name: {"template": t.prompt.template, "label_words": list(t.prompt.label_words),
+                                 "answers": [self.collator.tokenizer.convert_ids_to_tokens(ids)
+                                             for ids in self.collator.answers(t.prompt)]}
                         for t in self.tasks},
+            "odd_answers": self.odd_answers,
         }
 
 

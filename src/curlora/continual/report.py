@@ -31,6 +31,22 @@ def floor_methods(runs: Sequence[Mapping[str, Any]]) -> set[str]:
     written before runs carried ``frozen_backbone`` name that method "head"."""
     return {r.get("method") for r in runs
             if r.get("frozen_backbone", r.get("base_method", r.get("method")) == "head")}
+
+
+def ceiling_methods(runs: Sequence[Mapping[str, Any]]) -> set[str]:
+    """Reference rows above the methods (multitask, single-task), as the runs recorded it."""
+    return {r.get("method") for r in runs if r.get("ceiling")}
+
+
+def _between(g: Mapping[str, Any], floor: Mapping[str, Any], ceiling: Mapping[str, Any]) -> str | None:
+    """Where a method's ACC lies from the strongest floor (0 %) to the strongest ceiling (100 %)."""
+    low, high, acc = _mean(floor["acc"]), _mean(ceiling["acc"]), _mean(g["acc"])
+    if None in (low, high, acc) or high <= low:
+        return None
+    return (f"{100 * (acc - low) / (high - low):.0f} % of the way from the floor ({_label(floor)}) to the "
+            f"ceiling ({_label(ceiling)})")
+
+
 INTERVAL_NOTE = ("Values are mean ± sample std over seeds, with the 95 % Student-t interval of the mean "
                  "in brackets, where more than one seed finished. A difference is called resolved only "
                  "when the two 95 % intervals do not overlap; with one seed nothing is resolved.")
@@ -169,6 +185,9 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
     maj_acc = constant(sum(maj) / len(maj)) if maj and all(m is not None for m in maj) else None
     task_aware = {r.get("method") for r in runs if r.get("needs_task_identity")}
     replaying = {r.get("method"): r.get("rows_kept_per_task") for r in runs if r.get("rows_kept_per_task")}
+    ceilings = ceiling_methods(runs)
+    tops = [g for g in groups if g["method"] in ceilings]
+    top = max(tops, key=lambda g: g["acc"]["mean"]) if tops else None
     if head is None:
         lines.append("- No successful frozen-backbone run (head-only, zero-shot or k-shot): no floor.")
     for g in groups:
@@ -177,10 +196,14 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
         if head is not None and not is_head:
             clauses.append(_compare(g, head["acc"], head["task_accuracy"], task_names,
                                     f"the floor ({_label(head)})"))
+        if head is not None and top is not None and not is_head and g["method"] not in ceilings:
+            clauses.append(_between(g, head, top))
         if maj_acc is not None:
             clauses.append(_compare(g, maj_acc, maj_stats, task_names, "majority class"))
         if len(task_names) == 1:
             clauses.append("single task: BWT and forgetting are 0 by definition")
+        elif g["bwt"] is None:
+            clauses.append("learns every task at once: BWT and forgetting are not defined")
         else:
             bwt = _mean(g["bwt"])
             verdict = ("no net change on earlier tasks" if abs(bwt) < 5e-4 else
@@ -198,7 +221,8 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
             clauses.append("needs the task's identity at inference (evaluates each task with its own U), "
                            f"storing {_int(g['stored_per_task'])} numbers per task")
         name = f"{_label(g)} (lr {_lr(g.get('lr'))})" if g.get("lr") is not None else _label(g)
-        lines.append(f"- {name}{' [floor]' if is_head else ''}: " + "; ".join(clauses)
+        mark = " [floor]" if is_head else " [ceiling]" if g["method"] in ceilings else ""
+        lines.append(f"- {name}{mark}: " + "; ".join(c for c in clauses if c)
                      + ".")
     lines.append(f"- {INTERVAL_NOTE}")
     return lines
@@ -333,10 +357,24 @@ def _answers_section(keys: Keys, groups: list[Mapping[str, Any]], task_names: li
         return []
     return ["## Valid answers by greedy generation", "",
             ("After the last task, the first evaluation rows of each task answered by greedy generation: the "
-             "share whose answer, up to its end token, is one of the task's answer words. Accuracy above "
-             "scores the answers' likelihoods instead, so it needs no valid generation."), "",
+             "share whose answer, up to its end token, is one of the task's answers exactly as scored (case "
+             "and spacing included). Accuracy above scores the answers' likelihoods instead, so it needs no "
+             "valid generation."), "",
             format_table([[*k, *(_ms(s) for s in _pad(g.get("valid_answer_rate") or [], len(task_names)))]
-                          for k, g in zip(keys, groups)], ["Method", "Rank", "LR", "Seeds", *task_names]), ""]
+                          for k, g in zip(keys, groups)], ["Method", "Rank", "LR", "Seeds", *task_names]), "",
+            *_acc_norm_table(keys, groups, task_names)]
+
+
+def _acc_norm_table(keys: Keys, groups: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
+    """acc beside acc_norm after the last task (lm-evaluation-harness's pair): whether an answer
+    spelt in more tokens than the others moved a method's accuracy (runs before acc_norm: no table)."""
+    if not any(g.get("accuracy_norm") for g in groups):
+        return []
+    return ["Accuracy after the last task as acc (the sum of the answer's token log-probabilities: the "
+            "accuracy matrix, ACC and the frontier use it) / acc_norm (that sum per character of the answer).", "",
+            format_table([[*k, *(f"{_ms(a)} / {_ms(n)}" for a, n in zip(g["task_accuracy"], _pad(
+                g.get("accuracy_norm") or [], len(task_names)))), f"{_ms(g['acc'])} / {_ms(g.get('acc_norm'))}"]
+                for k, g in zip(keys, groups)], ["Method", "Rank", "LR", "Seeds", *task_names, "ACC"]), ""]
 
 
 def _perplexity_section(keys: Keys, groups: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:

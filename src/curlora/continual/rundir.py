@@ -10,21 +10,24 @@ one line and exits with status 2.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import math
 import os
 import re
 import stat
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
 from curlora import boundedyaml
-from curlora.continual.config import ContinualConfig
+from curlora.continual.config import GRID_FIELDS, GRID_MAPPINGS, RUNTIME_FIELDS, ContinualConfig
 from curlora.continual.config_checks import check_type
-from curlora.fileio import read_regular
+from curlora.continual.parallel import DataParallel
+from curlora.fileio import atomic_write_json, atomic_write_text, read_regular
 
 #: Entries a directory may hold and still take a fresh run: a lock left by a command killed before it
 #: wrote ``config.yaml``.
@@ -204,3 +207,119 @@ def read_run(path: Path, tasks: int) -> dict[str, Any]:
         for value in _list(path, "perplexity.after_task", perplexity.get("after_task"), tasks):
             _number(path, "perplexity.after_task", value, 1.0, none=True, infinite=True)
     return run
+
+
+class RunDir:
+    """A run directory's life: checked (reading only) before any work, created and locked once the model
+    and the data passed their checks, then holding each finished run's result, the base model's
+    perplexity and the runs' checkpoints. Only rank 0 writes; every rank waits for its writes."""
+
+    def __init__(self, path: str | Path, parallel: DataParallel | None = None) -> None:
+        self.path = Path(path)
+        self.parallel = parallel or DataParallel()
+        self.fresh = not (self.path / "config.yaml").is_file()  # no run there yet
+        self.regrid = False  # a resumed run whose grid changed: config.yaml is written again
+        self._lock: IO[str] | None = None  # held while this command runs
+
+    @property
+    def runs(self) -> Path:
+        return self.path / "runs"
+
+    def check(self, config: ContinualConfig, resume: bool) -> None:
+        """Refuse a directory that cannot take ``config``'s run. It only reads: a refused command leaves an
+        existing directory byte-identical, and nothing is created until every check has passed."""
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"--output-dir {self.path} is a file; choose a directory.")
+        saved = self.path / "config.yaml"
+        self.fresh = not saved.is_file()
+        if self.fresh:
+            check_fresh(self.path)
+            return
+        if not resume:
+            raise FileExistsError(
+                f"{self.path} already holds a run; pass --resume to continue it, or choose "
+                f"another --output-dir."
+            )
+        check_tree(self.path)
+        # A field added since that run was made counts as its default.
+        loaded = {**ContinualConfig().to_dict(), **read_config(saved)}
+        current = config.to_dict()
+        fixed = [k for k in current if k not in RUNTIME_FIELDS + GRID_FIELDS + GRID_MAPPINGS]
+        changed = [k for k in fixed if loaded.get(k) != current[k]]
+        changed += [f"{k}[{name!r}]" for k in GRID_MAPPINGS for name, value in (loaded.get(k) or {}).items()
+                    if name in current[k] and current[k][name] != value]
+        if changed:
+            raise ValueError(
+                f"Cannot resume {self.path}: its config differs in {sorted(changed)}. Resume with the "
+                f"same settings (only {', '.join(GRID_FIELDS)} may change, to add or drop runs, and new "
+                f"entries of {', '.join(GRID_MAPPINGS)}), or start a new --output-dir."
+            )
+        # More seeds, rates or methods: the finished runs stay valid, and config.yaml will say the new grid.
+        self.regrid = any(loaded.get(k) != current[k] for k in GRID_FIELDS + GRID_MAPPINGS)
+
+    def create(self, config: ContinualConfig) -> None:
+        """Write ``config.yaml`` of a fresh run (or a resumed one's new grid), under the lock."""
+        # Every rank looked (in check) before this barrier, so none mistakes this run for an old one.
+        self.parallel.barrier()
+        if (self.fresh or self.regrid) and self.parallel.is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.lock()  # before anything is written: a second command must not replace config.yaml
+            atomic_write_text(self.path / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+        self.parallel.barrier()
+
+    def lock(self) -> None:
+        """Hold an exclusive lock on the directory until :meth:`unlock` or the process ends (the kernel
+        drops it however the process ends): a second command on the same directory would train the
+        same runs again and overwrite their files."""
+        if not self.parallel.is_main or self._lock is not None:
+            return
+        self._lock = open_lock(self.path / ".lock")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "unknown"
+            self.unlock()
+            raise FileExistsError(
+                f"{self.path} is in use by a running curlora command (pid {holder}); wait for it to "
+                f"finish, or stop it (its finished runs are kept) and rerun with --resume."
+            ) from None
+        if self.fresh and (self.path / "config.yaml").exists():
+            self.unlock()
+            raise FileExistsError(f"another curlora command started a run in {self.path} while this one was "
+                                  f"preparing; choose another --output-dir, or --resume that run.")
+        self._lock.truncate(0)
+        self._lock.write(str(os.getpid()))
+        self._lock.flush()
+
+    def unlock(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
+    def base_perplexity(self) -> float | None:
+        """The base model's perplexity as a command on this directory measured it, or None."""
+        path = self.path / "base_perplexity.json"
+        return read_perplexity(path) if path.is_file() else None
+
+    def save_base_perplexity(self, value: float) -> None:
+        """Keep the first measured value: every later command on this directory reads it back."""
+        if self.parallel.is_main and not (self.path / "base_perplexity.json").is_file():
+            atomic_write_json(self.path / "base_perplexity.json", {"value": value})
+
+    def checkpoint_dir(self, key: str) -> Path:
+        return self.path / "checkpoints" / key
+
+    def finished(self) -> set[str]:
+        """The keys of the runs with a result file."""
+        return {p.stem for p in self.runs.glob("*.json") if p.is_file()} if self.runs.is_dir() else set()
+
+    def save_result(self, key: str, result: dict[str, Any]) -> None:
+        """A finished run's result as ``runs/<key>.json``: from then on --resume skips the run."""
+        if self.parallel.is_main:
+            atomic_write_json(self.runs / f"{key}.json", result)
+        self.parallel.barrier()
+
+    def read_results(self, keys: Iterable[str], tasks: int) -> list[dict[str, Any]]:
+        """The results of the runs ``keys`` (each over ``tasks`` tasks), checked as they are reported."""
+        return [read_run(self.runs / f"{key}.json", tasks) for key in keys]

@@ -11,12 +11,12 @@ prompts (``PROMPTS``); any other task, a user's file among them, gets :func:`def
 from __future__ import annotations
 
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .splits import DataError
 
-__all__ = ["Prompt", "PROMPTS", "check_template", "default_prompt", "prompt_for"]
+__all__ = ["Prompt", "PROMPTS", "TEMPLATES", "check_template", "default_prompt", "default_template", "prompt_for"]
 
 FIELDS = ("text", "text_pair")
 #: A template is an instruction around the text and an answer cue: this bounds a prompt's length beside
@@ -40,7 +40,9 @@ class Prompt:
                             f"got {list(self.label_words)}")
         if len({w.casefold() for w in words}) != len(words):
             raise DataError(f"{origin}: label_words {words} repeat a word; each label needs its own answer")
-        return Prompt(self.template, tuple(words))
+        # Trailing whitespace is dropped: the answer brings its own leading space (or the chat turn
+        # its own line break), and a space token before it is one the model never sees before a word.
+        return Prompt(self.template.rstrip(), tuple(words))
 
 
 def check_template(template: str, is_pair: bool, origin: str) -> None:
@@ -71,38 +73,52 @@ def check_template(template: str, is_pair: bool, origin: str) -> None:
 
 
 def _choices(words: Sequence[str]) -> str:
+    """The answer words as a template names them: a brace in a word is the word's own character, never a
+    replacement field (a word "{text}" must not put the example's text into the instruction)."""
+    words = [w.replace("{", "{{").replace("}", "}}") for w in words]
     return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
+
+
+def default_template(words: Sequence[str], is_pair: bool) -> str:
+    """The template of a task without one of its own, naming the answer words it is scored on."""
+    inputs = "Text 1: {text}\nText 2: {text_pair}" if is_pair else "Text: {text}"
+    return f"Answer with one of: {_choices(words)}.\n{inputs}\nAnswer:"
 
 
 def default_prompt(label_names: Sequence[str], is_pair: bool) -> Prompt:
     """The prompt of a task without one of its own: its label names (underscores as spaces) are the answers."""
     words = tuple(name.replace("_", " ") for name in label_names)
-    inputs = "Text 1: {text}\nText 2: {text_pair}" if is_pair else "Text: {text}"
-    return Prompt(f"Answer with one of: {_choices(words)}.\n{inputs}\nAnswer:", words)
+    return Prompt(default_template(words, is_pair), words)
 
 
-def _sentiment(kind: str, words: tuple[str, ...]) -> Prompt:
-    title = kind.capitalize()
-    return Prompt(f"Is the sentiment of this {kind} {_choices(words)}?\n{title}: {{text}}\nAnswer:", words)
+def _sentiment(kind: str) -> Callable[[Sequence[str]], str]:
+    return lambda words: f"Is the sentiment of this {kind} {_choices(words)}?\n{kind.capitalize()}: {{text}}\nAnswer:"
 
 
-PROMPTS: dict[str, Prompt] = {
-    "mrpc": Prompt("Do the two sentences mean the same thing? Answer yes or no.\n"
-                   "Sentence 1: {text}\nSentence 2: {text_pair}\nAnswer:", ("no", "yes")),
-    "sst2": _sentiment("review", ("negative", "positive")),
-    "sentiment140": _sentiment("tweet", ("negative", "neutral", "positive")),
-    "rotten_tomatoes": _sentiment("review", ("negative", "positive")),
-    "vader_tweets": _sentiment("tweet", ("negative", "neutral", "positive")),
-    "bbc_news": Prompt("Which topic is this news article about: business, entertainment, politics, "
-                       "sports or tech?\nArticle: {text}\nAnswer:",
-                       ("business", "entertainment", "politics", "sports", "tech")),
+# Built-in tasks' templates, each written around whichever answer words are scored (a task file may
+# give other ``label_words``: the instruction then names those), and their own answer words.
+TEMPLATES: dict[str, Callable[[Sequence[str]], str]] = {
+    "mrpc": lambda w: f"Do the two sentences mean the same thing? Answer {_choices(w[::-1])}.\n"
+                      "Sentence 1: {text}\nSentence 2: {text_pair}\nAnswer:",
+    "sst2": _sentiment("review"),
+    "sentiment140": _sentiment("tweet"),
+    "rotten_tomatoes": _sentiment("review"),
+    "vader_tweets": _sentiment("tweet"),
+    "bbc_news": lambda w: f"Which topic is this news article about: {_choices(w)}?\nArticle: {{text}}\nAnswer:",
 }
+_WORDS = {"mrpc": ("no", "yes"), "sst2": ("negative", "positive"), "sentiment140": ("negative", "neutral", "positive"),
+          "rotten_tomatoes": ("negative", "positive"), "vader_tweets": ("negative", "neutral", "positive"),
+          "bbc_news": ("business", "entertainment", "politics", "sports", "tech")}
+PROMPTS: dict[str, Prompt] = {name: Prompt(TEMPLATES[name](words), words) for name, words in _WORDS.items()}
 
 
 def prompt_for(name: str, label_names: Sequence[str], is_pair: bool, template: str | None = None,
                label_words: Sequence[str] | None = None, origin: str | None = None) -> Prompt:
-    """A task's prompt: the given template / words, else the registered prompt, else the default."""
-    registered = PROMPTS.get(name) or default_prompt(label_names, is_pair)
-    prompt = Prompt(template if template is not None else registered.template,
-                    tuple(label_words) if label_words is not None else registered.label_words)
+    """A task's prompt: the given template / words, else the registered prompt, else the default;
+    a template not given is written around the words that are scored."""
+    words = None if label_words is None else tuple(w.strip() if isinstance(w, str) else w for w in label_words)
+    built = PROMPTS[name] if name in PROMPTS else default_prompt(label_names, is_pair)
+    if words is not None and all(isinstance(w, str) for w in words):  # check() refuses any other words
+        built = Prompt(TEMPLATES[name](words) if name in TEMPLATES else default_template(words, is_pair), words)
+    prompt = Prompt(template if template is not None else built.template, words if words is not None else built.label_words)
     return prompt.check(label_names, is_pair, origin or f"task {name!r}")

@@ -105,6 +105,11 @@ class ClassificationCollator:
 _SLOT = re.compile("\ue000(\\d+)\ue001")
 
 
+# A private-use character no vocabulary holds or merges: what a prompt piece is tokenized after to
+# tokenize it as a continuation (PromptCollator._continuation).
+_SENTINEL = "\ue002"
+
+
 def _slot(index: int) -> str:
     return f"\ue000{index}\ue001"
 
@@ -140,6 +145,7 @@ class PromptCollator:
         self.chat = has_template if chat_template is None else bool(chat_template)
         bos = self.tokenizer.bos_token_id
         self._bos = [bos] if not self.chat and bos is not None and self._ids("a", special=True)[:1] == [bos] else []
+        self._sentinel = self._ids(_SENTINEL)
         self.end_ids = self._end_of_answer()
         self._cache: dict[tuple, list[int]] = {}
 
@@ -172,21 +178,50 @@ class PromptCollator:
         except TemplateError:  # e.g. "System role not supported"
             return self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=cue)
 
+    def answer_text(self, word: str) -> str:
+        """How an answer word is written after the answer cue: after one space in plain prompts (as a
+        word stands in running text); capitalised at the start of the assistant's turn in chat prompts,
+        as a chat model answers ("Sports", where "s|ports" is a form it never writes)."""
+        return word[:1].upper() + word[1:] if self.chat else " " + word
+
     def answers(self, prompt: Prompt) -> list[list[int]]:
-        """Each label's answer tokens (without the end-of-answer token)."""
-        return [self._ids(word if self.chat else " " + word, data=True) for word in prompt.label_words]
+        """Each label's answer tokens where they follow the prompt (without the end-of-answer token); a
+        special token's string in a word is tokenized as text."""
+        return [self._continuation(self.answer_text(word), data=True) for word in prompt.label_words]
+
+    def odd_answers(self, prompt: Prompt) -> dict[str, list[str]]:
+        """The answer words scored as more tokens than the same word takes in running text (after a
+        space), with the pieces they are scored as: an answer the model must spell out piece by piece
+        gets a lower summed log-probability (``acc_norm`` divides that out)."""
+        odd = {}
+        for word, ids in zip(prompt.label_words, self.answers(prompt)):
+            running = self._continuation(" " + self.answer_text(word).strip(), data=True)
+            if len(ids) > len(running):
+                odd[word] = self.tokenizer.convert_ids_to_tokens(ids)
+        return odd
+
+    def _continuation(self, text: str, data: bool = False) -> list[int]:
+        """``text``'s tokens where it continues a prompt rather than starts one. A tokenizer that adds a
+        dummy prefix (SentencePiece's "▁" in Llama-2 / Mistral / Metaspace tokenizers) would put a
+        space token at every seam of a prompt tokenized in pieces: the text is tokenized after a
+        sentinel that merges with nothing, and the sentinel's own tokens are dropped. ``data`` as in
+        :meth:`_ids` (the sentinel is no special token: it tokenizes the same either way)."""
+        ids = self._ids(_SENTINEL + text, data=data)
+        if ids[: len(self._sentinel)] == self._sentinel:
+            return ids[len(self._sentinel):]
+        return self._ids(text, data=data)  # the sentinel merged with the text: this tokenizer has no dummy prefix
 
     def _render(self, examples: Sequence[Example], prompt: Prompt) -> str:
         """The prompt for the last example, the others as answered demonstrations; texts as slots."""
         users = [prompt.template.format(text=_slot(2 * i), text_pair=_slot(2 * i + 1)) for i in range(len(examples))]
-        words = [prompt.label_words[e.label] for e in examples[:-1]]
+        answers = [self.answer_text(prompt.label_words[e.label]) for e in examples[:-1]]
         if self.chat:
             turns = []
-            for user, word in zip(users, words):
-                turns += [{"role": "user", "content": user}, {"role": "assistant", "content": word}]
+            for user, answer in zip(users, answers):
+                turns += [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
             turns.append({"role": "user", "content": users[-1]})
             return self._chat(turns)
-        return "".join(f"{user} {word}\n\n" for user, word in zip(users, words)) + users[-1]
+        return "".join(f"{user}{answer}\n\n" for user, answer in zip(users, answers)) + users[-1]
 
     def prompt_ids(self, example: Example, prompt: Prompt, demos: Sequence[Example] = ()) -> list[int]:
         """Token ids of ``example``'s prompt (after ``demos`` as answered examples)."""
@@ -200,7 +235,8 @@ class PromptCollator:
             for k in range(1, len(pieces), 2):
                 slot, lead = int(pieces[k]), " " if pieces[k - 1].endswith(" ") else ""
                 text = (owners[slot // 2].text, owners[slot // 2].text_pair)[slot % 2] or ""
-                texts[slot] = self._ids(lead + clip(text, self.max_length), data=True)
+                text = lead + clip(text, self.max_length)
+                texts[slot] = self._continuation(text, data=True) if k > 1 or pieces[0] else self._ids(text, data=True)
             for i in range(len(owners)):
                 parts = [texts[slot] for slot in (2 * i, 2 * i + 1) if slot in texts]
                 while sum(map(len, parts)) > self.max_length:
@@ -211,7 +247,7 @@ class PromptCollator:
                     ids += texts[int(piece)]
                     continue
                 literal = piece[:-1] if k + 1 < len(pieces) and piece.endswith(" ") else piece
-                ids += self._ids(literal) if literal else []
+                ids += (self._continuation(literal) if k else self._ids(literal)) if literal else []
             self._cache[key] = ids
         return self._cache[key]
 

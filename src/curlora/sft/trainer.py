@@ -29,6 +29,6 @@ class CURLoRASFTTrainer(SFTTrainer):
         super().__init__(model, *args, **kwargs)
         wrapper = self.model
         if isinstance(wrapper, CURLoRAModel) and "forward" in vars(wrapper):
-            wrapper._expose_forward_signature()  # undo the patch TRL put on the wrapper
+            wrapper.expose_forward_signature()  # undo the patch TRL put on the wrapper
             add_fused_lm_head(wrapper.base_model, outputs=_SFT_FUSED_OUTPUTS)
-            wrapper._expose_forward_signature()  # keep the (patched) wrapped model's signature
+            wrapper.expose_forward_signature()  # keep the (patched) wrapped model's signature

@@ -1,10 +1,5 @@
-"""Where a command's pending runs train: on this machine (``executor: local``, the default, which needs
-nothing installed) or as Ray tasks on a cluster (``executor: ray``, ``pip install 'curlora[ray]'``).
-
-Both executors do the same two things for ``ContinualRunner.run``: ``base`` loads and checks the model
-and the data and computes what the unchanged base model gives every run (a :class:`Base`), writing
-nothing; ``run`` trains each pending run with it and saves its result as ``runs/<key>.json``. A run does
-the same work wherever it trains, so its numbers do not depend on the executor (tested).
+"""``executor: ray`` (``pip install 'curlora[ray]'``): each pending run a Ray task on a cluster. A run
+does the same work wherever it trains, so its numbers do not depend on the executor (tested).
 
 Under Ray one run is one Ray *task*, not a Ray Tune trial. The grid, the choice of each method's rate
 on validation and the report already live in curlora, and a run has nothing for Tune to act on before
@@ -25,138 +20,22 @@ sweep.
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import os
 import secrets
 import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
-
-import torch
+from typing import Any
 
 from curlora.continual.config import ContinualConfig
-from curlora.continual.runner import Base, ContinualRunner, RunSpec
+from curlora.continual.executors.common import OnResult, longest_first
+from curlora.continual.plan import RunSpec
+from curlora.continual.prepare import Base
+from curlora.continual.worker import Job, Worker
 from curlora.fileio import atomic_write_text
 
-if TYPE_CHECKING:
-    from torch import nn
-
-
-class Executor(Protocol):
-    """Trains a command's pending runs; entered for the command's life (Ray: connected to a cluster)."""
-
-    def __enter__(self) -> Executor: ...
-
-    def __exit__(self, *exc: object) -> None: ...
-
-    def base(self, runner: ContinualRunner, seeds: list[int]) -> Base:
-        """The model and data loaded and checked, and what the base model gives runs of ``seeds``."""
-
-    def run(self, runner: ContinualRunner, pending: list[RunSpec], base: Base) -> None:
-        """Every pending run trained and saved (``runner._save``) once the run directory exists."""
-
-
-def executor_for(config: ContinualConfig) -> Executor:
-    return RayExecutor(config) if config.executor == "ray" else LocalExecutor(config)
-
-
-def longest_first(pending: list[RunSpec], config: ContinualConfig) -> list[RunSpec]:
-    """Runs that train before frozen-backbone ones (a forward pass per batch): a short run fills the end."""
-    return sorted(pending, key=lambda spec: config.method(spec.method).frozen_backbone)
-
-
-# -- in a worker process: a local pool's, or a Ray task's ------------------------------------------------
-_PREPARED: dict[str, tuple[ContinualRunner, nn.Module]] = {}
-
-
-def prepared(config: ContinualConfig, run_dir: str, threads: int,
-             base: Base | None = None) -> tuple[ContinualRunner, nn.Module]:
-    """A runner of ``run_dir`` with its base model loaded and checked, once per process and command (a
-    Ray worker process takes many tasks); with ``base``, what the driver's base model computed, which a
-    frozen-backbone run uses instead of computing it again."""
-    torch.set_num_threads(threads)
-    key = json.dumps([run_dir, config.to_dict()], sort_keys=True, default=str)
-    if key not in _PREPARED:
-        _PREPARED.clear()  # one command's model in memory at a time
-        runner = ContinualRunner(dataclasses.replace(config, progress=False), run_dir, resume=True)
-        _PREPARED[key] = runner, runner._prepare()
-    runner, base_lm = _PREPARED[key]
-    if base is not None:
-        runner.protocol.base_cache.update(base.base_cache)
-        runner.ppl_before = base.ppl_before
-    return runner, base_lm
-
-
-# -- this machine ----------------------------------------------------------------------------------------
-class LocalExecutor:
-    """Runs in this process, or side by side in ``workers`` processes, each with its share of the CPU
-    threads, taking the next pending run when one finishes. Finished runs are files, so a killed pool
-    resumes too.
-
-    Why processes: on 2 CPU cores one process's small matmuls keep the second thread half idle
-    (forward+backward of SmolLM2 at batch 8: 1.3x faster on 2 threads than on 1), so two
-    single-threaded runs side by side finish sooner than the same runs one after the other."""
-
-    def __init__(self, config: ContinualConfig) -> None:
-        self.config = config
-        self.base_lm: nn.Module | None = None
-
-    def __enter__(self) -> LocalExecutor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.base_lm = None
-
-    def base(self, runner: ContinualRunner, seeds: list[int]) -> Base:
-        self.base_lm = runner._prepare()
-        return runner._base(self.base_lm, seeds)
-
-    def run(self, runner: ContinualRunner, pending: list[RunSpec], base: Base) -> None:
-        workers = min(self.config.workers or 1, len(pending))
-        if workers <= 1:
-            if pending and self.base_lm is None:  # an earlier call's workers had it (confirm_seeds' second call)
-                self.base_lm = runner._prepare()
-                runner.protocol.base_cache.update(base.base_cache)
-            for spec in pending:
-                runner._save(spec, runner._train(spec, self.base_lm, base.before_rows[spec.seed]))
-            return
-        self.base_lm = None  # each worker loads its own
-        context = torch.multiprocessing.get_context("spawn")
-        queue = context.SimpleQueue()
-        for spec in longest_first(pending, self.config):
-            queue.put(spec)
-        for _ in range(workers):
-            queue.put(None)
-        threads = max(1, torch.get_num_threads() // workers)
-        runner._say(f"{len(pending)} runs in {workers} worker processes, {threads} thread(s) each")
-        shared = (self.config, str(runner.run_dir), queue, base, threads)
-        processes = [context.Process(target=_pool_worker, args=shared) for _ in range(workers)]
-        for process in processes:
-            process.start()
-        for process in processes:
-            process.join()
-        failed = [p.exitcode for p in processes if p.exitcode != 0]
-        if failed:  # an OSError, so the command prints it as one line
-            raise ChildProcessError(
-                f"{len(failed)} of {workers} worker processes failed (exit codes {failed}; their error is printed "
-                f"above). The runs that finished are kept in {runner.run_dir / 'runs'}: fix the cause and rerun "
-                f"with --resume."
-            )
-
-
-def _pool_worker(config: ContinualConfig, run_dir: str, queue, base: Base, threads: int) -> None:
-    """A worker process of LocalExecutor.run: trains and saves runs from ``queue`` until None."""
-    runner, base_lm = prepared(config, run_dir, threads, base)
-    parent = os.getppid()
-    # A killed command leaves no orphan training on: a worker whose parent is gone stops at the next run.
-    while os.getppid() == parent and (spec := queue.get()) is not None:
-        runner._save(spec, runner._train(spec, base_lm, base.before_rows[spec.seed]))
-
-
-# -- a Ray cluster ---------------------------------------------------------------------------------------
 #: The file a command under Ray writes in its run directory for the nodes to find (removed at its end).
 TOKEN = ".ray-token"
 
@@ -167,7 +46,7 @@ def _node() -> str:
     return ray.util.get_node_ip_address()
 
 
-def _unseen(run_dir: str, token: str) -> str | None:
+def unseen(run_dir: str, token: str) -> str | None:
     """Why this node cannot work in the driver's run directory (it must read the token the driver wrote
     there, and write beside it), or None if it can."""
     try:
@@ -180,33 +59,21 @@ def _unseen(run_dir: str, token: str) -> str | None:
     return None
 
 
-def _in_driver_dir(cwd: str) -> None:
-    """Relative paths of the config (data_dir, model, task files) mean what they mean to the driver,
-    wherever its directory is mounted at the same path."""
-    if os.path.isdir(cwd):
-        os.chdir(cwd)
-
-
 def _ray_probe(run_dir: str, token: str) -> str | None:
-    problem = _unseen(run_dir, token)
+    problem = unseen(run_dir, token)
     return None if problem is None else f"node {_node()}: {problem}"
 
 
-def _ray_base(config: ContinualConfig, run_dir: str, cwd: str, seeds: list[int]) -> Base:
-    _in_driver_dir(cwd)
-    runner, base_lm = prepared(config, run_dir, ray_threads(config))
-    return runner._base(base_lm, seeds)
+def _ray_base(job: Job, seeds: list[int]) -> Base:
+    return Worker.for_job(job).base(seeds)
 
 
-def _ray_run(config: ContinualConfig, run_dir: str, cwd: str, spec: RunSpec, base: Base,
-             token: str) -> dict[str, Any]:
-    problem = _unseen(run_dir, token)
+def _ray_run(job: Job, spec: RunSpec, base: Base, token: str) -> dict[str, Any]:
+    problem = unseen(job.run_dir, token)
     if problem is not None:  # e.g. a node that joined the cluster after the driver's check
-        raise FileNotFoundError(f"Ray node {_node()} cannot work in the run directory {run_dir}: {problem}. "
+        raise FileNotFoundError(f"Ray node {_node()} cannot work in the run directory {job.run_dir}: {problem}. "
                                 f"Mount it on every node at the same path (docs/distributed.md).")
-    _in_driver_dir(cwd)
-    runner, base_lm = prepared(config, run_dir, ray_threads(config), base)
-    return runner._train(spec, base_lm, base.before_rows[spec.seed])
+    return Worker.for_job(job).train(spec, base)
 
 
 def _answers(address: str, timeout_s: float = 10.0) -> None:
@@ -313,10 +180,10 @@ class RayExecutor:
             raise
 
     # the runs ------------------------------------------------------------------------------------------
-    def base(self, runner: ContinualRunner, seeds: list[int]) -> Base:
+    def base(self, job: Job, seeds: Sequence[int]) -> Base:
         self._check_fit()
         task = self.ray.remote(**self._resources())(_ray_base)
-        return self._get(task.remote(self.config, str(runner.run_dir.resolve()), os.getcwd(), seeds))
+        return self._get(task.remote(job.elsewhere(ray_threads(self.config)), list(seeds)))
 
     def _check_nodes_see(self, run_dir: Path, token: str) -> None:
         """Every node that can take a run reads the driver's token in ``run_dir`` and can write there."""
@@ -341,48 +208,42 @@ class RayExecutor:
                 f"(NFS, Lustre, a shared volume; docs/distributed.md), with curlora installed on every node."
             )
 
-    def run(self, runner: ContinualRunner, pending: list[RunSpec], base: Base) -> None:
-        run_dir = runner.run_dir.resolve()
+    def run(self, job: Job, specs: Sequence[RunSpec], base: Base, on_result: OnResult) -> list[str]:
+        run_dir = Path(job.run_dir)
         token = secrets.token_hex(16)
         atomic_write_text(run_dir / TOKEN, token)
         try:
             self._check_nodes_see(run_dir, token)
-            if pending:
-                self._run_tasks(runner, pending, base, run_dir, token)
+            return self._run_tasks(job, specs, base, on_result, token) if specs else []
         finally:
             (run_dir / TOKEN).unlink(missing_ok=True)
 
-    def _run_tasks(self, runner: ContinualRunner, pending: list[RunSpec], base: Base, run_dir: Path,
-                   token: str) -> None:
-        """One task per run, at most ``workers`` at once if set; each result saved as it comes back."""
+    def _run_tasks(self, job: Job, pending: Sequence[RunSpec], base: Base, on_result: OnResult,
+                   token: str) -> list[str]:
+        """One task per run, at most ``workers`` at once if set; each result passed on as it comes back."""
         ray, cfg = self.ray, self.config
         task = ray.remote(**self._resources())(_ray_run)
-        shared = (cfg, str(run_dir), os.getcwd())
+        remote_job = job.elsewhere(ray_threads(cfg))
         base_ref = ray.put(base)
         queue = longest_first(pending, cfg)
         limit = cfg.workers or len(queue)
         cluster = ray.cluster_resources()
-        runner._say(f"{len(pending)} runs as Ray tasks on {len(self._fitting_nodes())} node(s) "
-                    f"({cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs), each with "
-                    f"{cfg.ray_num_cpus:g} CPU(s) and {ray_threads(cfg)} thread(s)"
-                    + (f", {cfg.ray_num_gpus:g} GPU(s)" if cfg.ray_num_gpus else "")
-                    + (f"; at most {cfg.workers} at once" if cfg.workers else ""))
+        print(f"{len(pending)} runs as Ray tasks on {len(self._fitting_nodes())} node(s) "
+              f"({cluster.get('CPU', 0):g} CPUs, {cluster.get('GPU', 0):g} GPUs), each with "
+              f"{cfg.ray_num_cpus:g} CPU(s) and {ray_threads(cfg)} thread(s)"
+              + (f", {cfg.ray_num_gpus:g} GPU(s)" if cfg.ray_num_gpus else "")
+              + (f"; at most {cfg.workers} at once" if cfg.workers else ""), flush=True)
         in_flight: dict[Any, RunSpec] = {}
         failed: list[str] = []
         while queue or in_flight:
             while queue and len(in_flight) < limit:
                 spec = queue.pop(0)
-                in_flight[task.options(name=spec.key).remote(*shared, spec, base_ref, token)] = spec
+                in_flight[task.options(name=spec.key).remote(remote_job, spec, base_ref, token)] = spec
             (ref,), _ = ray.wait(list(in_flight), num_returns=1)
             spec = in_flight.pop(ref)
             try:
-                runner._save(spec, ray.get(ref))
+                on_result(spec, ray.get(ref))
             except ray.exceptions.RayError as error:  # its own error, or its worker died more than allowed
                 failed.append(spec.key)
                 print(f"[{spec.key}] failed on Ray: {error}", file=sys.stderr, flush=True)
-        if failed:  # an OSError, so the command prints it as one line
-            raise ChildProcessError(
-                f"{len(failed)} of {len(pending)} runs failed on Ray ({', '.join(failed)}; their errors are printed "
-                f"above). The runs that finished are kept in {run_dir / 'runs'}: fix the cause and rerun with "
-                f"--resume."
-            )
+        return [f"{len(failed)} of {len(pending)} runs failed on Ray ({', '.join(failed)})"] if failed else []
