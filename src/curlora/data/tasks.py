@@ -39,6 +39,7 @@ __all__ = [
     "load_corpus",
     "load_corpus_file",
     "load_task_file",
+    "check_task_file_name",
 ]
 
 DataDir = str | Path | None
@@ -281,6 +282,14 @@ def load_corpus_file(path: str | Path, max_chars: int | None = None) -> str:
     return text
 
 
+def check_task_file_name(name: str, origin: str) -> None:
+    """A user's task may not take a built-in task's name: it would be asked with that task's prompt and
+    answers (and reported as that task) without a word."""
+    if name in TASKS:
+        raise DataError(f"{origin} is named {name!r}, as a built-in task is (it would be asked with that task's "
+                        f"prompt and answers); give it another name with name: my_{name}")
+
+
 def load_task_file(
     path: str | Path,
     text_column: str,
@@ -306,6 +315,7 @@ def load_task_file(
     :mod:`curlora.data.prompts`); they are checked here, before any work.
     """
     p = Path(path).expanduser()
+    check_task_file_name(name or p.stem, str(p))
     columns, rows = sources.read_table(p)
     train, names = sources.examples_from_rows(
         p, columns, rows, text_column, label_column, text_pair_column, label_names
