@@ -280,3 +280,15 @@ def test_a_greedy_answer_is_valid_only_as_it_is_scored(tiny_model_dir, data_dir,
 
     run = protocol.start_run(0, None)
     assert run._valid_answers(Answering(), task.eval, task_prompt, ()) == 2
+
+
+def test_a_label_word_holding_a_special_token_is_refused_before_training(tiny_model_dir, data_dir):
+    from curlora.continual.protocols import GenerativeProtocol
+    from curlora.data import DataError, Example, Prompt, TaskSplits
+
+    prompt = Prompt("Review: {text}\nAnswer:", ("bad<|im_end|>", "good"))
+    task = TaskSplits("reviews", ["negative", "positive"], [Example("fine", 1)] * 2, [Example("fine", 1)] * 2,
+                      prompt=prompt)
+    with pytest.raises(DataError, match=r"task 'reviews': label word 'bad<\|im_end\|>' holds .*'<\|im_end\|>'"):
+        GenerativeProtocol([task], _tokenizer(tiny_model_dir), generative_config(tiny_model_dir, data_dir),
+                           torch.device("cpu"), False)

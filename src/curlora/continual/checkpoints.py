@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save
 
 from curlora.continual.methods import Adapted, FinishedTask
 from curlora.continual.protocols import RunState
-from curlora.continual.rundir import RunFileError, read_task_state
+from curlora.continual.rundir import RunFileError, checkpoint_task, read_task_state
 from curlora.data import TaskSplits
 from curlora.fileio import atomic_write_bytes, atomic_write_json
 
@@ -32,7 +32,7 @@ def load_latest(ckpt_dir: Path, adapted: Adapted, protocol: RunState,
                 tasks: Sequence[TaskSplits]) -> dict[str, Any] | None:
     """The state of the latest complete checkpoint, its tensors loaded into ``adapted`` and ``protocol``
     (and the method told which of ``tasks`` it finished); None if the run has none."""
-    done = sorted(int(p.stem[4:]) for p in ckpt_dir.glob("task*.json")) if ckpt_dir.is_dir() else []
+    done = sorted(checkpoint_task(p) for p in ckpt_dir.glob("task*.json")) if ckpt_dir.is_dir() else []
     for i in reversed(done):
         tensors_path = ckpt_dir / f"task{i}.safetensors"
         if not tensors_path.is_file():

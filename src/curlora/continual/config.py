@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import inspect
 import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -11,30 +10,22 @@ from typing import Any
 
 import yaml
 
-from curlora import checks
+from curlora import boundedyaml, checks
+from curlora.continual import config_checks
 from curlora.continual.methods import Method, resolve
 from curlora.continual.protocols import PROTOCOLS
-from curlora.data import (
-    CALIBRATION_CORPUS, CORPORA, OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS, TASKS, load_task_file,
-)
-from curlora.data.sources import benchmark_dir, read_text
+from curlora.data import CALIBRATION_CORPUS, OFFLINE_CORPUS, OFFLINE_SUITE, PAPER_CORPUS, PAPER_TASKS
+from curlora.data.sources import read_text
 from curlora.data.tasks import task_file_name
 
-SOURCES = ("offline", "local", "hub")
 # How a run is executed, not what it computes: a run may resume with other values of these.
 RUNTIME_FIELDS = ("progress", "workers", "log_dir", "executor", "ray_address", "ray_num_cpus", "ray_num_gpus",
                   "ray_max_retries")
-# Where runs train (curlora.continual.executors): this machine, or a Ray cluster.
-EXECUTORS = ("local", "ray")
 # Which runs an experiment holds, not what any one run computes (a run's file is named by its method,
 # rank, rate, λ, seed and task order): a run directory may resume with more or fewer of these, e.g. more seeds.
 GRID_FIELDS = ("methods", "ranks", "lr", "lrs", "method_lrs", "seeds", "confirm_seeds", "u_penalties", "orders")
 # Per-method settings: resuming may add entries, never change one that earlier runs used.
 GRID_MAPPINGS = ("method_variants", "peft_kwargs")
-# A task_files entry holds load_task_file's keyword arguments but these, which the run sets alike for
-# every task (from the config field named beside each).
-RUN_SET_TASK_KEYS = {"seed": "data_seed", "max_train": "examples_per_task", "max_eval": "eval_examples"}
-TASK_FILE_KEYS = tuple(k for k in inspect.signature(load_task_file).parameters if k not in RUN_SET_TASK_KEYS)
 
 
 @dataclass
@@ -116,20 +107,15 @@ class ContinualConfig:
     log_dir: str | None = None  # TensorBoard event files of every run, live (curlora.continual.tracking)
 
     def __post_init__(self) -> None:
+        config_checks.check_types(self)
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"Unknown protocol {self.protocol!r}; choose one of {sorted(PROTOCOLS)}.")
         if self.methods is None:
             self.methods = list(PROTOCOLS[self.protocol].default_methods)
-        for name in ("tasks", "task_files", "methods", "ranks", "seeds", "confirm_seeds", "u_penalties", "lrs"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, (list, tuple)):
-                raise ValueError(f"Config field {name!r} must be a list, e.g. [{value!r}], got {value!r}.")
         for name in ("tasks", "methods", "ranks", "seeds", "u_penalties"):
             value = getattr(self, name)
             if not value and not (name == "tasks" and self.task_files):
                 raise ValueError(f"Config field {name!r} must not be empty.")
-        if not isinstance(self.method_variants, dict):
-            raise ValueError(f"method_variants must map variant names to settings, got {self.method_variants!r}.")
         for name in [*self.methods, *self.method_variants]:  # each becomes part of run and checkpoint file names
             checks.identifier("method name", name)
         methods = [self.method(name) for name in self.methods]  # unknown names fail here
@@ -173,140 +159,7 @@ class ContinualConfig:
                         f"Method {method.name!r} initialises from an SVD of the full-precision base weights, which a "
                         f"quantized base does not have; drop it or unset quantize."
                     )
-        self._check_values()
-
-    def _check_values(self) -> None:
-        """Every setting that can be judged without the model or the data: refused here, before any work."""
-        for name in ("lr", "head_lr"):
-            checks.positive(name, getattr(self, name))
-        for value in self.lrs or []:
-            checks.positive("every value of lrs", value)
-        if not isinstance(self.method_lrs, dict):
-            raise ValueError(f"method_lrs must map method names to rate lists, e.g. {{curlora: [1e-3, 1e-2]}}, "
-                             f"got {self.method_lrs!r}.")
-        for name, entry in self.method_lrs.items():
-            if name not in self.methods or not self.method(name).takes_lr:
-                raise ValueError(f"method_lrs names {name!r}, which is not one of this run's methods that take a "
-                                 f"learning rate ({[m for m in self.methods if self.method(m).takes_lr]}).")
-            grids = {f"method_lrs[{name!r}]": entry}
-            if isinstance(entry, dict):
-                if not self.method(name).takes_rank or sorted(entry) != sorted(self.ranks):
-                    raise ValueError(
-                        f"method_lrs[{name!r}] gives rates per rank for ranks {sorted(entry)}, but this run's "
-                        f"ranks are {sorted(self.ranks)}" + ("" if self.method(name).takes_rank else
-                                                             f" and {name!r} takes no rank") +
-                        "; give one rate list per rank of the run, or one list for all ranks.")
-                grids = {f"method_lrs[{name!r}][{rank}]": rates for rank, rates in entry.items()}
-            for where, rates in grids.items():
-                if not isinstance(rates, (list, tuple)) or not rates:
-                    raise ValueError(f"{where} must be a non-empty list of rates, got {rates!r}.")
-                for value in rates:
-                    checks.positive(f"every value of {where}", value)
-        checks.integers("ranks", self.ranks, minimum=1)
-        checks.integers("seeds", self.seeds)
-        checks.integers("confirm_seeds", self.confirm_seeds)
-        if len({*self.seeds, *self.confirm_seeds}) < len(self.seeds) + len(self.confirm_seeds):
-            raise ValueError(f"seeds {self.seeds} and confirm_seeds {self.confirm_seeds} must name each seed once "
-                             f"(confirm_seeds run only at the rates the runs of seeds chose).")
-        checks.integer("data_seed", self.data_seed)
-        checks.finite("alpha", self.alpha)
-        for name in ("examples_per_task", "eval_examples", "epochs", "batch_size", "eval_batch_size", "max_length"):
-            checks.integer(name, getattr(self, name), minimum=1)
-        for value in self.u_penalties:
-            checks.non_negative("every value of u_penalties", value)
-        checks.non_negative("weight_decay", self.weight_decay)
-        checks.non_negative("ewc_lambda", self.ewc_lambda)
-        checks.integer("ewc_fisher_examples", self.ewc_fisher_examples, minimum=1)
-        checks.integer("replay_per_task", self.replay_per_task, minimum=1)
-        checks.non_negative("olora_lambda", self.olora_lambda)
-        checks.integer("corda_samples", self.corda_samples, minimum=1)
-        checks.integer("corda_sample_tokens", self.corda_sample_tokens, minimum=2)
-        checks.integer("warmup_steps", self.warmup_steps, minimum=0)
-        checks.integer("k_shot", self.k_shot, minimum=1)
-        checks.integer("generation_examples", self.generation_examples, minimum=1)
-        if self.chat_template is not None and not isinstance(self.chat_template, bool):
-            raise ValueError(f"chat_template must be true, false or unset, got {self.chat_template!r}.")
-        checks.fraction("validation_fraction", self.validation_fraction)
-        checks.fraction("max_warmup_fraction", self.max_warmup_fraction, low_open=False, high_open=False)
-        if self.ppl_max_tokens is not None:
-            checks.integer("ppl_max_tokens", self.ppl_max_tokens, minimum=2)
-        checks.integer("ppl_stride", self.ppl_stride, minimum=1)
-        checks.integer("ppl_window", self.ppl_window, minimum=2)
-        if self.ppl_window <= self.ppl_stride:
-            raise ValueError(
-                f"ppl_window ({self.ppl_window}) must be larger than ppl_stride ({self.ppl_stride}): "
-                f"each window scores the tokens past the previous one's stride."
-            )
-        self._check_executor()
-        checks.model_path(self.model)
-        if self.log_dir is not None and not (isinstance(self.log_dir, str) and self.log_dir
-                                             and not Path(self.log_dir).is_file()):
-            raise ValueError(f"log_dir must name a directory (made if missing), got {self.log_dir!r}.")
-        if self.source is not None and self.source not in SOURCES:
-            raise ValueError(f"Unknown source {self.source!r}; choose one of {SOURCES}.")
-        for task in self.tasks:
-            if task not in TASKS:
-                raise ValueError(f"Unknown task {task!r}; known tasks: {sorted(TASKS)}; "
-                                 f"use task_files for your own data.")
-        if self.corpus_file is not None:
-            checks.existing_file("corpus_file", self.corpus_file)
-        elif self.corpus not in CORPORA:
-            raise ValueError(f"Unknown corpus {self.corpus!r}; known corpora: {sorted(CORPORA)}; "
-                             f"or pass corpus_file / --corpus-file with a text file of your own.")
-        if self.data_dir is not None and not Path(self.data_dir).expanduser().is_dir():
-            raise FileNotFoundError(f"data_dir {self.data_dir} does not exist or is not a directory.")
-        for spec in self.task_files:
-            if not isinstance(spec, dict) or "path" not in spec:
-                raise ValueError(f"Every task_files entry must be a mapping with key path, got {spec!r}.")
-            for key in sorted(set(spec) - set(TASK_FILE_KEYS)):
-                set_by = (f"the run sets it for every task from {RUN_SET_TASK_KEYS[key]}"
-                          if key in RUN_SET_TASK_KEYS else f"known keys: {', '.join(TASK_FILE_KEYS)}")
-                raise ValueError(f"task_files entry {spec['path']!r} has key {key!r}, which it cannot take: {set_by}.")
-            if benchmark_dir(spec["path"]) is None:  # an O-LoRA dataset names its own files and columns
-                checks.existing_file("task file", spec["path"])
-                if not {"text_column", "label_column"} <= set(spec):
-                    raise ValueError(f"task_files entry {spec['path']!r} needs keys text_column and label_column "
-                                     f"(only an O-LoRA dataset directory, with labels.json, implies them).")
-            if spec.get("eval_path") is not None:
-                checks.existing_file("task eval file", spec["eval_path"])
-
-        check_orders(self)
-
-    def _check_executor(self) -> None:
-        """The device and the executor's settings. Under Ray the runs train on the cluster's nodes, so the
-        device is not looked for on this machine, and each run's GPU is the one Ray gives it."""
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"Unknown executor {self.executor!r}; choose one of {EXECUTORS}.")
-        ray = self.executor == "ray"
-        checks.device(self.device, here=not ray)
-        if self.workers is not None:
-            checks.integer("workers", self.workers, minimum=1)
-        if not ray:
-            changed = [f.name for f in fields(self) if f.name.startswith("ray_") and getattr(self, f.name) != f.default]
-            if changed:
-                raise ValueError(f"{', '.join(changed)} set the Ray executor's runs; add executor: ray "
-                                 f"(--executor ray) or drop {'them' if len(changed) > 1 else 'it'}.")
-            if (self.workers or 1) > 1 and not self.device.startswith("cpu"):
-                raise ValueError(
-                    f"workers={self.workers} runs several processes side by side on a CPU; on {self.device!r} use "
-                    f"workers=1 (several GPUs: data parallel with torchrun, or executor ray with ray_num_gpus)."
-                )
-            return
-        if self.ray_address is not None and not (isinstance(self.ray_address, str) and self.ray_address.strip()):
-            raise ValueError(f"ray_address must be 'auto' or HOST:PORT of a Ray cluster, got {self.ray_address!r}.")
-        checks.positive("ray_num_cpus", self.ray_num_cpus)
-        checks.non_negative("ray_num_gpus", self.ray_num_gpus)
-        checks.integer("ray_max_retries", self.ray_max_retries, minimum=-1)
-        gpu = self.device.startswith("cuda")
-        if gpu and self.device != "cuda":
-            raise ValueError(f"device {self.device!r}: under executor ray each run trains on the GPU Ray gives it; "
-                             f"use device cuda.")
-        if gpu and not self.ray_num_gpus:
-            raise ValueError("device cuda under executor ray needs a GPU per run from Ray: set ray_num_gpus "
-                             "(--ray-num-gpus 1).")
-        if self.ray_num_gpus and not gpu:
-            raise ValueError(f"ray_num_gpus={self.ray_num_gpus:g} gives each run a GPU it would not use on device "
-                             f"{self.device!r}; set device cuda (--device cuda) or drop ray_num_gpus.")
+        config_checks.check_values(self)
 
     def method(self, name: str) -> Method:
         """The registry entry (or declared variant) a method name in this config stands for."""
@@ -346,34 +199,10 @@ class ContinualConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ContinualConfig":
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)
         if unknown:
             raise ValueError(f"Unknown config keys {unknown}; known keys: {sorted(known)}.")
         return cls(**data)
-
-
-def check_orders(cfg: ContinualConfig) -> None:
-    """Each order is a permutation of the tasks (by name), no two alike, a named one's name fit for a run file;
-    orders need the tasks' names to differ."""
-    if not cfg.orders:
-        return
-    names = cfg.task_names
-    if len(set(names)) != len(names):
-        raise ValueError(f"orders name tasks by name, but the tasks' names repeat ({names}); give task files "
-                         f"their own name (name: ...).")
-    entries = (list(cfg.orders.items()) if isinstance(cfg.orders, dict)
-               else [(i, order) for i, order in enumerate(cfg.orders)])
-    seen: dict[tuple, Any] = {}
-    for label, order in entries:
-        where = f"orders[{label!r}]"
-        if isinstance(label, str):
-            checks.identifier(f"{where}: the order's name", label)
-        if not isinstance(order, (list, tuple)) or sorted(map(str, order)) != sorted(names):
-            raise ValueError(f"{where} must list every task once, in the order learned (a permutation of "
-                             f"{names}), got {order!r}.")
-        if tuple(order) in seen:
-            raise ValueError(f"{where} is the same order as orders[{seen[tuple(order)]!r}]; give each order once.")
-        seen[tuple(order)] = label
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -490,22 +319,15 @@ def _named(defined: Any, names: list[str]) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """A config file's settings and the line of each; a syntax error names the file, line and column
-    (PyYAML's own message names only "<unicode string>")."""
-    text = read_text(path)
+    """A config file's settings and the line of each; a syntax error, an alias or nesting past the
+    bound names the file, line and column."""
     try:
-        loaded = yaml.safe_load(text) or {}
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        loaded, node = boundedyaml.compose(read_text(path))
     except yaml.YAMLError as error:
-        mark, context = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
-        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark else str(path)
-        problem = getattr(error, "problem", None) or str(error)
-        if context is not None and getattr(error, "context", None):
-            problem += f", {error.context} started at line {context.line + 1}, column {context.column + 1}"
-        raise ValueError(f"{where}: not valid YAML ({problem})") from None
+        raise ValueError(boundedyaml.describe(error, path)) from None
     if not isinstance(loaded, dict):
         raise ValueError(f"Config file {path} must hold a mapping of settings, got {type(loaded).__name__}.")
-    return loaded, {key.value: key.start_mark.line + 1 for key, _ in node.value}
+    return loaded, {key.value: key.start_mark.line + 1 for key, _ in node.value if isinstance(key.value, str)}
 
 
 def _named_key(message: str, keys: list[str]) -> str | None:

@@ -52,6 +52,12 @@ def save_figure(fig: Figure, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def plain(text: str) -> str:
+    """A name from data or config drawn as written: matplotlib reads text between two ``$`` as math
+    (a task named "cost $5_$10" failed the whole report); ``\\$`` is its literal dollar."""
+    return text.replace("$", r"\$")
+
+
 def wrap(label: str, width: int = 14) -> str:
     """A long name over several lines, broken after spaces and underscores, never inside a word."""
     lines: list[str] = []
@@ -90,6 +96,7 @@ def declutter(fig: Figure, texts: Sequence[Text], max_steps: int = 40) -> None:
 
 def plot_accuracy_matrix(grid: list[list[float]], task_names: list[str], title: str, path: Path) -> None:
     """Heatmap of a seed-mean accuracy matrix; NaN entries (unseen tasks) are blank."""
+    task_names, title = [plain(t) for t in task_names], plain(title)
     finite = [x for row in grid for x in row if not math.isnan(x)]
     fig = new_figure((2.2 + 1.3 * len(task_names), 1.4 + 0.6 * len(grid)))
     ax = fig.add_subplot()
@@ -113,6 +120,7 @@ def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]]
     no point: a dotted line bridges them, so no trajectory is drawn that was never measured. Each
     series is nudged sideways a little so that equal values and their bars stay apart. False if
     nothing was measured."""
+    series, task_names = [(plain(label), stats) for label, stats in series], [plain(t) for t in task_names]
     fig = new_figure((3.0 + 1.4 * len(task_names), 4.2))
     ax = fig.add_subplot()
     drawn = intervals = gaps = False
@@ -192,7 +200,7 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path,
     labels: list[list[Text]] = [[], []]
     for c, ((method, rank), pts) in enumerate(curves.items()):
         pts = sorted((p for p in pts if p["plasticity"] is not None), key=lambda p: p["plasticity"])
-        label = method if rank is None else f"{method} r{rank}"
+        label = plain(method if rank is None else f"{method} r{rank}")
         style = {"color": colours(c % colours.N), "label": label, "capsize": 2, "elinewidth": 0.8,
                  "marker": "*" if pts and pts[0]["lr"] is None else MARKERS[c % len(MARKERS)]}
         style["markersize"] = 10 if style["marker"] == "*" else 5
@@ -222,7 +230,7 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path,
     axes[0].set_yscale("symlog", linthresh=1.0)  # a diverged rate would flatten every other point
     note = ""
     if dropped:
-        named = ", ".join(f"{point_name(p)} ({p['ppl_increase']:+.0f})" for p in dropped)
+        named = ", ".join(f"{plain(point_name(p))} ({p['ppl_increase']:+.0f})" for p in dropped)
         note = textwrap.fill(f"Left out, perplexity over {OFF_SCALE_FACTOR:g}× the base model's: {named}",
                              180 if many else 150)
         fig.text(0.5, 0.005, note, ha="center", va="bottom", fontsize=8)
@@ -271,7 +279,7 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     seeds = max(len(members) for members in curves.values())
     drawn: list[float] = []
     for c, ((method, rank, lr), members) in enumerate(curves.items()):
-        label = method + ("" if rank is None else f" r{rank}") + ("" if lr is None else f" (lr {lr:g})")
+        label = plain(method + ("" if rank is None else f" r{rank}") + ("" if lr is None else f" (lr {lr:g})"))
         for j, ax in enumerate(axes):
             per_seed = [losses[j] for losses in members if j < len(losses) and losses[j]]
             if not per_seed:
@@ -288,7 +296,7 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
             last = max(len(line.get_xdata()) for line in ax.lines)
             ax.set_xlim(1, max(last, 2))
             ax.set_xticks([t for t in ax.get_xticks() if 1 <= t <= last])
-        ax.set_title(wrap(name, 28), fontsize=9)
+        ax.set_title(wrap(plain(name), 28), fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
         ax.grid(alpha=0.3)
     if min(drawn) > 0 and max(drawn) / min(drawn) > 20:  # a diverging curve would flatten every other one

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from curlora.data import ClassificationCollator, Example, PromptCollator, TaskSplits
+from curlora.data import ClassificationCollator, DataError, Example, PromptCollator, TaskSplits
 from curlora.continual.forward import answer_log_probs, causal_lm_of, last_hidden, lm_logits
 from curlora.continual.training import Item, autocast, batches, derived_seed
 
@@ -346,6 +346,12 @@ class GenerativeProtocol(Protocol):
     def __init__(self, tasks, tokenizer, config, device, bf16) -> None:
         super().__init__(tasks, tokenizer, config, device, bf16)
         self.collator = PromptCollator(tokenizer, config.max_length, config.chat_template)
+        special = [t for t in self.collator.tokenizer.all_special_tokens if t]
+        for task in self.tasks:  # a k-shot prompt writes the words as text: one would become the token
+            for word in task.prompt.label_words:
+                if clash := next((t for t in special if t in word), None):
+                    raise DataError(f"task {task.name!r}: label word {word!r} holds the tokenizer's special token "
+                                    f"{clash!r}; choose another word.")
         self.odd_answers = {t.name: odd for t in self.tasks if (odd := self.collator.odd_answers(t.prompt))}
         for task, odd in self.odd_answers.items():
             pieces = "; ".join(f"{word!r} as {'|'.join(tokens)}" for word, tokens in odd.items())

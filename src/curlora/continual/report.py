@@ -63,7 +63,7 @@ def interval_note(runs: Sequence[Mapping[str, Any]]) -> str:
     if not orders:
         return INTERVAL_NOTE
     return (f"Values are mean ± sample std over seeds and task orders (every run of a seed in an order counts "
-            f"once; orders {', '.join(orders)}), with the 95 % Student-t interval of the mean in brackets, where "
+            f"once; orders {', '.join(map(escape, orders))}), with the 95 % Student-t interval of the mean in brackets, where "
             f"more than one run finished; the per-order table gives each order over its seeds alone. A difference "
             f"is called resolved only when the two 95 % intervals do not overlap; with one run nothing is resolved.")
 
@@ -82,11 +82,25 @@ def step_names(runs: Sequence[Mapping[str, Any]], task_names: list[str]) -> list
 Stat = Mapping[str, float] | None
 
 
+# Every string from data or config (task and label names, method names, the model, error messages) is
+# written through this: a "|" or line break would end a table row, "<img ...>" would be markup, "$", "*",
+# "`" or "[...](...)" would turn into math, emphasis, code or a link.
+# (format_table escapes "|" in every cell, generated or not.)
+_MARKDOWN = str.maketrans({"\\": "\\\\", "$": "\\$", "*": "\\*", "`": "\\`", "[": "\\[", "]": "\\]",
+                           "&": "&amp;", "<": "&lt;", ">": "&gt;", "\r": " ", "\n": " "})
+
+
+def escape(text: Any) -> str:
+    """``text`` as literal Markdown (and HTML) on one line."""
+    return str(text).translate(_MARKDOWN)
+
+
 def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
-    """Markdown table; None renders as an em dash, pipes and newlines are escaped."""
+    """Markdown table; None renders as an em dash, pipes and line breaks are escaped (cells from data
+    come through :func:`escape` first)."""
 
     def cell(x: Any) -> str:
-        return DASH if x is None else str(x).replace("|", "\\|").replace("\n", " ")
+        return DASH if x is None else str(x).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
 
     lines = [
         "| " + " | ".join(cell(h) for h in headers) + " |",
@@ -125,14 +139,20 @@ def _lr(lr: Any) -> str:
     return DASH if lr is None else f"{lr:g}"
 
 
-def _label(g: Mapping[str, Any]) -> str:
+def _name(g: Mapping[str, Any]) -> str:
+    """A method × rank as plots draw it."""
     return g["method"] if g.get("rank") is None else f"{g['method']} r{g['rank']}"
+
+
+def _label(g: Mapping[str, Any]) -> str:
+    """A method × rank as the report's prose writes it."""
+    return escape(_name(g))
 
 
 def _plot_accuracy_matrix(g: Mapping[str, Any], task_names: list[str], path: Path) -> None:
     grid = [[math.nan if x is None else x["mean"] for x in row] for row in g["accuracy_matrix"]]
     runs, what = g["n_runs"], "run" if g.get("orders") else "seed"
-    plot_accuracy_matrix(grid, task_names, f"{_label(g)} accuracy (mean of {runs} {what}{'s' * (runs > 1)})", path)
+    plot_accuracy_matrix(grid, task_names, f"{_name(g)} accuracy (mean of {runs} {what}{'s' * (runs > 1)})", path)
 
 
 def _matrix_filenames(groups: list[Mapping[str, Any]]) -> list[str]:
@@ -176,7 +196,7 @@ def _compare(g: Mapping[str, Any], ref_acc: Stat, ref_tasks: list[Stat],
 def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
              runs: list[Mapping[str, Any]]) -> list[str]:
     """Plain-language findings derived only from the numbers."""
-    task_names = [t["name"] for t in tasks]
+    task_names = [escape(t["name"]) for t in tasks]
     lines = []
     failed = [r for r in runs if r.get("status") != "ok"]
     if failed:
@@ -290,7 +310,7 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path, base_pp
            "best mean final accuracy on validation rows carved from the training data"
            + (", pooled over every task order run (one rate per method × rank, whatever the order)."
               if orders else ".")), "",
-          format_table([[c["method"], c["rank"], _lr(c["lr"]),
+          format_table([[escape(c["method"]), c["rank"], _lr(c["lr"]),
                          ", ".join(f"{_lr(lr)}: {acc:.3f}" for lr, acc in c["validation_accuracy"].items())]
                         for c in frontier["selection"]],
                        ["Method", "Rank", "Chosen LR", "Validation ACC by LR"]), ""]
@@ -311,8 +331,8 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path, base_pp
             "tables give the 95 % intervals); a ringed point: the rate chosen on validation."), "",
            "![frontier](frontier.png)", "",
            *([f"Left out of the plot (they are in the table), their perplexity past {OFF_SCALE_FACTOR:g}× "
-              f"the base model's: {', '.join(point_name(p) for p in dropped)}.", ""] if dropped else []),
-           format_table([[p["method"], p["rank"], _lr(p["lr"]), p["n_seeds"], _ms(point_stat(p, "plasticity")),
+              f"the base model's: {', '.join(escape(point_name(p)) for p in dropped)}.", ""] if dropped else []),
+           format_table([[escape(p["method"]), p["rank"], _lr(p["lr"]), p["n_seeds"], _ms(point_stat(p, "plasticity")),
                           _ms(point_stat(p, "acc")), _ms(point_stat(p, "ppl_increase"), 2, signed=True),
                           _ms(point_stat(p, "forgetting"), signed=True), _ms(point_stat(p, "bwt"), signed=True)]
                          for p in frontier["points"]],
@@ -322,7 +342,7 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path, base_pp
         return md + ["The methods' plasticity ranges do not overlap, so no matched-accuracy reading exists.", ""]
     return md + [
         "### Cost at matched plasticity", "", *_matched_reading(frontier["matched"]), "",
-        format_table([[f"{m['target']:.3f}", m["method"], m["rank"], _cost(m, "ppl_increase", 2),
+        format_table([[f"{m['target']:.3f}", escape(m["method"]), m["rank"], _cost(m, "ppl_increase", 2),
                        _cost(m, "forgetting", 3)] for m in frontier["matched"]],
                      ["Plasticity", "Method", "Rank", "Perplexity increase", "Forgetting"]),
         "", ("Read along each method's Pareto frontier (rates that learned less at a higher cost are "
@@ -339,21 +359,21 @@ def _header(results: Mapping[str, Any], runs: list[Mapping[str, Any]]) -> list[s
     corpus = results.get("corpus") or {}
     source = f", sha256 {corpus['sha256'][:12]}…" if corpus.get("sha256") else ""
     return ["# Continual-learning report", "",
-            f"Model: {results.get('model', DASH)}. Runs: {n_ok} ok, {len(runs) - n_ok} not ok. "
-            f"Perplexity corpus: {corpus.get('name', DASH)}{source} ({corpus.get('tokens_scored', DASH)} "
+            f"Model: {escape(results.get('model', DASH))}. Runs: {n_ok} ok, {len(runs) - n_ok} not ok. "
+            f"Perplexity corpus: {escape(corpus.get('name', DASH))}{source} ({corpus.get('tokens_scored', DASH)} "
             f"tokens, window {corpus.get('window', DASH)}, stride {corpus.get('stride', DASH)}).",
             interval_note(runs), ""]
 
 
 def _tasks_section(tasks: list[Mapping[str, Any]]) -> list[str]:
     return ["## Tasks (in training order)", "",
-            format_table([[t["name"], ", ".join(t.get("label_names") or []), t.get("n_train"),
+            format_table([[escape(t["name"]), escape(", ".join(t.get("label_names") or [])), t.get("n_train"),
                            t.get("n_eval"), _num(t.get("majority_accuracy"), 3)] for t in tasks],
                          ["Task", "Labels", "Train", "Eval", "Majority acc"]), ""]
 
 
 def _accuracy_section(keys: Keys, groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]]) -> list[str]:
-    task_names = [t["name"] for t in tasks]
+    task_names = [escape(t["name"]) for t in tasks]
     maj = [t.get("majority_accuracy") for t in tasks]
     maj_mean = sum(maj) / len(maj) if maj and None not in maj else None
     return ["## Table 1: accuracy per task after the full sequence", "", format_table(
@@ -423,9 +443,9 @@ def _threads_note(runs: list[Mapping[str, Any]]) -> list[str]:
 def _runs_section(runs: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
     ordered = bool(orders_of(runs))
     md = ["## Runs", "", format_table(
-        [[r.get("method"), r.get("rank"), r.get("seed"), *([r.get("order")] if ordered else []), _lr(r.get("lr")),
-          _lr(r.get("head_lr")), r.get("status"), _num(r.get("wall_time_s"), 1),
-          None if r.get("status") == "ok" else str(r.get("error") or "no error message")[:300]]
+        [[escape(r.get("method")), r.get("rank"), r.get("seed"), *([escape(r.get("order"))] if ordered else []),
+          _lr(r.get("lr")), _lr(r.get("head_lr")), escape(r.get("status")), _num(r.get("wall_time_s"), 1),
+          None if r.get("status") == "ok" else escape(str(r.get("error") or "no error message")[:300])]
          for r in runs],
         ["Method", "Rank", "Seed", *(["Order"] if ordered else []), "LR", "Head LR", "Status", "Wall time (s)",
          "Error"]), ""]
@@ -435,7 +455,7 @@ def _runs_section(runs: list[Mapping[str, Any]], task_names: list[str]) -> list[
             "training through task X."), ""]
     for r in runs:
         if r.get("status") == "ok":
-            order = f", order {r['order']}" if r.get("order") is not None else ""
+            order = f", order {escape(r['order'])}" if r.get("order") is not None else ""
             md += [f"### {_label(r)}, seed {r.get('seed')}{order}, lr {_lr(r.get('lr'))}", "",
                    _run_matrix_table(r["accuracy_matrix"], step_names([r], task_names)), ""]
     return md
@@ -453,7 +473,7 @@ def _orders_section(runs: list[Mapping[str, Any]]) -> list[str]:
             ("The metrics of each task order on its own, over its seeds (the tables above pool seeds and "
              "orders): order changes what is forgotten, so a verdict that holds in one order may not in another."),
             "", format_table(
-                [[g["method"], g.get("rank"), _lr(g.get("lr")), g.get("order"), g["n_runs"], _ms(g["acc"]),
+                [[escape(g["method"]), g.get("rank"), _lr(g.get("lr")), escape(g.get("order")), g["n_runs"], _ms(g["acc"]),
                   _ms(g["bwt"], signed=True), _ms(g["forgetting"], signed=True), _ms(g["plasticity"]),
                   _ms(g["ppl_increase"], 2, signed=True)] for g in groups],
                 ["Method", "Rank", "LR", "Order", "Seeds", "ACC", "BWT", "Forgetting", "Plasticity",
@@ -462,7 +482,7 @@ def _orders_section(runs: list[Mapping[str, Any]]) -> list[str]:
 
 def _plots_section(groups: list[Mapping[str, Any]], task_names: list[str], run_dir: Path) -> list[str]:
     md = ["## Plots", ""]
-    series = [(_label(g), [g["ppl_before"], *g["ppl_after_task"]]) for g in groups]
+    series = [(_name(g), [g["ppl_before"], *g["ppl_after_task"]]) for g in groups]
     if plot_perplexity(series, task_names, run_dir / "perplexity.png"):
         md += ["![perplexity](perplexity.png)", ""]
     for g, name in zip(groups, _matrix_filenames(groups)):
@@ -497,9 +517,9 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tasks = list(results.get("tasks") or [])
-    task_names = [t["name"] for t in tasks]
+    task_names = [t["name"] for t in tasks]  # as plots draw them; the tables' are escaped
+    shown = [escape(name) for name in task_names]
     runs = deepcopy(list(results.get("runs") or []))
-    steps = step_names(runs, task_names)
     config = results.get("config") or {}
     grid_seeds = config.get("seeds") if config.get("confirm_seeds") else None  # the seeds that chose the rates
     frontier = analyse(runs, grid_seeds) if results.get("frontier") is not None else None
@@ -507,15 +527,15 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     summary = summarize({"runs": [r for r in runs if r.get("selected", True)]})
     floors = floor_methods(runs)
     groups = [g for g in summary if g["method"] not in floors] + [g for g in summary if g["method"] in floors]
-    keys = [[g["method"], g.get("rank"), _lr(g.get("lr")),
+    keys = [[escape(g["method"]), g.get("rank"), _lr(g.get("lr")),
              f"{len(set(g['seeds']))} × {len(g['orders'])} orders" if g["orders"] else g["n_runs"]] for g in groups]
     md = [*_header(results, runs), *_tasks_section(tasks),
           "## Reading", "", *_reading(groups, tasks, runs), "",
-          *_accuracy_section(keys, groups, tasks), *_answers_section(keys, groups, task_names),
-          *_perplexity_section(keys, groups, steps),
+          *_accuracy_section(keys, groups, tasks), *_answers_section(keys, groups, shown),
+          *_perplexity_section(keys, groups, step_names(runs, shown)),
           *_metrics_section(keys, groups, runs), *_orders_section([r for r in runs if r.get("selected", True)]),
           *_frontier_section(frontier, run_dir, _base_perplexity(runs), bool(orders_of(runs))),
-          *_runs_section(runs, task_names), *_plots_section(groups, steps, run_dir),
+          *_runs_section(runs, shown), *_plots_section(groups, step_names(runs, task_names), run_dir),
           *_loss_section(results, run_dir)]
     path = run_dir / "report.md"
     atomic_write_bytes(path, "\n".join(md).encode("utf-8"))

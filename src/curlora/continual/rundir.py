@@ -1,6 +1,7 @@
 """Run-directory files read back on ``--resume``, and its lock: a run directory may come from someone
-else (or be edited), so nothing in it is used before it is checked, and its lock is never followed
-through a symbolic link.
+else (or be edited), so nothing in it is used before it is checked. Nothing in it is followed through a
+symbolic link or read from a FIFO or device: a linked ``runs/`` or ``checkpoints/`` would have curlora
+write and delete files wherever the link points, a FIFO would hang the command while it holds the lock.
 
 Every refusal is a :class:`RunFileError` (a ValueError) naming the file, so the command prints it as
 one line and exits with status 2.
@@ -13,16 +14,20 @@ import fcntl
 import json
 import math
 import os
+import re
 import stat
+import typing
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
+from curlora import boundedyaml
 from curlora.continual.config import GRID_FIELDS, GRID_MAPPINGS, RUNTIME_FIELDS, ContinualConfig
+from curlora.continual.config_checks import check_type
 from curlora.continual.parallel import DataParallel
-from curlora.fileio import atomic_write_json, atomic_write_text
+from curlora.fileio import atomic_write_json, atomic_write_text, read_regular
 
 #: Entries a directory may hold and still take a fresh run: a lock left by a command killed before it
 #: wrote ``config.yaml``.
@@ -57,6 +62,33 @@ def check_fresh(run_dir: Path) -> None:
                               f"choose a new or empty directory.")
 
 
+def check_tree(run_dir: Path) -> None:
+    """Every entry under ``run_dir`` is a real directory or a regular file (no link, FIFO, device or
+    socket), and every checkpoint file is named as curlora names them: checked before a run resumes."""
+    stack = [run_dir]
+    while stack:  # not os.walk: a directory nested thousands deep must not end in a RecursionError
+        directory = stack.pop()
+        for entry in os.scandir(directory):
+            path = Path(entry.path)
+            if entry.is_dir(follow_symlinks=False):
+                stack.append(path)
+            elif not entry.is_file(follow_symlinks=False):
+                what = "a symbolic link" if entry.is_symlink() else "not a regular file"
+                raise RunFileError(f"{path} is {what}; curlora reads and writes only real files in a run "
+                                   f"directory: remove it and rerun.")
+            elif path.parent.parent == run_dir / "checkpoints" and path.name.startswith("task"):
+                checkpoint_task(path)
+
+
+def checkpoint_task(path: Path) -> int:
+    """The number of tasks done that a checkpoint file ``task<N>.json`` / ``task<N>.safetensors`` holds."""
+    match = re.fullmatch(r"task([0-9]{1,6})\.(json|safetensors)", path.name)
+    if match is None:
+        raise RunFileError(f"{path} is not a curlora checkpoint (task<N>.json or task<N>.safetensors); "
+                           f"remove it and rerun.")
+    return int(match.group(1))
+
+
 def read_json(path: Path) -> Any:
     """The JSON in ``path``; RunFileError naming it if it is unreadable or holds a NaN (Python writes an
     infinite perplexity as Infinity: the readers below say where one may stand)."""
@@ -66,19 +98,41 @@ def read_json(path: Path) -> Any:
         return float(name)
 
     try:
-        return json.loads(path.read_bytes(), parse_constant=constant)
+        return json.loads(_read(path), parse_constant=constant)
     except (ValueError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
         raise RunFileError(f"{path} is damaged ({error}); delete it to compute it again.") from None
+    except RecursionError:
+        raise RunFileError(f"{path} is damaged (nested too deep); delete it to compute it again.") from None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return read_regular(path)
+    except OSError as error:
+        reason = "a symbolic link" if error.errno == errno.ELOOP else (error.strerror or str(error))
+        raise RunFileError(f"{path} cannot be read ({reason}); curlora reads only regular files in a run "
+                           f"directory.") from None
 
 
 def read_config(path: Path) -> dict[str, Any]:
-    """The saved ``config.yaml`` of a run, a mapping."""
+    """The saved ``config.yaml`` of a run: a mapping whose known fields have their types (nesting and
+    aliases bounded as in any config file)."""
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        loaded, _ = boundedyaml.compose(_read(path).decode("utf-8"))
+    except UnicodeDecodeError as error:
         raise RunFileError(f"{path} is damaged: {error}") from None
+    except yaml.YAMLError as error:
+        raise RunFileError(f"{boundedyaml.describe(error, path)}; it is damaged.") from None
+    loaded = {} if loaded is None else loaded
     if not isinstance(loaded, dict):
         raise RunFileError(f"{path} must be a mapping of config fields, got {type(loaded).__name__}.")
+    hints = typing.get_type_hints(ContinualConfig)
+    for name, value in loaded.items():
+        if name in hints:
+            try:
+                check_type(name, value, hints[name])
+            except ValueError as error:
+                raise RunFileError(f"{path}: {error}") from None
     return loaded
 
 
@@ -186,6 +240,7 @@ class RunDir:
                 f"{self.path} already holds a run; pass --resume to continue it, or choose "
                 f"another --output-dir."
             )
+        check_tree(self.path)
         # A field added since that run was made counts as its default.
         loaded = {**ContinualConfig().to_dict(), **read_config(saved)}
         current = config.to_dict()

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 
 from .splits import DataError
 
-__all__ = ["Prompt", "PROMPTS", "TEMPLATES", "default_prompt", "default_template", "prompt_for"]
+__all__ = ["Prompt", "PROMPTS", "TEMPLATES", "check_template", "default_prompt", "default_template", "prompt_for"]
 
 FIELDS = ("text", "text_pair")
+#: A template is an instruction around the text and an answer cue: this bounds a prompt's length beside
+#: max_length (which bounds the example's own text).
+MAX_TEMPLATE_CHARS = 2000
 
 
 @dataclass(frozen=True)
@@ -30,17 +33,7 @@ class Prompt:
 
     def check(self, label_names: Sequence[str], is_pair: bool, origin: str) -> "Prompt":
         """Refuse a template or answer list that cannot express the task; ``origin`` names it."""
-        try:
-            used = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
-        except ValueError as error:
-            raise DataError(f"{origin}: template {self.template!r} is not a valid format string ({error}); "
-                            f"write fields as {{text}} and {{text_pair}}, literal braces as {{{{ }}}}") from None
-        unknown = sorted(used - set(FIELDS))
-        if unknown:
-            raise DataError(f"{origin}: template fields {unknown} are unknown; use {{text}} and {{text_pair}}")
-        if "text" not in used or ("text_pair" in used) != is_pair:
-            need = "{text} and {text_pair}" if is_pair else "{text} and no {text_pair}"
-            raise DataError(f"{origin}: the template must use {need} for this task, got {self.template!r}")
+        check_template(self.template, is_pair, origin)
         words = [w.strip() if isinstance(w, str) else w for w in self.label_words]
         if len(words) != len(label_names) or not all(isinstance(w, str) and w for w in words):
             raise DataError(f"{origin}: label_words needs one non-empty word per label {list(label_names)}, "
@@ -52,7 +45,37 @@ class Prompt:
         return Prompt(self.template.rstrip(), tuple(words))
 
 
+def check_template(template: str, is_pair: bool, origin: str) -> None:
+    """Refuse a template whose replacement fields are not exactly {text} (and {text_pair} for a pair
+    task): a conversion or format spec ({text!a}, {text:.0}, {text:>2000000}) would silently hide the
+    example's text from the model, or blow the prompt past any length bound; so would a template longer
+    than :data:`MAX_TEMPLATE_CHARS`."""
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise DataError(f"{origin}: template is {len(template):,} characters; at most {MAX_TEMPLATE_CHARS:,}")
+    try:
+        parsed = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                  if name is not None]
+    except ValueError as error:
+        raise DataError(f"{origin}: template {template!r} is not a valid format string ({error}); "
+                        f"write fields as {{text}} and {{text_pair}}, literal braces as {{{{ }}}}") from None
+    used = {name for name, _, _ in parsed}
+    unknown = sorted(used - set(FIELDS))
+    if unknown:
+        raise DataError(f"{origin}: template fields {unknown} are unknown; use {{text}} and {{text_pair}}")
+    dressed = [f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+               for name, spec, conversion in parsed if spec or conversion]
+    if dressed:
+        raise DataError(f"{origin}: template field {dressed[0]} has a conversion or format spec; write the "
+                        f"fields as plain {{text}} and {{text_pair}}")
+    if "text" not in used or ("text_pair" in used) != is_pair:
+        need = "{text} and {text_pair}" if is_pair else "{text} and no {text_pair}"
+        raise DataError(f"{origin}: the template must use {need} for this task, got {template!r}")
+
+
 def _choices(words: Sequence[str]) -> str:
+    """The answer words as a template names them: a brace in a word is the word's own character, never a
+    replacement field (a word "{text}" must not put the example's text into the instruction)."""
+    words = [w.replace("{", "{{").replace("}", "}}") for w in words]
     return ", ".join(words[:-1]) + f" or {words[-1]}" if len(words) > 1 else words[0]
 
 

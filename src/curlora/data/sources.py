@@ -232,6 +232,8 @@ def _json_lines(path: Path, text: str) -> tuple[list[str], list[dict[str, Any]]]
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}, line {i}, column {exc.colno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:  # json nests by recursion: a line of 100,000 brackets
+            raise DataError(f"{path}, line {i}: JSON nested too deep; a row is one flat object") from None
         if not isinstance(obj, dict):
             raise DataError(f"{path}, line {i}: expected a JSON object per line, got {type(obj).__name__}")
         columns += [k for k in obj if k not in columns]
@@ -265,6 +267,13 @@ def _delimited_rows(path: Path, text: str, suffix: str) -> tuple[list[str], list
     number of fields, since a stray delimiter silently shifts a text into the label."""
     kw: dict[str, Any] = {"delimiter": "\t", "quoting": csv.QUOTE_NONE} if suffix != ".csv" else {}
     reader = csv.reader(io.StringIO(text, newline=""), **kw)
+    try:
+        return _checked_rows(path, reader, suffix)
+    except csv.Error as error:  # a field over csv.field_size_limit (16 MiB), a NUL, a stray quote
+        raise DataError(f"{path}, line {reader.line_num}: {error}") from None
+
+
+def _checked_rows(path: Path, reader: Any, suffix: str) -> tuple[list[str], list[dict[str, Any]]]:
     header = next((r for r in reader if any(c.strip() for c in r)), None)
     if header is None:
         raise DataError(f"{path}: file is empty; the first line must name the columns")

@@ -40,6 +40,7 @@ __all__ = [
     "load_corpus",
     "load_corpus_file",
     "load_task_file",
+    "check_task_file_name",
     "task_file_name",
 ]
 
@@ -294,6 +295,14 @@ def load_corpus_file(path: str | Path, max_chars: int | None = None) -> str:
     return text
 
 
+def check_task_file_name(name: str, origin: str) -> None:
+    """A user's task may not take a built-in task's name: it would be asked with that task's prompt and
+    answers (and reported as that task) without a word."""
+    if name in TASKS:
+        raise DataError(f"{origin} is named {name!r}, as a built-in task is (it would be asked with that task's "
+                        f"prompt and answers); give it another name with name: my_{name}")
+
+
 def task_file_name(path: str | Path, name: str | None = None) -> str:
     """A task file's name in reports: ``name``, else its O-LoRA dataset's directory name, else the
     file's stem (what :func:`load_task_file` names the task, known before it reads a row)."""
@@ -334,6 +343,7 @@ def load_task_file(
     layout = sources.benchmark_dir(p)
     origin_notes: list[str] = []
     name = task_file_name(p, name)
+    check_task_file_name(name, str(p))
     if layout is not None:
         p = layout.train
         text_column, label_column = text_column or "sentence", label_column or "label"

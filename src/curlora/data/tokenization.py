@@ -41,6 +41,17 @@ def prepare_tokenizer(tokenizer: Any) -> Any:
     return tok
 
 
+# A text is cut to this many characters per token of max_length before it is tokenized: tokenizing a
+# whole text first cost about 175 MB of memory per MB of text. No token is this long (SmolLM2's longest
+# is 81 characters), so the cut never changes which tokens remain.
+MAX_CHARS_PER_TOKEN = 100
+
+
+def clip(text: str | None, max_length: int) -> str | None:
+    """``text`` cut to what ``max_length`` tokens can hold (None stays None)."""
+    return None if text is None else text[: max_length * MAX_CHARS_PER_TOKEN]
+
+
 class ClassificationCollator:
     """Turns a list of :class:`Example` into ``input_ids``, ``attention_mask`` (left
     padded) and ``labels`` tensors; texts longer than ``max_length`` are truncated
@@ -77,13 +88,14 @@ class ClassificationCollator:
         }
 
     def _encode(self, examples: Sequence[Example]):
-        pairs = [e.text_pair for e in examples]
+        pairs = [clip(e.text_pair, self.max_length) for e in examples]
         return self.tokenizer(
-            [e.text for e in examples],
+            [clip(e.text, self.max_length) for e in examples],
             pairs if all(p is not None for p in pairs) else None,
             padding=True,
             truncation=True,
             max_length=self.max_length,
+            split_special_tokens=True,  # "<|im_end|>" in a text is text, never the special token
             return_tensors="pt",
         )
 
@@ -137,8 +149,10 @@ class PromptCollator:
         self.end_ids = self._end_of_answer()
         self._cache: dict[tuple, list[int]] = {}
 
-    def _ids(self, text: str, special: bool = False) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=special).input_ids
+    def _ids(self, text: str, special: bool = False, data: bool = False) -> list[int]:
+        """``text``'s token ids; ``data`` (an example's text, an answer word): a special token's string in
+        it (``<|im_end|>``) is tokenized as text, never as the special token."""
+        return self.tokenizer(text, add_special_tokens=special, split_special_tokens=data).input_ids
 
     def _end_of_answer(self) -> list[int]:
         if not self.chat:
@@ -171,8 +185,9 @@ class PromptCollator:
         return word[:1].upper() + word[1:] if self.chat else " " + word
 
     def answers(self, prompt: Prompt) -> list[list[int]]:
-        """Each label's answer tokens where they follow the prompt (without the end-of-answer token)."""
-        return [self._continuation(self.answer_text(word)) for word in prompt.label_words]
+        """Each label's answer tokens where they follow the prompt (without the end-of-answer token); a
+        special token's string in a word is tokenized as text."""
+        return [self._continuation(self.answer_text(word), data=True) for word in prompt.label_words]
 
     def odd_answers(self, prompt: Prompt) -> dict[str, list[str]]:
         """The answer words scored as more tokens than the same word takes in running text (after a
@@ -180,20 +195,21 @@ class PromptCollator:
         gets a lower summed log-probability (``acc_norm`` divides that out)."""
         odd = {}
         for word, ids in zip(prompt.label_words, self.answers(prompt)):
-            running = self._continuation(" " + self.answer_text(word).strip())
+            running = self._continuation(" " + self.answer_text(word).strip(), data=True)
             if len(ids) > len(running):
                 odd[word] = self.tokenizer.convert_ids_to_tokens(ids)
         return odd
 
-    def _continuation(self, text: str) -> list[int]:
+    def _continuation(self, text: str, data: bool = False) -> list[int]:
         """``text``'s tokens where it continues a prompt rather than starts one. A tokenizer that adds a
         dummy prefix (SentencePiece's "▁" in Llama-2 / Mistral / Metaspace tokenizers) would put a
         space token at every seam of a prompt tokenized in pieces: the text is tokenized after a
-        sentinel that merges with nothing, and the sentinel's own tokens are dropped."""
-        ids = self._ids(_SENTINEL + text)
+        sentinel that merges with nothing, and the sentinel's own tokens are dropped. ``data`` as in
+        :meth:`_ids` (the sentinel is no special token: it tokenizes the same either way)."""
+        ids = self._ids(_SENTINEL + text, data=data)
         if ids[: len(self._sentinel)] == self._sentinel:
             return ids[len(self._sentinel):]
-        return self._ids(text)  # the sentinel merged with the text: this tokenizer has no dummy prefix
+        return self._ids(text, data=data)  # the sentinel merged with the text: this tokenizer has no dummy prefix
 
     def _render(self, examples: Sequence[Example], prompt: Prompt) -> str:
         """The prompt for the last example, the others as answered demonstrations; texts as slots."""
@@ -219,7 +235,8 @@ class PromptCollator:
             for k in range(1, len(pieces), 2):
                 slot, lead = int(pieces[k]), " " if pieces[k - 1].endswith(" ") else ""
                 text = (owners[slot // 2].text, owners[slot // 2].text_pair)[slot % 2] or ""
-                texts[slot] = self._continuation(lead + text) if k > 1 or pieces[0] else self._ids(lead + text)
+                text = lead + clip(text, self.max_length)
+                texts[slot] = self._continuation(text, data=True) if k > 1 or pieces[0] else self._ids(text, data=True)
             for i in range(len(owners)):
                 parts = [texts[slot] for slot in (2 * i, 2 * i + 1) if slot in texts]
                 while sum(map(len, parts)) > self.max_length:
