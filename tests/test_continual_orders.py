@@ -32,6 +32,10 @@ def test_orders_give_distinct_keys_and_the_listed_order_keeps_todays_key(tmp_pat
     named = tiny_config(None, data_dir, methods=["head"], orders={"given": ["sst2", "mrpc"], "swapped": ["mrpc", "sst2"]})
     assert [(spec.key, spec.order, spec.sequence) for spec in run_specs(named)] == [
         ("head_s0", "given", (0, 1)), ("head_s0_order-swapped", "swapped", (1, 0))]
+    confirm = tiny_config(None, data_dir, methods=["lora"], lrs=[1e-3, 1e-2], confirm_seeds=[1],
+                          orders={"given": ["sst2", "mrpc"], "swapped": ["mrpc", "sst2"]})
+    confirming = [spec.key for spec in run_specs(confirm, {("lora", 4): 1e-2}) if spec.seed == 1]
+    assert confirming == ["lora_r4_lr0.01_s1", "lora_r4_lr0.01_s1_order-swapped"]  # the chosen rate, in every order
 
 
 def test_runs_in_each_order_are_reported_per_order_and_pooled(tmp_path, tiny_model_dir, data_dir):
