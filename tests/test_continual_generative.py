@@ -123,12 +123,14 @@ def test_zero_shot_row_is_the_untouched_model_scored_and_k_shot_shows_training_r
     curlora = runs["curlora"]
     assert [len(steps) for steps in curlora["train_loss"]] == [2, 2]  # 16 rows, batch 8
     assert curlora["trainable_params"]["heads"] == 0 and len(curlora["valid_answer_rate"]) == 2
+    # Every evaluation row is predicted as some label (ties split): the counts add up to the rows.
+    assert [round(sum(counts), 6) for counts in curlora["predicted_labels"]] == [len(t.eval) for t in runner.prepared.data.tasks]
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["protocol"]["name"] == "generative" and saved["protocol"]["chat_template"] is True
     assert saved["protocol"]["prompts"]["mrpc"]["label_words"] == ["no", "yes"]
     assert saved["protocol"]["end_of_answer"] == ["<|im_end|>"]
     report = (tmp_path / "report.md").read_text()
-    assert "zero-shot" in report and "k-shot" in report
+    assert "zero-shot" in report and "k-shot" in report and "## Predicted labels" in report
 
 
 def _base_model(path):

@@ -226,6 +226,7 @@ class Scored:
 
     acc: float
     acc_norm: float
+    predicted: tuple[float, ...] = ()  # rows predicted as each label (a tie split among its labels)
 
 
 def credit(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -289,6 +290,7 @@ class GenerativeRun(RunState):
         model.eval()
         lengths = [len(collator.prompt_ids(e, prompt, demos)) for e in examples]
         acc = norm = 0.0
+        predicted = torch.zeros(len(answers), dtype=torch.float64)
         for batch in batches(by_length(examples, lengths), protocol.config.eval_batch_size):
             inputs = {k: v.to(protocol.device) for k, v in collator.prompt_batch(batch, prompt, demos).items()}
             with autocast(protocol.device, protocol.bf16):
@@ -296,16 +298,19 @@ class GenerativeRun(RunState):
             labels = inputs["labels"].cpu()
             acc += credit(scores, labels)
             norm += credit(scores / chars, labels)
-        return Scored(acc / len(examples), norm / len(examples))
+            tied = (scores == scores.max(-1, keepdim=True).values).double()
+            predicted += (tied / tied.sum(-1, keepdim=True)).sum(0)
+        return Scored(acc / len(examples), norm / len(examples), tuple(predicted.tolist()))
 
     @torch.no_grad()
     def final_checks(self, model: nn.Module, evaluation: Sequence[Sequence[Example]], demonstrations: int = 0,
                      evaluating: Callable[[int], AbstractContextManager] = lambda j: nullcontext()) -> dict[str, Any]:
         """Whether greedy generation gives a valid answer at all, on the first ``generation_examples``
         evaluation rows of each task: the share whose generated text, up to the end of the answer, is
-        one of the task's answers exactly as scored (:meth:`PromptCollator.answer_text`); and each
-        task's final length-normalised accuracy (``acc_norm``) beside the accuracy matrix's ``acc``."""
-        rates, norms = [], []
+        one of the task's answers exactly as scored (:meth:`PromptCollator.answer_text`); each task's
+        final length-normalised accuracy (``acc_norm``) beside the accuracy matrix's ``acc``; and how
+        many evaluation rows were predicted as each label (a floor that never predicts a label shows it)."""
+        rates, norms, predicted = [], [], []
         for j, examples in enumerate(evaluation):
             rows = list(examples[: self.protocol.config.generation_examples])
             demos = tuple(self.demonstrations(j, demonstrations)) if demonstrations else ()
@@ -313,7 +318,8 @@ class GenerativeRun(RunState):
                 rates.append(self._valid_answers(model, rows, self.protocol.tasks[j].prompt, demos) / len(rows))
                 scored = self.scored.get((j, id(examples))) or self._accuracy(model, j, examples, demos)
             norms.append(scored.acc_norm)
-        return {"valid_answer_rate": rates, "accuracy_norm": norms}
+            predicted.append(list(scored.predicted))
+        return {"valid_answer_rate": rates, "accuracy_norm": norms, "predicted_labels": predicted}
 
     def _valid_answers(self, model: nn.Module, rows: Sequence[Example], prompt: Any,
                        demos: Sequence[Example]) -> int:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from curlora.continual.frontier import analyse, chosen_rates
-from curlora.continual.metrics import SCHEMA_VERSION, constant, separated, summarize
+from curlora.continual.metrics import SCHEMA_VERSION, constant, in_listed_order, separated, summarize
 from curlora.continual.plots import (
     DASH, OFF_SCALE_FACTOR, plot_accuracy_matrix, plot_frontier, plot_loss_curves, plot_perplexity, point_name,
 )
@@ -396,6 +396,24 @@ def _answers_section(keys: Keys, groups: list[Mapping[str, Any]], task_names: li
             *_acc_norm_table(keys, groups, task_names)]
 
 
+def _predictions_section(runs: Sequence[Mapping[str, Any]], tasks: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Generative protocol: how many evaluation rows each run predicted as each label after the last
+    task (runs before this was recorded, or heads runs: no section). A prompt that never draws some
+    answer (a tilted floor) shows as a zero."""
+    rows = [r for r in runs if r.get("status") == "ok" and r.get("predicted_labels")]
+    if not rows:
+        return []
+    def cell(counts: Sequence[float], labels: Sequence[str]) -> str:
+        return ", ".join(f"{escape(label)} {count:g}" for label, count in zip(labels, counts))
+    table = [[escape(r["method"]), r.get("rank"), _lr(r.get("lr")), r.get("seed"),
+              *(cell(counts, t["label_names"]) for counts, t in zip(in_listed_order(r, r["predicted_labels"]), tasks))]
+             for r in rows]
+    return ["## Predicted labels", "",
+            "Evaluation rows predicted as each label after the last task (a row whose top score several "
+            "labels share counts 1/n for each).", "",
+            format_table(table, ["Method", "Rank", "LR", "Seed", *(escape(t["name"]) for t in tasks)]), ""]
+
+
 def _acc_norm_table(keys: Keys, groups: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
     """acc beside acc_norm after the last task (lm-evaluation-harness's pair): whether an answer
     spelt in more tokens than the others moved a method's accuracy (runs before acc_norm: no table)."""
@@ -532,6 +550,7 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     md = [*_header(results, runs), *_tasks_section(tasks),
           "## Reading", "", *_reading(groups, tasks, runs), "",
           *_accuracy_section(keys, groups, tasks), *_answers_section(keys, groups, shown),
+          *_predictions_section([r for r in runs if r.get("selected", True)], tasks),
           *_perplexity_section(keys, groups, step_names(runs, shown)),
           *_metrics_section(keys, groups, runs), *_orders_section([r for r in runs if r.get("selected", True)]),
           *_frontier_section(frontier, run_dir, _base_perplexity(runs), bool(orders_of(runs))),
