@@ -268,6 +268,7 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     if not runs:
         return False
     curves: dict[tuple, list[list[list[float]]]] = {}
+    together = {r["method"] for r in runs if r.get("sequential") is False}  # learns every task at step one
     for run in runs:
         # Panel j is task j as listed: a run in another order learned it at another step.
         curves.setdefault((run["method"], run.get("rank"), run.get("lr")), []).append(
@@ -279,7 +280,8 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     seeds = max(len(members) for members in curves.values())
     drawn: list[float] = []
     for c, ((method, rank, lr), members) in enumerate(curves.items()):
-        label = plain(method + ("" if rank is None else f" r{rank}") + ("" if lr is None else f" (lr {lr:g})"))
+        label = plain(method + ("" if rank is None else f" r{rank}") + ("" if lr is None else f" (lr {lr:g})")
+                      + (": every task, in the first panel" if method in together else ""))
         for j, ax in enumerate(axes):
             per_seed = [losses[j] for losses in members if j < len(losses) and losses[j]]
             if not per_seed:
