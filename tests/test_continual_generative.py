@@ -1,6 +1,7 @@
 """The generative protocol: answer scoring, the answer-only loss, its floors, every method, resume."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -294,3 +295,30 @@ def test_a_label_word_holding_a_special_token_is_refused_before_training(tiny_mo
     with pytest.raises(DataError, match=r"task 'reviews': label word 'bad<\|im_end\|>' holds .*'<\|im_end\|>'"):
         GenerativeProtocol([task], _tokenizer(tiny_model_dir), generative_config(tiny_model_dir, data_dir),
                            torch.device("cpu"), False)
+
+
+def test_a_calibrated_floor_divides_out_the_answers_prior_on_a_text_that_says_nothing(tmp_path, tiny_model_dir,
+                                                                                      data_dir):
+    from curlora.continual.protocols import CONTENT_FREE
+    from curlora.data import Example
+
+    config = generative_config(tiny_model_dir, data_dir, methods=["zero-shot", "zero-shot-calibrated", "k-shot-calibrated"])
+    runner = ContinualRunner(config, tmp_path)
+    results = runner.run()
+    runs = {r["method"]: r for r in results["runs"]}
+    base = _base_model(tiny_model_dir)
+    collator = runner.prepared.protocol.collator
+    task = runner.prepared.data.tasks[0]
+    answers = collator.answers(task.prompt)
+    pair = task.train[0].text_pair is not None
+    empty = collator.prompt_batch([Example(t, 0, text_pair=t if pair else None) for t in CONTENT_FREE], task.prompt)
+    prior = torch.logsumexp(answer_log_probs(base, empty["input_ids"], empty["attention_mask"], answers), 0) - math.log(2)
+    correct = 0
+    for example in task.eval:  # by hand: each row's scores less the prior, its argmax
+        batch = collator.prompt_batch([example], task.prompt)
+        scores = answer_log_probs(base, batch["input_ids"], batch["attention_mask"], answers)[0] - prior
+        correct += int(scores.argmax()) == example.label
+    assert runs["zero-shot-calibrated"]["accuracy_matrix"][1][0] == pytest.approx(correct / len(task.eval))
+    assert runs["zero-shot-calibrated"]["frozen_backbone"] and runs["k-shot-calibrated"]["status"] == "ok"
+    # The untouched model's predictions move once its prior is divided out.
+    assert runs["zero-shot-calibrated"]["predicted_labels"] != runs["zero-shot"]["predicted_labels"]

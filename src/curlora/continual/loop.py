@@ -168,7 +168,8 @@ class Run:
         tasks = prepared.data.tasks
         # Validation rows (carved from training data) are only for choosing rates: the final state suffices.
         validation = prepared.accuracies(adapted, protocol, "validation", len(tasks) - 1, self.method.frozen_backbone)
-        checks = protocol.final_checks(model, prepared.data.eval_splits, adapted.demonstrations, adapted.evaluating)
+        checks = protocol.final_checks(model, prepared.data.eval_splits, adapted.demonstrations, adapted.evaluating,
+                                       adapted.calibrated)
         diagnostics = stability_diagnostics(model) if isinstance(model, CURLoRAModel) else []
         trained = [p for p in model.parameters() if p.requires_grad] + [
             t.to(prepared.device) for t in protocol.state_dict().values()]

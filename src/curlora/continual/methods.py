@@ -68,6 +68,7 @@ class Adapted:
     u_params: list[torch.Tensor] = field(default_factory=list)
     needs_task_identity: bool = False  # whether evaluating a task needs to know which task it is
     demonstrations: int = 0  # training rows shown in the prompt when a task is scored (k-shot)
+    calibrated: bool = False  # scored against the answers' prior on a text that says nothing (a floor)
 
     def start_task(self, task_index: int) -> None:
         """Called before training task ``task_index``."""
@@ -492,6 +493,22 @@ def _build_k_shot(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any
 register(Method("k-shot", "the untouched model with k training rows answered in the prompt (--k-shot; the "
                 "generative protocol's in-context floor)", _build_k_shot, takes_rank=False, takes_lr=False,
                 frozen_backbone=True))
+
+
+def _calibrated(build: Builder) -> Builder:
+    def calibrated(lm: nn.Module, context: BuildContext, kwargs: Mapping[str, Any]) -> Adapted:
+        adapted = build(lm, context, kwargs)
+        adapted.calibrated = True
+        return adapted
+
+    return calibrated
+
+
+for _floor in ("zero-shot", "k-shot"):
+    register(dataclasses.replace(
+        REGISTRY[_floor], name=f"{_floor}-calibrated", build=_calibrated(REGISTRY[_floor].build),
+        summary=f"{REGISTRY[_floor].summary}, with contextual calibration (each answer's score less its score "
+                f"after a text that says nothing: Zhao et al. 2021)"))
 register(Method("full", "full fine-tuning", _build_full, takes_rank=False, trains_base_weights=True))
 
 

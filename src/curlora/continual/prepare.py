@@ -94,7 +94,7 @@ class Prepared:
                 continue
             with adapted.evaluating(j):
                 row.append(state.accuracy(adapted.model, j, splits, getattr(self.data, splits)[j], base,
-                                          adapted.demonstrations))
+                                          adapted.demonstrations, adapted.calibrated))
         return row
 
     def perplexity(self, model: nn.Module) -> float:

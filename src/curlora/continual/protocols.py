@@ -16,8 +16,8 @@ frontier read only this interface.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
-
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -47,12 +47,14 @@ class RunState(ABC):
 
     @abstractmethod
     def accuracy(self, model: nn.Module, task_index: int, split: str, examples: Sequence[Example],
-                 base: bool, demonstrations: int = 0) -> float:
+                 base: bool, demonstrations: int = 0, calibrated: bool = False) -> float:
         """Accuracy on ``examples`` of task ``task_index`` (``split`` names them for caching); ``base``:
-        the model is the unchanged base model, so what it computes can be cached across runs."""
+        the model is the unchanged base model, so what it computes can be cached across runs;
+        ``demonstrations`` and ``calibrated``: how a floor prompts and scores (the generative protocol's)."""
 
     def final_checks(self, model: nn.Module, evaluation: Sequence[Sequence[Example]], demonstrations: int = 0,
-                     evaluating: Callable[[int], AbstractContextManager] = lambda j: nullcontext()) -> dict[str, Any]:
+                     evaluating: Callable[[int], AbstractContextManager] = lambda j: nullcontext(),
+                     calibrated: bool = False) -> dict[str, Any]:
         """Extra per-run measurements after the last task (results.json fields), task j in the state
         ``evaluating(j)`` puts the model in (a bank's U_j); none by default."""
         return {}
@@ -189,7 +191,7 @@ class HeadsRun(RunState):
         return total
 
     def accuracy(self, model: nn.Module, task_index: int, split: str, examples: Sequence[Example],
-                 base: bool, demonstrations: int = 0) -> float:
+                 base: bool, demonstrations: int = 0, calibrated: bool = False) -> float:
         protocol = self.protocol
         features = protocol._cached((split, protocol.canonical[task_index]), base, lambda: split_features(
             model, examples, protocol.collator, protocol.config.eval_batch_size, protocol.bf16, protocol.device))
@@ -220,6 +222,11 @@ class HeadsProtocol(Protocol):
 
 
 # -- generative ---------------------------------------------------------------------------------
+# Texts that say nothing, whose answers give contextual calibration its prior (Zhao et al. 2021 used
+# "N/A", "" and "[MASK]"; the last is BERT's, no word to a causal LM).
+CONTENT_FREE = ("N/A", "")
+
+
 @dataclass(frozen=True)
 class Scored:
     """A split's accuracy by summed answer log-probability (``acc``) and per answer character (``acc_norm``)."""
@@ -272,19 +279,20 @@ class GenerativeRun(RunState):
         return [chosen[i] for i in shuffle]
 
     def accuracy(self, model: nn.Module, task_index: int, split: str, examples: Sequence[Example],
-                 base: bool, demonstrations: int = 0) -> float:
+                 base: bool, demonstrations: int = 0, calibrated: bool = False) -> float:
         demos = tuple(self.demonstrations(task_index, demonstrations)) if demonstrations else ()
-        key = (split, self.protocol.canonical[task_index], demos)
-        scored = self.protocol._cached(key, base, lambda: self._accuracy(model, task_index, examples, demos))
+        key = (split, self.protocol.canonical[task_index], demos, calibrated)
+        scored = self.protocol._cached(key, base, lambda: self._accuracy(model, task_index, examples, demos, calibrated))
         self.scored[(task_index, id(examples))] = scored
         return scored.acc
 
     @torch.no_grad()
     def _accuracy(self, model: nn.Module, task_index: int, examples: Sequence[Example],
-                  demos: Sequence[Example]) -> "Scored":
+                  demos: Sequence[Example], calibrated: bool = False) -> "Scored":
         protocol = self.protocol
         prompt, collator = protocol.tasks[task_index].prompt, protocol.collator
         answers = collator.answers(prompt)
+        prior = self._content_free(model, task_index, demos) if calibrated else 0.0
         # lm-evaluation-harness's acc_norm: the log-probability per character of the answer as written.
         chars = torch.tensor([len(collator.answer_text(word)) for word in prompt.label_words], dtype=torch.float32)
         model.eval()
@@ -294,7 +302,7 @@ class GenerativeRun(RunState):
         for batch in batches(by_length(examples, lengths), protocol.config.eval_batch_size):
             inputs = {k: v.to(protocol.device) for k, v in collator.prompt_batch(batch, prompt, demos).items()}
             with autocast(protocol.device, protocol.bf16):
-                scores = answer_log_probs(model, inputs["input_ids"], inputs["attention_mask"], answers).cpu()
+                scores = answer_log_probs(model, inputs["input_ids"], inputs["attention_mask"], answers).cpu() - prior
             labels = inputs["labels"].cpu()
             acc += credit(scores, labels)
             norm += credit(scores / chars, labels)
@@ -303,8 +311,23 @@ class GenerativeRun(RunState):
         return Scored(acc / len(examples), norm / len(examples), tuple(predicted.tolist()))
 
     @torch.no_grad()
+    def _content_free(self, model: nn.Module, task_index: int, demos: Sequence[Example]) -> torch.Tensor:
+        """Contextual calibration's prior (Zhao et al. 2021): each answer's score after the same prompt
+        whose text says nothing ("N/A", and an empty text), averaged in probability; a calibrated floor
+        subtracts it, so an answer the model favours whatever the text no longer wins every row."""
+        protocol = self.protocol
+        prompt, collator = protocol.tasks[task_index].prompt, protocol.collator
+        pair = protocol.tasks[task_index].train[0].text_pair is not None
+        empty = [Example(text, 0, text_pair=text if pair else None) for text in CONTENT_FREE]
+        inputs = {k: v.to(protocol.device) for k, v in collator.prompt_batch(empty, prompt, demos).items()}
+        with autocast(protocol.device, protocol.bf16):
+            scores = answer_log_probs(model, inputs["input_ids"], inputs["attention_mask"], collator.answers(prompt))
+        return torch.logsumexp(scores.cpu(), 0) - math.log(len(empty))
+
+    @torch.no_grad()
     def final_checks(self, model: nn.Module, evaluation: Sequence[Sequence[Example]], demonstrations: int = 0,
-                     evaluating: Callable[[int], AbstractContextManager] = lambda j: nullcontext()) -> dict[str, Any]:
+                     evaluating: Callable[[int], AbstractContextManager] = lambda j: nullcontext(),
+                     calibrated: bool = False) -> dict[str, Any]:
         """Whether greedy generation gives a valid answer at all, on the first ``generation_examples``
         evaluation rows of each task: the share whose generated text, up to the end of the answer, is
         one of the task's answers exactly as scored (:meth:`PromptCollator.answer_text`); each task's
@@ -316,7 +339,7 @@ class GenerativeRun(RunState):
             demos = tuple(self.demonstrations(j, demonstrations)) if demonstrations else ()
             with evaluating(j):
                 rates.append(self._valid_answers(model, rows, self.protocol.tasks[j].prompt, demos) / len(rows))
-                scored = self.scored.get((j, id(examples))) or self._accuracy(model, j, examples, demos)
+                scored = self.scored.get((j, id(examples))) or self._accuracy(model, j, examples, demos, calibrated)
             norms.append(scored.acc_norm)
             predicted.append(list(scored.predicted))
         return {"valid_answer_rate": rates, "accuracy_norm": norms, "predicted_labels": predicted}
@@ -346,7 +369,7 @@ class GenerativeProtocol(Protocol):
     name = "generative"
     summary = ("instruction text, loss on the answer tokens only, scored by the likeliest label answer "
                "(no heads; floors: zero-shot and k-shot)")
-    floors = ("zero-shot", "k-shot")
+    floors = ("zero-shot", "k-shot", "zero-shot-calibrated", "k-shot-calibrated")
     default_methods = ("curlora", "lora", "zero-shot", "k-shot")
 
     def __init__(self, tasks, tokenizer, config, device, bf16) -> None:
