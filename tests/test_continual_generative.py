@@ -95,12 +95,7 @@ def test_defaults_and_floors_belong_to_the_protocol(tiny_model_dir, data_dir):
 
 def test_zero_shot_row_is_the_untouched_model_scored_and_k_shot_shows_training_rows(tmp_path, tiny_model_dir,
                                                                                       data_dir):
-    config = generative_config(tiny_model_dir, data_dir, methods=["zero-shot", "k-shot", "curlora"])
-    runner = ContinualRunner(config, tmp_path)
-    results = runner.run()
-    runs = {r["method"]: r for r in results["runs"]}
-    base = _base_model(tiny_model_dir)
-    collator = runner.prepared.protocol.collator
+    runner, runs, base, collator = _run_beside_the_base(tmp_path, tiny_model_dir, data_dir, ["zero-shot", "k-shot", "curlora"])
     by_hand = []
     for task in runner.prepared.data.tasks:
         correct = 0
@@ -132,6 +127,13 @@ def test_zero_shot_row_is_the_untouched_model_scored_and_k_shot_shows_training_r
     assert saved["protocol"]["end_of_answer"] == ["<|im_end|>"]
     report = (tmp_path / "report.md").read_text()
     assert "zero-shot" in report and "k-shot" in report and "## Predicted labels" in report
+
+
+def _run_beside_the_base(tmp_path, model_dir, data_dir, methods):
+    """A generative run of ``methods``: the runner, its runs by method, the untouched base model and the collator."""
+    runner = ContinualRunner(generative_config(model_dir, data_dir, methods=methods), tmp_path)
+    runs = {r["method"]: r for r in runner.run()["runs"]}
+    return runner, runs, _base_model(model_dir), runner.prepared.protocol.collator
 
 
 def _base_model(path):
@@ -302,12 +304,8 @@ def test_a_calibrated_floor_divides_out_the_answers_prior_on_a_text_that_says_no
     from curlora.continual.protocols import CONTENT_FREE
     from curlora.data import Example
 
-    config = generative_config(tiny_model_dir, data_dir, methods=["zero-shot", "zero-shot-calibrated", "k-shot-calibrated"])
-    runner = ContinualRunner(config, tmp_path)
-    results = runner.run()
-    runs = {r["method"]: r for r in results["runs"]}
-    base = _base_model(tiny_model_dir)
-    collator = runner.prepared.protocol.collator
+    runner, runs, base, collator = _run_beside_the_base(tmp_path, tiny_model_dir, data_dir,
+                                                        ["zero-shot", "zero-shot-calibrated", "k-shot-calibrated"])
     task = runner.prepared.data.tasks[0]
     answers = collator.answers(task.prompt)
     pair = task.train[0].text_pair is not None
