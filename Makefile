@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 run: $(STAMP)
-	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/curlora continual --output-dir runs/default --resume
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/curlora continual --preset quick-verdict --workers 2 --output-dir runs/default --resume
 
 # Test files in TEST_WORKERS processes (pytest-xdist), a file's tests together in one of them (its
 # module fixtures, such as the Ray cluster, built once); most of the suite is one busy core.

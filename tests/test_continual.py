@@ -409,6 +409,28 @@ def test_the_paper_small_preset_keeps_the_papers_setup_at_a_cpu_size(tmp_path, t
     assert len(data.corpus_ids) == 8192
 
 
+def test_the_quick_verdict_preset_runs_each_method_at_its_own_rate_and_says_where_the_evidence_is(
+        tmp_path, tiny_model_dir, data_dir):
+    preset = load_config("quick-verdict")
+    assert preset.methods == ["curlora", "lora", "head", "multitask"] and preset.protocol == "heads"
+    config = tiny_config(tiny_model_dir, data_dir, methods=preset.methods, method_lrs=preset.method_lrs,
+                         description=preset.description)
+    results = ContinualRunner(config, tmp_path).run()
+    assert sorted((r["method"], r["lr"]) for r in results["runs"]) == [
+        ("curlora", 1e-2), ("head", None), ("lora", 3e-3), ("multitask", 3e-3)]
+    report = (tmp_path / "report.md").read_text()
+    assert "docs/results.md in the curlora repository" in report.split("## ")[0]  # above the first section
+    # A description changes no number: a run directory resumes with another one.
+    retold = dataclasses.replace(config, description="Another note.")
+    ContinualRunner(retold, tmp_path, resume=True).run()
+    assert "Another note." in (tmp_path / "report.md").read_text()
+
+
+def test_a_description_too_long_for_a_report_heading_is_refused():
+    with pytest.raises(ValueError, match="description is 2,001 characters long; keep it under 2,000"):
+        ContinualConfig(description="x" * 2001)
+
+
 def _counting_train_task(monkeypatch):
     """Wrap the run loop's train_task: record each call's run/task label and the model's trainable tensors
     as training starts (a resumed run must start from the checkpoint, not from scratch)."""

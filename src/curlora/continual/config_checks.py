@@ -205,6 +205,9 @@ def check_run_keys(cfg: ContinualConfig) -> None:
 
 
 # -- values -------------------------------------------------------------------------------------------
+MAX_DESCRIPTION = 2000  # characters of a config's description (the report's first paragraph)
+
+
 def check_values(cfg: ContinualConfig) -> None:
     """Every setting that can be judged without the model or the data: refused here, before any work."""
     for name in ("lr", "head_lr"):
@@ -232,6 +235,9 @@ def check_values(cfg: ContinualConfig) -> None:
                 raise ValueError(f"{where} must be a non-empty list of rates, got {rates!r}.")
             for value in rates:
                 checks.positive(f"every value of {where}", value)
+    if cfg.description is not None and len(cfg.description) > MAX_DESCRIPTION:
+        raise ValueError(f"description is {len(cfg.description):,} characters long; keep it under {MAX_DESCRIPTION:,} "
+                         f"(it heads the report: link a document for more).")
     checks.integers("ranks", cfg.ranks, minimum=1)
     checks.integers("seeds", cfg.seeds)
     checks.integers("confirm_seeds", cfg.confirm_seeds)

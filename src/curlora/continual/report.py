@@ -362,7 +362,8 @@ def _header(results: Mapping[str, Any], runs: list[Mapping[str, Any]]) -> list[s
             f"Model: {escape(results.get('model', DASH))}. Runs: {n_ok} ok, {len(runs) - n_ok} not ok. "
             f"Perplexity corpus: {escape(corpus.get('name', DASH))}{source} ({corpus.get('tokens_scored', DASH)} "
             f"tokens, window {corpus.get('window', DASH)}, stride {corpus.get('stride', DASH)}).",
-            interval_note(runs), ""]
+            interval_note(runs), "",
+            *([escape(results["config"]["description"]), ""] if (results.get("config") or {}).get("description") else [])]
 
 
 def _tasks_section(tasks: list[Mapping[str, Any]]) -> list[str]:
