@@ -146,11 +146,7 @@ def test_gemma_download_failure_says_what_to_do(tmp_path, monkeypatch, local_ind
         gemma.gemma_gguf_path()
 
 
-def test_real_gemma_when_cached_injects_on_all_18_layers():
-    from curlora.fileio import cache_dir
-
-    if not (cache_dir() / "models" / "gemma-3-270m" / "config.json").is_file():
-        pytest.skip("Gemma-3-270m not converted yet (run with --model gemma3-270m once to fetch it)")
+def test_real_gemma_injects_on_all_18_layers_and_starts_as_the_base():
     import torch
 
     from curlora import CURLoRAConfig, curlora_layers, get_curlora_model
