@@ -135,3 +135,16 @@ def test_valid_greedy_answers_are_reported_as_seed_means_only_when_measured(resu
     section = md.split("## Valid answers by greedy generation")[1].split("## ")[0]
     assert "| curlora | 8 | 0.00025 | 2 | 0.750 ± 0.354 [-2.426, 3.926] | 0.500 ± 0.000 [0.500, 0.500] |" in section
     assert "| lora | 8 | 0.00025 | 2 | 0.500 ± 0.354" in section and "| head | — | 0.00025 | 2 | — | — |" in section
+
+
+def test_a_multitask_runs_matrix_rows_say_it_learned_every_task_at_once(results, tmp_path):
+    results["runs"].append({**_run("multitask", 8, 0, [[0.5, None], [0.85, None], [0.85, 0.80]], [31.0, 31.0]),
+                            "ceiling": True, "sequential": False})
+    md = write_report(results, tmp_path).read_text(encoding="utf-8")
+    multitask = md.split("### multitask r8, seed 0")[1].split("###")[0]
+    assert "| after every task at once | 0.850 | — |" in multitask
+    assert "| unchanged, + agnews scored | 0.850 | 0.800 |" in multitask
+    assert "after sst2" not in multitask
+    lora = md.split("### lora r8, seed 0")[1].split("###")[0]
+    assert "| after sst2 | 0.930 | 0.250 |" in lora  # a sequential run's rows are unchanged
+    assert (tmp_path / "accuracy_matrix_multitask_r8.png").read_bytes().startswith(PNG_MAGIC)

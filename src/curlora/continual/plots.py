@@ -94,8 +94,10 @@ def declutter(fig: Figure, texts: Sequence[Text], max_steps: int = 40) -> None:
         placed.append(Text.get_window_extent(text, renderer))
 
 
-def plot_accuracy_matrix(grid: list[list[float]], task_names: list[str], title: str, path: Path) -> None:
-    """Heatmap of a seed-mean accuracy matrix; NaN entries (unseen tasks) are blank."""
+def plot_accuracy_matrix(grid: list[list[float]], task_names: list[str], title: str, path: Path,
+                         rows: Sequence[str] | None = None) -> None:
+    """Heatmap of a seed-mean accuracy matrix; NaN entries (unseen tasks) are blank. ``rows``: its row
+    labels ('before', then 'after <task>' for each task unless given)."""
     task_names, title = [plain(t) for t in task_names], plain(title)
     finite = [x for row in grid for x in row if not math.isnan(x)]
     fig = new_figure((2.2 + 1.3 * len(task_names), 1.4 + 0.6 * len(grid)))
@@ -106,7 +108,8 @@ def plot_accuracy_matrix(grid: list[list[float]], task_names: list[str], title: 
             ax.text(j, i, DASH if math.isnan(x) else f"{x:.3f}", ha="center", va="center",
                     color="white" if not math.isnan(x) and x < 0.6 else "black", fontsize=8)
     ax.set_xticks(range(len(task_names)), [wrap(t) for t in task_names], fontsize=8)
-    ax.set_yticks(range(len(grid)), ["before"] + [f"after {t}" for t in task_names], fontsize=8)
+    rows = ["before", *(f"after {t}" for t in task_names)] if rows is None else [plain(r) for r in rows]
+    ax.set_yticks(range(len(grid)), rows, fontsize=8)
     ax.set_xlabel("evaluated task")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax)

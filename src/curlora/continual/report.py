@@ -149,10 +149,20 @@ def _label(g: Mapping[str, Any]) -> str:
     return escape(_name(g))
 
 
-def _plot_accuracy_matrix(g: Mapping[str, Any], task_names: list[str], path: Path) -> None:
+def _plot_accuracy_matrix(g: Mapping[str, Any], task_names: list[str], path: Path, sequential: bool) -> None:
     grid = [[math.nan if x is None else x["mean"] for x in row] for row in g["accuracy_matrix"]]
     runs, what = g["n_runs"], "run" if g.get("orders") else "seed"
-    plot_accuracy_matrix(grid, task_names, f"{_name(g)} accuracy (mean of {runs} {what}{'s' * (runs > 1)})", path)
+    plot_accuracy_matrix(grid, task_names, f"{_name(g)} accuracy (mean of {runs} {what}{'s' * (runs > 1)})", path,
+                         rows=stage_names(task_names, sequential))
+
+
+def stage_names(task_names: Sequence[str], sequential: bool = True) -> list[str]:
+    """The rows of an accuracy matrix: 'before', then 'after <task>' for each step of the sequence. A
+    method that learns every task at its first step (multitask) has one row after it, then rows where its
+    unchanged model is scored on one more task each."""
+    if sequential:
+        return ["before", *(f"after {t}" for t in task_names)]
+    return ["before", "after every task at once", *(f"unchanged, + {t} scored" for t in task_names[1:])]
 
 
 def _matrix_filenames(groups: list[Mapping[str, Any]]) -> list[str]:
@@ -265,8 +275,8 @@ def _pad(xs: Sequence[Any], n: int) -> list[Any]:
     return [*xs, *[None] * (n - len(xs))]
 
 
-def _run_matrix_table(R: Sequence[Sequence[Any]], task_names: list[str]) -> str:
-    labels = ["before"] + [f"after {t}" for t in task_names]
+def _run_matrix_table(R: Sequence[Sequence[Any]], task_names: list[str], sequential: bool) -> str:
+    labels = stage_names(task_names, sequential)
     rows = [[lab, *(DASH if x is None else f"{x:.3f}" for x in row)] for lab, row in zip(labels, R)]
     return format_table(rows, ["", *task_names])
 
@@ -471,12 +481,13 @@ def _runs_section(runs: list[Mapping[str, Any]], task_names: list[str]) -> list[
     md += ["## Accuracy matrices per run", "",
            ("Row 'before' is measured before any training (heads untrained under the heads protocol, the "
             "model zero-shot under the generative one; unseen tasks may be missing); row 'after X' after "
-            "training through task X."), ""]
+            "training through task X (a multitask run learns every task at once, then is scored on one more "
+            "task per row)."), ""]
     for r in runs:
         if r.get("status") == "ok":
             order = f", order {escape(r['order'])}" if r.get("order") is not None else ""
             md += [f"### {_label(r)}, seed {r.get('seed')}{order}, lr {_lr(r.get('lr'))}", "",
-                   _run_matrix_table(r["accuracy_matrix"], step_names([r], task_names)), ""]
+                   _run_matrix_table(r["accuracy_matrix"], step_names([r], task_names), r.get("sequential", True)), ""]
     return md
 
 
@@ -499,13 +510,15 @@ def _orders_section(runs: list[Mapping[str, Any]]) -> list[str]:
                  "Perplexity increase"]), ""]
 
 
-def _plots_section(groups: list[Mapping[str, Any]], task_names: list[str], run_dir: Path) -> list[str]:
+def _plots_section(groups: list[Mapping[str, Any]], runs: Sequence[Mapping[str, Any]], task_names: list[str],
+                   run_dir: Path) -> list[str]:
     md = ["## Plots", ""]
+    together = {r["method"] for r in runs if r.get("sequential") is False}  # learns every task at step one
     series = [(_name(g), [g["ppl_before"], *g["ppl_after_task"]]) for g in groups]
     if plot_perplexity(series, task_names, run_dir / "perplexity.png"):
         md += ["![perplexity](perplexity.png)", ""]
     for g, name in zip(groups, _matrix_filenames(groups)):
-        _plot_accuracy_matrix(g, task_names, run_dir / name)
+        _plot_accuracy_matrix(g, task_names, run_dir / name, g["method"] not in together)
         md += [f"![{_label(g)} accuracy matrix]({name})", ""]
     return md
 
@@ -555,7 +568,7 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
           *_perplexity_section(keys, groups, step_names(runs, shown)),
           *_metrics_section(keys, groups, runs), *_orders_section([r for r in runs if r.get("selected", True)]),
           *_frontier_section(frontier, run_dir, _base_perplexity(runs), bool(orders_of(runs))),
-          *_runs_section(runs, shown), *_plots_section(groups, step_names(runs, task_names), run_dir),
+          *_runs_section(runs, shown), *_plots_section(groups, runs, step_names(runs, task_names), run_dir),
           *_loss_section(results, run_dir)]
     path = run_dir / "report.md"
     atomic_write_bytes(path, "\n".join(md).encode("utf-8"))
