@@ -34,11 +34,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from curlora.continual.frontier import MATCHED_COSTS, _curve_cost, analyse, select_learning_rates
+from curlora.continual.frontier import MATCHED_COSTS, analyse, curve_cost, select_learning_rates
 from curlora.continual.metrics import run_metrics
 from curlora.continual.metrics import separated, summarize
 from curlora.continual.plots import DASH, OFF_SCALE_FACTOR
-from curlora.continual.report import _cost, _lr, _ms, _num, floor_methods, format_table
+from curlora.continual.report import (ceiling_methods, floor_methods, fmt_cost, fmt_lr, fmt_num, fmt_stat, format_table,
+                                      gap_closed)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -134,19 +135,19 @@ def pm(s: Mapping[str, Any] | None, digits: int = 3, signed: bool = False) -> st
     """mean ± std over seeds (no interval), the plain mean for one seed."""
     if s is None:
         return DASH
-    text = _num(s["mean"], digits, signed)
+    text = fmt_num(s["mean"], digits, signed)
     return text if s["n"] < 2 or s["std"] == 0 else f"{text} ± {s['std']:.{digits}f}"
 
 
 def ms(s: Mapping[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
     """The report's mean ± std [95 % interval], the plain value where every seed gave the same one."""
     if s is not None and s["n"] > 1 and s["std"] == 0:
-        return _num(s["mean"], digits, signed)
-    return _ms(s, digits, signed)
+        return fmt_num(s["mean"], digits, signed)
+    return fmt_stat(s, digits, signed)
 
 
 def mean(s: Mapping[str, Any] | None, digits: int = 3, signed: bool = False) -> str:
-    return DASH if s is None else _num(s["mean"], digits, signed)
+    return DASH if s is None else fmt_num(s["mean"], digits, signed)
 
 
 def interval(s: Mapping[str, Any] | None, digits: int, signed: bool = False) -> str:
@@ -154,16 +155,16 @@ def interval(s: Mapping[str, Any] | None, digits: int, signed: bool = False) -> 
     if s is None:
         return DASH
     ci = s.get("ci95")
-    text = _num(s["mean"], digits, signed)
+    text = fmt_num(s["mean"], digits, signed)
     return f"{text} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]" if ci else text
 
 
 def rate(lr: Any) -> str:
-    """A learning rate as the docs write it: 1e-2, 3e-4 (the report's ``_lr`` writes 0.01)."""
+    """A learning rate as the docs write it: 1e-2, 3e-4 (the report's ``fmt_lr`` writes 0.01)."""
     if lr is None:
         return DASH
     mantissa, exponent = f"{lr:.0e}".split("e")
-    return f"{mantissa}e{int(exponent)}" if float(f"{mantissa}e{exponent}") == lr else _lr(lr)
+    return f"{mantissa}e{int(exponent)}" if float(f"{mantissa}e{exponent}") == lr else fmt_lr(lr)
 
 
 def name_of(method: str) -> str:
@@ -276,7 +277,7 @@ def table_verdict(prefix: str, floor: bool = False) -> str:
         for loaded, rank, c, lo in verdict_rows(name):
             note = f"; {experiment.note}" if experiment.note else ""
             row = [f"[{experiment.model}, {experiment.tasks}]({prefix}{name}/report.md) ({seeds_text(loaded)}, "
-                   f"{_num(loaded.base_perplexity, 2)}{note})",
+                   f"{fmt_num(loaded.base_perplexity, 2)}{note})",
                    f"{rank}: {rate(c['lr'])} / {rate(lo['lr'])}",
                    f"{mean(c['acc'])} / {mean(lo['acc'])}",
                    f"{mean(c['plasticity'])} / {mean(lo['plasticity'])}",
@@ -305,8 +306,8 @@ def floor_resolution(c: Mapping[str, Any], lo: Mapping[str, Any], head: Mapping[
 
 def majority_row(loaded: Loaded, lead: int, tail: int) -> list[str]:
     maj = [t.get("majority_accuracy") for t in loaded.tasks]
-    acc = _num(sum(maj) / len(maj), 3) if maj and None not in maj else DASH
-    return ["majority class", *[""] * (lead - 1), *(_num(m, 3) for m in maj), acc, *[""] * tail]
+    acc = fmt_num(sum(maj) / len(maj), 3) if maj and None not in maj else DASH
+    return ["majority class", *[""] * (lead - 1), *(fmt_num(m, 3) for m in maj), acc, *[""] * tail]
 
 
 def table_experiment(name: str, rates: Mapping[str, Sequence[float]] | None = None, ranks: bool = True,
@@ -346,7 +347,7 @@ def table_experiment(name: str, rates: Mapping[str, Sequence[float]] | None = No
         rows.append(row)
     rows.append(majority_row(loaded, len(lead), len(headers) - len(lead) - len(task_names) - 1))
     caption = (f"{seeds_text(loaded).capitalize()} ({', '.join(map(str, loaded.seeds))}); base perplexity "
-               f"{_num(loaded.base_perplexity, 2)}"
+               f"{fmt_num(loaded.base_perplexity, 2)}"
                + (" (mean ± std over seeds, 95 % Student-t interval of the mean in brackets)"
                   if len(loaded.seeds) > 1 else "") + ".")
     return caption + "\n\n" + format_table(rows, headers)
@@ -358,8 +359,8 @@ def matched_cell(m: Mapping[str, Any] | None, cost: str, digits: int, n_seeds: i
     if m is None or m[cost] is None and m.get(f"{cost}_stat") is None:
         return DASH
     if m.get(f"{cost}_stat") is None and n_seeds > 1:
-        return f"{_num(m[cost], digits, True)} (seed-mean curve; not every seed reached it)"
-    return _cost(m, cost, digits)
+        return f"{fmt_num(m[cost], digits, True)} (seed-mean curve; not every seed reached it)"
+    return fmt_cost(m, cost, digits)
 
 
 def table_matched_pair(name: str) -> str:
@@ -407,9 +408,9 @@ def text_frontier_reading(name: str, best: int = 3) -> str:
     for target in loaded.frontier["targets"]:
         at = sorted(((matched_value(m, "ppl_increase"), m["method"]) for m in rows
                      if m["target"] == target and matched_value(m, "ppl_increase") is not None))
-        cheapest = ", ".join(f"{method} {_num(v, 2, True)}" for v, method in at[:best])
+        cheapest = ", ".join(f"{method} {fmt_num(v, 2, True)}" for v, method in at[:best])
         place = next((i for i, (_, method) in enumerate(at, 1) if method == "curlora"), None)
-        where = (f"curlora ranked {place} of {len(at)} ({_num(at[place - 1][0], 2, True)})" if place
+        where = (f"curlora ranked {place} of {len(at)} ({fmt_num(at[place - 1][0], 2, True)})" if place
                  else f"curlora did not reach it ({len(at)} methods did)")
         lines.append(f"- At plasticity {target:.3f} the least perplexity increase: {cheapest}; {where}.")
     top = sorted(loaded.groups, key=lambda g: -g["acc"]["mean"])[:best]
@@ -426,22 +427,35 @@ def table_frontier(name: str) -> str:
     by_method: dict[str, list[Mapping[str, Any]]] = {}
     for r in loaded.runs:
         by_method.setdefault(r.get("method"), []).append(r)
+    ceilings = ceiling_methods(loaded.runs)
+    floor = max((g for g in loaded.groups if g["method"] in loaded.floors), key=lambda g: g["acc"]["mean"], default=None)
+    top = max((g for g in loaded.groups if g["method"] in ceilings), key=lambda g: g["acc"]["mean"], default=None)
+
+    def way(g: Mapping[str, Any]) -> str:
+        if g["method"] in loaded.floors or g["method"] in ceilings:
+            return "floor" if g["method"] in loaded.floors else "ceiling"
+        share = None if floor is None or top is None else gap_closed(g, floor, top)
+        return DASH if share is None else f"{100 * share:.0f} %"
+
     rows = []
     for g in sorted(loaded.groups, key=lambda g: -g["acc"]["mean"]):
         runs = by_method[g["method"]]
         kept = max((r.get("rows_kept_per_task") or 0) for r in runs)
         stored = f"{round(g['stored_per_task']['mean']):,}" + (f" + {kept} rows" if kept else "")
         aware = any(r.get("needs_task_identity") for r in runs)
-        rows.append([g["method"], rate_text(loaded, g), pm(g["acc"]), pm(g["bwt"], signed=True),
-                     pm(g["forgetting"], signed=True), pm(g["plasticity"]), pm(g["ppl_increase"], 2, True),
-                     f"{round(g['adapter_params']['mean']):,}", stored, "yes" if aware else "no",
-                     pm(g["wall_time_s"], 0), pm(g["peak_memory_mb"], 0)])
+        rows.append([g["method"], rate_text(loaded, g), pm(g["acc"]), *([way(g)] if top else []),
+                     pm(g["bwt"], signed=True), pm(g["forgetting"], signed=True), pm(g["plasticity"]),
+                     pm(g["ppl_increase"], 2, True), f"{round(g['adapter_params']['mean']):,}", stored,
+                     "yes" if aware else "no", pm(g["wall_time_s"], 0), pm(g["peak_memory_mb"], 0)])
     caption = (f"{seeds_text(loaded).capitalize()} ({', '.join(map(str, loaded.seeds))}); base perplexity "
-               f"{_num(loaded.base_perplexity, 2)}; sorted by ACC"
-               + ("; mean ± std over seeds" if len(loaded.seeds) > 1 else "") + ".")
+               f"{fmt_num(loaded.base_perplexity, 2)}; sorted by ACC"
+               + ("; mean ± std over seeds" if len(loaded.seeds) > 1 else "")
+               + (f"; floor → ceiling: where the mean ACC lies from the strongest floor's ({floor['method']}, 0 %) to "
+                  f"the strongest ceiling's ({top['method']}, 100 %)" if top and floor else "") + ".")
     return caption + "\n\n" + format_table(rows, [
-        "method", "rate (validation)", "ACC", "BWT", "forgetting", "plasticity", "perplexity increase",
-        "trainable adapter", "stored per task", "task identity", "wall time (s)", "peak memory (MB)"])
+        "method", "rate (validation)", "ACC", *(["floor → ceiling"] if top else []), "BWT", "forgetting",
+        "plasticity", "perplexity increase", "trainable adapter", "stored per task", "task identity",
+        "wall time (s)", "peak memory (MB)"])
 
 
 def table_rates(prefix: str) -> str:
@@ -537,7 +551,7 @@ def seed_comparisons() -> list[dict[str, Any]]:
             for target in loaded.frontier["targets"]:
                 for seed in map(str, loaded.seeds):
                     for cost in MATCHED_COSTS:
-                        c, lo = (_curve_cost([p["per_seed"][seed] for p in curves[(m, rank)] if seed in p["per_seed"]],
+                        c, lo = (curve_cost([p["per_seed"][seed] for p in curves[(m, rank)] if seed in p["per_seed"]],
                                              cost, target) for m in ("curlora", "lora"))
                         if c is not None and lo is not None:
                             c, lo = clean(c), clean(lo)
@@ -583,7 +597,7 @@ def table_exceptions(prefix: str) -> str:
             cost_name, digits = COST_NAMES[c["cost"]]
             experiment = EXPERIMENTS[c["name"]]
             rows.append([f"{experiment.model}, {experiment.tasks}", c["seed"], c["rank"], c["where"], cost_name,
-                         _num(c["curlora"], digits, True), _num(c["lora"], digits, True), link(c["name"], prefix)])
+                         fmt_num(c["curlora"], digits, True), fmt_num(c["lora"], digits, True), link(c["name"], prefix)])
     caption = ("Seed by seed, CURLoRA against LoRA of the same rank (" + "; ".join(counts)
                + "). Every comparison where CURLoRA's cost was the lower:")
     return caption + "\n\n" + format_table(

@@ -113,7 +113,7 @@ def cost_at(frontier: Sequence[tuple[float, float]], target: float) -> float | N
     return interpolate_at_accuracy(frontier, target)
 
 
-def _curve_cost(pts: Sequence[Mapping[str, Any]], cost: str, target: float) -> float | None:
+def curve_cost(pts: Sequence[Mapping[str, Any]], cost: str, target: float) -> float | None:
     pairs = pareto((p["plasticity"], p[cost]) for p in pts if p["plasticity"] is not None and p[cost] is not None)
     return cost_at(pairs, target)
 
@@ -132,8 +132,8 @@ def matched_accuracy(points: Sequence[Mapping[str, Any]], targets: Sequence[floa
             row: dict[str, Any] = {"target": target, "method": method, "rank": rank}
             seeds = sorted({seed for p in pts for seed in p.get("per_seed", {})})
             for cost in MATCHED_COSTS:
-                row[cost] = _curve_cost(pts, cost, target)
-                per_seed = [_curve_cost([p["per_seed"][seed] for p in pts if seed in p.get("per_seed", {})],
+                row[cost] = curve_cost(pts, cost, target)
+                per_seed = [curve_cost([p["per_seed"][seed] for p in pts if seed in p.get("per_seed", {})],
                                         cost, target) for seed in seeds]
                 # Only when every seed's curve reaches the target is the spread over seeds meaningful.
                 row[f"{cost}_stat"] = seed_stat(per_seed) if per_seed and None not in per_seed else None

@@ -38,13 +38,21 @@ def ceiling_methods(runs: Sequence[Mapping[str, Any]]) -> set[str]:
     return {r.get("method") for r in runs if r.get("ceiling")}
 
 
-def _between(g: Mapping[str, Any], floor: Mapping[str, Any], ceiling: Mapping[str, Any]) -> str | None:
-    """Where a method's ACC lies from the strongest floor (0 %) to the strongest ceiling (100 %)."""
+def gap_closed(g: Mapping[str, Any], floor: Mapping[str, Any], ceiling: Mapping[str, Any]) -> float | None:
+    """Where a method's mean ACC lies from a floor's (0) to a ceiling's (1); None where either is missing
+    or the ceiling is not above the floor."""
     low, high, acc = _mean(floor["acc"]), _mean(ceiling["acc"]), _mean(g["acc"])
     if None in (low, high, acc) or high <= low:
         return None
-    return (f"{100 * (acc - low) / (high - low):.0f} % of the way from the floor ({_label(floor)}) to the "
-            f"ceiling ({_label(ceiling)})")
+    return (acc - low) / (high - low)
+
+
+def _between(g: Mapping[str, Any], floor: Mapping[str, Any], ceiling: Mapping[str, Any]) -> str | None:
+    """Where a method's ACC lies from the strongest floor (0 %) to the strongest ceiling (100 %)."""
+    share = gap_closed(g, floor, ceiling)
+    if share is None:
+        return None
+    return f"{100 * share:.0f} % of the way from the floor ({_label(floor)}) to the ceiling ({_label(ceiling)})"
 
 
 INTERVAL_NOTE = ("Values are mean ± sample std over seeds, with the 95 % Student-t interval of the mean "
@@ -113,17 +121,17 @@ def format_table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _num(x: float | None, digits: int, signed: bool = False) -> str:
+def fmt_num(x: float | None, digits: int, signed: bool = False) -> str:
     if x is None:
         return DASH
     return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
 
 
-def _ms(s: Stat, digits: int = 3, signed: bool = False) -> str:
+def fmt_stat(s: Stat, digits: int = 3, signed: bool = False) -> str:
     """mean ± std [95 % interval] when several seeds contributed, plain mean otherwise."""
     if s is None:
         return DASH
-    text = _num(s["mean"], digits, signed)
+    text = fmt_num(s["mean"], digits, signed)
     if s["n"] < 2:
         return text
     ci = s.get("ci95")
@@ -135,7 +143,7 @@ def _mean(s: Stat) -> float | None:
     return None if s is None else s["mean"]
 
 
-def _lr(lr: Any) -> str:
+def fmt_lr(lr: Any) -> str:
     return DASH if lr is None else f"{lr:g}"
 
 
@@ -174,7 +182,7 @@ def _matrix_filenames(groups: list[Mapping[str, Any]]) -> list[str]:
         if g.get("rank") is not None:
             stem += f"_r{g['rank']}"
         if clash[(g["method"], g.get("rank"))] > 1:
-            stem += f"_lr{_lr(g.get('lr'))}"
+            stem += f"fmt_lr{fmt_lr(g.get('lr'))}"
         names.append(re.sub(r"[^A-Za-z0-9_.+-]", "_", stem) + ".png")
     return names
 
@@ -199,7 +207,7 @@ def _compare(g: Mapping[str, Any], ref_acc: Stat, ref_tasks: list[Stat],
         parts.append(f"{name} {d:+.3f}")
     wins = sum(1 for s, r in zip(g["task_accuracy"], ref_tasks)
                if s is not None and r is not None and s["mean"] > r["mean"])
-    return (f"vs {ref_name} {_ms(ref_acc)} ({diff:+.3f}, {_resolution(acc, ref_acc)}), "
+    return (f"vs {ref_name} {fmt_stat(ref_acc)} ({diff:+.3f}, {_resolution(acc, ref_acc)}), "
             f"higher on {wins}/{len(parts)} tasks ({', '.join(parts)})")
 
 
@@ -230,7 +238,7 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
         lines.append("- No successful frozen-backbone run (head-only, zero-shot or k-shot): no floor.")
     for g in groups:
         is_head = g["method"] in floors
-        clauses = [f"ACC {_ms(g['acc'])}"]
+        clauses = [f"ACC {fmt_stat(g['acc'])}"]
         if head is not None and not is_head:
             clauses.append(_compare(g, head["acc"], head["task_accuracy"], task_names,
                                     f"the floor ({_label(head)})"))
@@ -246,8 +254,8 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
             bwt = _mean(g["bwt"])
             verdict = ("no net change on earlier tasks" if abs(bwt) < 5e-4 else
                        "earlier tasks lost accuracy" if bwt < 0 else "earlier tasks improved")
-            clauses.append(f"BWT {_ms(g['bwt'], signed=True)} ({verdict}), "
-                           f"average forgetting {_ms(g['forgetting'], signed=True)}")
+            clauses.append(f"BWT {fmt_stat(g['bwt'], signed=True)} ({verdict}), "
+                           f"average forgetting {fmt_stat(g['forgetting'], signed=True)}")
         before, final = _mean(g["ppl_before"]), _mean(g["ppl_final"])
         if before is None or final is None:
             clauses.append("perplexity not measured")
@@ -258,7 +266,7 @@ def _reading(groups: list[Mapping[str, Any]], tasks: list[Mapping[str, Any]],
         if g["method"] in task_aware:
             clauses.append("needs the task's identity at inference (evaluates each task with its own U), "
                            f"storing {_int(g['stored_per_task'])} numbers per task")
-        name = f"{_label(g)} (lr {_lr(g.get('lr'))})" if g.get("lr") is not None else _label(g)
+        name = f"{_label(g)} (lr {fmt_lr(g.get('lr'))})" if g.get("lr") is not None else _label(g)
         mark = " [floor]" if is_head else " [ceiling]" if g["method"] in ceilings else ""
         lines.append(f"- {name}{mark}: " + "; ".join(c for c in clauses if c)
                      + ".")
@@ -298,10 +306,10 @@ def _matched_reading(matched: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def _cost(m: Mapping[str, Any], cost: str, digits: int, signed: bool = True) -> str:
+def fmt_cost(m: Mapping[str, Any], cost: str, digits: int, signed: bool = True) -> str:
     """A matched cost: its seed statistic where every seed reached the target, else the mean curve's."""
     stat = m.get(f"{cost}_stat")
-    return _ms(stat, digits, signed) if stat is not None else _num(m[cost], digits, signed)
+    return fmt_stat(stat, digits, signed) if stat is not None else fmt_num(m[cost], digits, signed)
 
 
 def _base_perplexity(runs: Sequence[Mapping[str, Any]]) -> float | None:
@@ -320,8 +328,8 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path, base_pp
            "best mean final accuracy on validation rows carved from the training data"
            + (", pooled over every task order run (one rate per method × rank, whatever the order)."
               if orders else ".")), "",
-          format_table([[escape(c["method"]), c["rank"], _lr(c["lr"]),
-                         ", ".join(f"{_lr(lr)}: {acc:.3f}" for lr, acc in c["validation_accuracy"].items())]
+          format_table([[escape(c["method"]), c["rank"], fmt_lr(c["lr"]),
+                         ", ".join(f"{fmt_lr(lr)}: {acc:.3f}" for lr, acc in c["validation_accuracy"].items())]
                         for c in frontier["selection"]],
                        ["Method", "Rank", "Chosen LR", "Validation ACC by LR"]), ""]
     edge = [_label(c) for c in frontier["selection"] if c.get("at_grid_edge")]
@@ -342,9 +350,9 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path, base_pp
            "![frontier](frontier.png)", "",
            *([f"Left out of the plot (they are in the table), their perplexity past {OFF_SCALE_FACTOR:g}× "
               f"the base model's: {', '.join(escape(point_name(p)) for p in dropped)}.", ""] if dropped else []),
-           format_table([[escape(p["method"]), p["rank"], _lr(p["lr"]), p["n_seeds"], _ms(point_stat(p, "plasticity")),
-                          _ms(point_stat(p, "acc")), _ms(point_stat(p, "ppl_increase"), 2, signed=True),
-                          _ms(point_stat(p, "forgetting"), signed=True), _ms(point_stat(p, "bwt"), signed=True)]
+           format_table([[escape(p["method"]), p["rank"], fmt_lr(p["lr"]), p["n_seeds"], fmt_stat(point_stat(p, "plasticity")),
+                          fmt_stat(point_stat(p, "acc")), fmt_stat(point_stat(p, "ppl_increase"), 2, signed=True),
+                          fmt_stat(point_stat(p, "forgetting"), signed=True), fmt_stat(point_stat(p, "bwt"), signed=True)]
                          for p in frontier["points"]],
                         ["Method", "Rank", "LR", "Seeds", "Plasticity", "ACC", "Perplexity increase",
                          "Forgetting", "BWT"]), ""]
@@ -352,8 +360,8 @@ def _frontier_section(frontier: Mapping[str, Any] | None, run_dir: Path, base_pp
         return md + ["The methods' plasticity ranges do not overlap, so no matched-accuracy reading exists.", ""]
     return md + [
         "### Cost at matched plasticity", "", *_matched_reading(frontier["matched"]), "",
-        format_table([[f"{m['target']:.3f}", escape(m["method"]), m["rank"], _cost(m, "ppl_increase", 2),
-                       _cost(m, "forgetting", 3)] for m in frontier["matched"]],
+        format_table([[f"{m['target']:.3f}", escape(m["method"]), m["rank"], fmt_cost(m, "ppl_increase", 2),
+                       fmt_cost(m, "forgetting", 3)] for m in frontier["matched"]],
                      ["Plasticity", "Method", "Rank", "Perplexity increase", "Forgetting"]),
         "", ("Read along each method's Pareto frontier (rates that learned less at a higher cost are "
              "dropped): the least cost at which its rates reached that plasticity, on the seed-mean "
@@ -379,7 +387,7 @@ def _header(results: Mapping[str, Any], runs: list[Mapping[str, Any]]) -> list[s
 def _tasks_section(tasks: list[Mapping[str, Any]]) -> list[str]:
     return ["## Tasks (in training order)", "",
             format_table([[escape(t["name"]), escape(", ".join(t.get("label_names") or [])), t.get("n_train"),
-                           t.get("n_eval"), _num(t.get("majority_accuracy"), 3)] for t in tasks],
+                           t.get("n_eval"), fmt_num(t.get("majority_accuracy"), 3)] for t in tasks],
                          ["Task", "Labels", "Train", "Eval", "Majority acc"]), ""]
 
 
@@ -388,8 +396,8 @@ def _accuracy_section(keys: Keys, groups: list[Mapping[str, Any]], tasks: list[M
     maj = [t.get("majority_accuracy") for t in tasks]
     maj_mean = sum(maj) / len(maj) if maj and None not in maj else None
     return ["## Table 1: accuracy per task after the full sequence", "", format_table(
-        [[*k, *(_ms(s) for s in g["task_accuracy"]), _ms(g["acc"])] for k, g in zip(keys, groups)]
-        + [["majority class", None, None, None, *(_num(m, 3) for m in maj), _num(maj_mean, 3)]],
+        [[*k, *(fmt_stat(s) for s in g["task_accuracy"]), fmt_stat(g["acc"])] for k, g in zip(keys, groups)]
+        + [["majority class", None, None, None, *(fmt_num(m, 3) for m in maj), fmt_num(maj_mean, 3)]],
         ["Method", "Rank", "LR", "Seeds", *task_names, "ACC"]), ""]
 
 
@@ -402,7 +410,7 @@ def _answers_section(keys: Keys, groups: list[Mapping[str, Any]], task_names: li
              "share whose answer, up to its end token, is one of the task's answers exactly as scored (case "
              "and spacing included). Accuracy above scores the answers' likelihoods instead, so it needs no "
              "valid generation."), "",
-            format_table([[*k, *(_ms(s) for s in _pad(g.get("valid_answer_rate") or [], len(task_names)))]
+            format_table([[*k, *(fmt_stat(s) for s in _pad(g.get("valid_answer_rate") or [], len(task_names)))]
                           for k, g in zip(keys, groups)], ["Method", "Rank", "LR", "Seeds", *task_names]), "",
             *_acc_norm_table(keys, groups, task_names)]
 
@@ -416,7 +424,7 @@ def _predictions_section(runs: Sequence[Mapping[str, Any]], tasks: Sequence[Mapp
         return []
     def cell(counts: Sequence[float], labels: Sequence[str]) -> str:
         return ", ".join(f"{escape(label)} {count:g}" for label, count in zip(labels, counts))
-    table = [[escape(r["method"]), r.get("rank"), _lr(r.get("lr")), r.get("seed"),
+    table = [[escape(r["method"]), r.get("rank"), fmt_lr(r.get("lr")), r.get("seed"),
               *(cell(counts, t["label_names"]) for counts, t in zip(in_listed_order(r, r["predicted_labels"]), tasks))]
              for r in rows]
     return ["## Predicted labels", "",
@@ -432,15 +440,15 @@ def _acc_norm_table(keys: Keys, groups: list[Mapping[str, Any]], task_names: lis
         return []
     return ["Accuracy after the last task as acc (the sum of the answer's token log-probabilities: the "
             "accuracy matrix, ACC and the frontier use it) / acc_norm (that sum per character of the answer).", "",
-            format_table([[*k, *(f"{_ms(a)} / {_ms(n)}" for a, n in zip(g["task_accuracy"], _pad(
-                g.get("accuracy_norm") or [], len(task_names)))), f"{_ms(g['acc'])} / {_ms(g.get('acc_norm'))}"]
+            format_table([[*k, *(f"{fmt_stat(a)} / {fmt_stat(n)}" for a, n in zip(g["task_accuracy"], _pad(
+                g.get("accuracy_norm") or [], len(task_names)))), f"{fmt_stat(g['acc'])} / {fmt_stat(g.get('acc_norm'))}"]
                 for k, g in zip(keys, groups)], ["Method", "Rank", "LR", "Seeds", *task_names, "ACC"]), ""]
 
 
 def _perplexity_section(keys: Keys, groups: list[Mapping[str, Any]], task_names: list[str]) -> list[str]:
     return ["## Table 2: perplexity before → after each task → final", "", format_table(
-        [[*k, _ms(g["ppl_before"], 2), *(_ms(s, 2) for s in _pad(g["ppl_after_task"], len(task_names))),
-          _ms(g["ppl_final"], 2), _ms(g["ppl_increase"], 2, signed=True)] for k, g in zip(keys, groups)],
+        [[*k, fmt_stat(g["ppl_before"], 2), *(fmt_stat(s, 2) for s in _pad(g["ppl_after_task"], len(task_names))),
+          fmt_stat(g["ppl_final"], 2), fmt_stat(g["ppl_increase"], 2, signed=True)] for k, g in zip(keys, groups)],
         ["Method", "Rank", "LR", "Seeds", "Before", *(f"after {t}" for t in task_names), "Final", "Increase"]), ""]
 
 
@@ -450,9 +458,9 @@ def _metrics_section(keys: Keys, groups: list[Mapping[str, Any]], runs: list[Map
              "(negative = forgetting). Forgetting: mean drop from each earlier task's best "
              "accuracy (positive = forgetting). Plasticity: mean accuracy right after learning "
              "each task."), "", format_table(
-                [[*k, _ms(g["acc"]), _ms(g["bwt"], signed=True), _ms(g["forgetting"], signed=True),
-                  _ms(g["plasticity"]), _int(g["adapter_params"]), _int(g["head_params"]), _int(g["stored_per_task"]),
-                  _ms(g["wall_time_s"], 1), _ms(g["peak_memory_mb"], 0)] for k, g in zip(keys, groups)],
+                [[*k, fmt_stat(g["acc"]), fmt_stat(g["bwt"], signed=True), fmt_stat(g["forgetting"], signed=True),
+                  fmt_stat(g["plasticity"]), _int(g["adapter_params"]), _int(g["head_params"]), _int(g["stored_per_task"]),
+                  fmt_stat(g["wall_time_s"], 1), fmt_stat(g["peak_memory_mb"], 0)] for k, g in zip(keys, groups)],
                 ["Method", "Rank", "LR", "Seeds", "ACC", "BWT", "Forgetting", "Plasticity",
                  "Adapter params", "Head params", "Stored per task", "Wall time (s)", "Peak memory (MB)"]),
             "", ("Stored per task: numbers a method keeps for each task beyond its head (a bank's U, "
@@ -473,7 +481,7 @@ def _runs_section(runs: list[Mapping[str, Any]], task_names: list[str]) -> list[
     ordered = bool(orders_of(runs))
     md = ["## Runs", "", format_table(
         [[escape(r.get("method")), r.get("rank"), r.get("seed"), *([escape(r.get("order"))] if ordered else []),
-          _lr(r.get("lr")), _lr(r.get("head_lr")), escape(r.get("status")), _num(r.get("wall_time_s"), 1),
+          fmt_lr(r.get("lr")), fmt_lr(r.get("head_lr")), escape(r.get("status")), fmt_num(r.get("wall_time_s"), 1),
           None if r.get("status") == "ok" else escape(str(r.get("error") or "no error message")[:300])]
          for r in runs],
         ["Method", "Rank", "Seed", *(["Order"] if ordered else []), "LR", "Head LR", "Status", "Wall time (s)",
@@ -486,7 +494,7 @@ def _runs_section(runs: list[Mapping[str, Any]], task_names: list[str]) -> list[
     for r in runs:
         if r.get("status") == "ok":
             order = f", order {escape(r['order'])}" if r.get("order") is not None else ""
-            md += [f"### {_label(r)}, seed {r.get('seed')}{order}, lr {_lr(r.get('lr'))}", "",
+            md += [f"### {_label(r)}, seed {r.get('seed')}{order}, lr {fmt_lr(r.get('lr'))}", "",
                    _run_matrix_table(r["accuracy_matrix"], step_names([r], task_names), r.get("sequential", True)), ""]
     return md
 
@@ -503,9 +511,9 @@ def _orders_section(runs: list[Mapping[str, Any]]) -> list[str]:
             ("The metrics of each task order on its own, over its seeds (the tables above pool seeds and "
              "orders): order changes what is forgotten, so a verdict that holds in one order may not in another."),
             "", format_table(
-                [[escape(g["method"]), g.get("rank"), _lr(g.get("lr")), escape(g.get("order")), g["n_runs"], _ms(g["acc"]),
-                  _ms(g["bwt"], signed=True), _ms(g["forgetting"], signed=True), _ms(g["plasticity"]),
-                  _ms(g["ppl_increase"], 2, signed=True)] for g in groups],
+                [[escape(g["method"]), g.get("rank"), fmt_lr(g.get("lr")), escape(g.get("order")), g["n_runs"], fmt_stat(g["acc"]),
+                  fmt_stat(g["bwt"], signed=True), fmt_stat(g["forgetting"], signed=True), fmt_stat(g["plasticity"]),
+                  fmt_stat(g["ppl_increase"], 2, signed=True)] for g in groups],
                 ["Method", "Rank", "LR", "Order", "Seeds", "ACC", "BWT", "Forgetting", "Plasticity",
                  "Perplexity increase"]), ""]
 
@@ -559,7 +567,7 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     summary = summarize({"runs": [r for r in runs if r.get("selected", True)]})
     floors = floor_methods(runs)
     groups = [g for g in summary if g["method"] not in floors] + [g for g in summary if g["method"] in floors]
-    keys = [[escape(g["method"]), g.get("rank"), _lr(g.get("lr")),
+    keys = [[escape(g["method"]), g.get("rank"), fmt_lr(g.get("lr")),
              f"{len(set(g['seeds']))} × {len(g['orders'])} orders" if g["orders"] else g["n_runs"]] for g in groups]
     md = [*_header(results, runs), *_tasks_section(tasks),
           "## Reading", "", *_reading(groups, tasks, runs), "",
