@@ -129,3 +129,30 @@ def test_shared_prefix_training_steps_match_plain_ones_on_smollm2(smollm2, data_
     torch.testing.assert_close(shared_loss, plain_loss, atol=1e-3, rtol=1e-4)
     for got, want in zip(shared_grads, plain_grads):
         torch.testing.assert_close(got, want, atol=1e-3 * want.abs().max().item(), rtol=1e-3)
+
+
+@pytest.mark.parametrize("model_type", sorted(ARCHITECTURES))
+def test_greedy_tokens_after_a_shared_prefix_are_what_generate_writes_for_each_prompt_alone(model_type, monkeypatch):
+    model = tiny(model_type).eval()
+    rows = _rows((3, 1, 4, 2), seed=1)
+    ids, mask = _left_padded(rows)
+    runs = _prefix_runs(monkeypatch, model)
+    got = forward.greedy_tokens(model, ids, mask, steps=5, stop_id=-1)  # a stop id never written: all 5 steps
+    window = getattr(model.config, "sliding_window", None) or 10**9
+    # The prefix ran once for all four rows, unless a row would outgrow a sliding window (Gemma's 16 tokens)
+    assert runs == ([] if len(rows[2]) + 4 > window else [len(rows)])
+    for row, tokens in zip(rows, got.tolist()):
+        alone = model.generate(torch.tensor([row]), max_new_tokens=5, do_sample=False, min_new_tokens=5,
+                               pad_token_id=0, eos_token_id=None)
+        assert tokens == alone[0, len(row):].tolist()
+
+
+def test_greedy_tokens_end_once_every_row_has_written_the_stop_token():
+    model = tiny_llama().eval()
+    ids, mask = _left_padded(_rows((2, 3), seed=2))
+    first = forward.greedy_tokens(model, ids, mask, steps=6, stop_id=-1)
+    stop = int(first[0, 1])  # row 0 writes it at its second step, row 1 wherever it does (or never)
+    got = forward.greedy_tokens(model, ids, mask, steps=6, stop_id=stop)
+    written_by_both = max(min([*(i for i, t in enumerate(r) if t == stop), 5]) for r in first.tolist())
+    assert got.shape == (2, written_by_both + 1)
+    assert torch.equal(got, first[:, : written_by_both + 1])

@@ -166,10 +166,11 @@ def _prefix_logits(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch
 
 
 def _shareable_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      limit: torch.Tensor) -> int:
+                      limit: torch.Tensor, extra: int = 0) -> int:
     """How many leading real tokens every row of a left-padded batch shares, at most ``limit`` (per
     row); 0 where sharing would not pay, would change the computation (dropout draws one mask for
-    every row's prefix) or the model fails the probe."""
+    every row's prefix; rows that, with ``extra`` tokens still to come, outgrow a sliding attention
+    window) or the model fails the probe."""
     rows, width = input_ids.shape
     lengths = attention_mask.sum(-1)
     starts = width - lengths
@@ -181,7 +182,7 @@ def _shareable_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     length = int((aligned == aligned[:1]).all(0).long().cumprod(0).sum())
     # Past a sliding attention window, a cached prefix and transformers' window masks disagree.
     window = getattr(causal_lm_of(model).config, "sliding_window", None)
-    if window is not None and int(lengths.max()) > window:
+    if window is not None and int(lengths.max()) + extra > window:
         return 0
     return length if length >= SHARE_PREFIX_FROM and shares_prefix_exactly(model) else 0
 
@@ -239,13 +240,8 @@ def answer_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     lm = causal_lm_of(model)
     rows = input_ids.shape[0]
     longer = any(len(a) > 1 for a in answers)
-    prefix = _shareable_prefix(model, input_ids, attention_mask, attention_mask.sum(-1) - 1)
-    cache = {}
-    if prefix:
-        starts = attention_mask.shape[1] - attention_mask.sum(-1)
-        cache = {_cache_name(lm): _prefix_cache(lm, input_ids[0, int(starts[0]): int(starts[0]) + prefix], rows)}
-        input_ids, rest = (_drop_prefix(t, starts, prefix) for t in (input_ids, attention_mask))
-        attention_mask = torch.cat([rest.new_ones(rows, prefix), rest], 1)
+    input_ids, attention_mask, cache = _after_shared_prompt_prefix(model, input_ids, attention_mask,
+                                                                   max(map(len, answers)) - 1)
     positions = _positions(attention_mask)[:, attention_mask.shape[1] - input_ids.shape[1]:]
     kwargs = {"logits_to_keep": 1} if _keeps_logits(lm) else {}
     with float32_lm_head(lm):
@@ -263,6 +259,49 @@ def answer_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
                       **{_cache_name(lm): copy.deepcopy(getattr(out, _cache_name(lm)))}, use_cache=True).logits
             scores[:, k] += F.log_softmax(more.float(), dim=-1).gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
     return scores
+
+
+def _after_shared_prompt_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
+    """A left-padded prompt batch as the LM then reads it: the tokens every prompt starts with (up to
+    each one's last token) run once into a key/value cache repeated for every row, then each row's
+    rest, still left-padded, with an attention mask over the cache and the rest; unchanged, with no
+    cache, where sharing would not pay or the model fails the probe (``extra``: tokens the rows will
+    still grow by, as in decoding)."""
+    lm = causal_lm_of(model)
+    prefix = _shareable_prefix(model, input_ids, attention_mask, attention_mask.sum(-1) - 1, extra)
+    if not prefix:
+        return input_ids, attention_mask, {}
+    rows = input_ids.shape[0]
+    starts = attention_mask.shape[1] - attention_mask.sum(-1)
+    cache = {_cache_name(lm): _prefix_cache(lm, input_ids[0, int(starts[0]): int(starts[0]) + prefix], rows)}
+    input_ids, rest = (_drop_prefix(t, starts, prefix) for t in (input_ids, attention_mask))
+    return input_ids, torch.cat([rest.new_ones(rows, prefix), rest], 1), cache
+
+
+@torch.no_grad()
+def greedy_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int,
+                  stop_id: int) -> torch.Tensor:
+    """Greedy decoding of each left-padded prompt (``generate(do_sample=False)``), ``steps`` new tokens
+    at most (batch × ≤ steps), ending once every row has written ``stop_id``. The prompts' shared
+    prefix (a k-shot prompt's demonstrations: most of its tokens) runs once."""
+    lm = causal_lm_of(model)
+    input_ids, attention_mask, cache = _after_shared_prompt_prefix(model, input_ids, attention_mask, steps - 1)
+    positions = _positions(attention_mask)[:, attention_mask.shape[1] - input_ids.shape[1]:]
+    kwargs = {"logits_to_keep": 1} if _keeps_logits(lm) else {}
+    written: list[torch.Tensor] = []
+    stopped = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    while True:
+        out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
+                 **cache, **kwargs)
+        token = out.logits[:, -1].argmax(-1)
+        written.append(token)
+        stopped |= token == stop_id
+        if len(written) == steps or bool(stopped.all()):
+            return torch.stack(written, 1)
+        input_ids, positions = token[:, None], positions[:, -1:] + 1
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(token), 1)], 1)
+        cache = {_cache_name(lm): getattr(out, _cache_name(lm))}
 
 
 @contextmanager

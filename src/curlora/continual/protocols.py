@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from curlora.data import ClassificationCollator, DataError, Example, PromptCollator, TaskSplits
-from curlora.continual.forward import answer_log_probs, causal_lm_of, last_hidden, lm_logits
+from curlora.continual.forward import answer_log_probs, greedy_tokens, last_hidden, lm_logits
 from curlora.continual.training import Item, autocast, batches, derived_seed
 
 
@@ -349,17 +349,15 @@ class GenerativeRun(RunState):
         """How many of ``rows`` greedy generation answers with one of the prompt's answer words."""
         protocol = self.protocol
         collator, tokenizer = protocol.collator, protocol.collator.tokenizer
-        lm = causal_lm_of(model)
         answers = {tokenizer.decode(ids) for ids in collator.answers(prompt)}  # the strings scoring compares
         longest = max(map(len, collator.answers(prompt))) + len(collator.end_ids)
         valid = 0
+        model.eval()
         for batch in batches(rows, protocol.config.eval_batch_size):
             inputs = collator.prompt_batch(batch, prompt, demos)
-            out = lm.generate(input_ids=inputs["input_ids"].to(protocol.device),
-                              attention_mask=inputs["attention_mask"].to(protocol.device),
-                              max_new_tokens=longest, do_sample=False,
-                              pad_token_id=tokenizer.pad_token_id, eos_token_id=collator.end_ids[0])
-            for row in out[:, inputs["input_ids"].shape[1]:].tolist():
+            out = greedy_tokens(model, inputs["input_ids"].to(protocol.device),
+                                inputs["attention_mask"].to(protocol.device), longest, collator.end_ids[0])
+            for row in out.tolist():
                 end = row.index(collator.end_ids[0]) if collator.end_ids[0] in row else len(row)
                 valid += tokenizer.decode(row[:end]) in answers
         return valid
