@@ -235,3 +235,19 @@ def test_prefix_sharing_compares_the_three_steps_on_real_prompts(tmp_path: Path,
     assert set(task["train_s"]) == {"shared", "unshared", "heads"} and set(task["score_s"]) == {"shared", "unshared"}
     # The two paths compute the same numbers: rounding apart.
     assert task["loss_difference"] < 1e-3 and task["gradient_difference_relative"] < 1e-3 and task["score_difference"] < 1e-3
+
+
+def test_greedy_check_times_both_decoders_on_real_prompts_and_compares_their_answers(tmp_path: Path, smol_tokenizer,
+                                                                                      data_dir) -> None:
+    from conftest import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "tiny", smol_tokenizer)
+    out = tmp_path / "greedy_check.json"
+    report = _load("greedy_check").main(["--model", model, "--data-dir", str(data_dir), "--tasks", "rotten_tomatoes",
+                                        "--k-shot", "2", "--rows", "4", "--repeats", "1", "--json", str(out)])
+    (task,) = json.loads(out.read_text())["tasks"]
+    assert task == report["tasks"][0] and set(task) == {"task", "0-shot", "2-shot"}
+    zero, two = task["0-shot"], task["2-shot"]
+    assert zero["rows"] == two["rows"] == 4 and set(zero["seconds"]) == {"generate", "greedy_tokens"}
+    assert two["prompt_tokens_mean"] > zero["prompt_tokens_mean"]  # the demonstrations are in the prompts
+    assert zero["same_answers"] and two["same_answers"]
