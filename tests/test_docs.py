@@ -180,6 +180,21 @@ def test_the_readme_stays_short_and_shows_its_commands():
     assert commands(ROOT / "README.md"), "the README shows the benchmark's commands"
 
 
+def test_make_run_runs_each_method_at_the_rate_the_heads_frontier_chose():
+    """The quick-verdict preset (what `make run` runs) takes its rates from the committed evidence: a
+    frontier rerun that chose another rate fails here until the preset follows it."""
+    import json
+
+    from curlora.continual.config import load_config
+
+    assert "--preset quick-verdict" in (ROOT / "Makefile").read_text(encoding="utf-8")
+    preset = load_config("quick-verdict")
+    frontier = json.loads((ROOT / "docs" / "results" / "frontier" / "results.json").read_text(encoding="utf-8"))
+    chosen = {c["method"]: c["lr"] for c in frontier["frontier"]["selection"] if c["rank"] in (None, *preset.ranks)}
+    assert preset.method_lrs == {method: [chosen[method]] for method in preset.method_lrs}
+    assert set(preset.methods) - set(preset.method_lrs) == {"head"}  # the floor, which takes no rate
+
+
 def test_the_cli_reference_is_current():
     spec = importlib.util.spec_from_file_location("cli_docs", ROOT / "tools" / "cli_docs.py")
     cli_docs = importlib.util.module_from_spec(spec)

@@ -404,20 +404,24 @@ def text_frontier_reading(name: str, best: int = 3) -> str:
     """Who was cheapest at each matched plasticity level and where CURLoRA ranked; the highest ACCs."""
     loaded = load(name)
     rows = loaded.frontier["matched"]
+    n = len(loaded.seeds)
     lines = []
     for target in loaded.frontier["targets"]:
-        at = sorted(((matched_value(m, "ppl_increase"), m["method"]) for m in rows
+        # With several seeds, a value read off the seed-mean curve (not every seed reached the level) is marked †.
+        at = sorted(((matched_value(m, "ppl_increase"), m["method"] + ("†" if n > 1 and m.get("ppl_increase_stat") is None
+                                                                      else "")) for m in rows
                      if m["target"] == target and matched_value(m, "ppl_increase") is not None))
         cheapest = ", ".join(f"{method} {fmt_num(v, 2, True)}" for v, method in at[:best])
-        place = next((i for i, (_, method) in enumerate(at, 1) if method == "curlora"), None)
-        where = (f"curlora ranked {place} of {len(at)} ({fmt_num(at[place - 1][0], 2, True)})" if place
+        place = next((i for i, (_, method) in enumerate(at, 1) if method.rstrip("†") == "curlora"), None)
+        where = (f"{at[place - 1][1]} ranked {place} of {len(at)} ({fmt_num(at[place - 1][0], 2, True)})" if place
                  else f"curlora did not reach it ({len(at)} methods did)")
         lines.append(f"- At plasticity {target:.3f} the least perplexity increase: {cheapest}; {where}.")
     top = sorted(loaded.groups, key=lambda g: -g["acc"]["mean"])[:best]
     lines.append("- Highest ACC at the chosen rates: " + ", ".join(f"{g['method']} {mean(g['acc'])}" for g in top) + ".")
-    n = len(loaded.seeds)
     lines.append("- " + ("One seed: no difference here is resolved; it says where to look." if n < 2 else
-                         f"{n} seeds: a difference is resolved only where the report's intervals separate."))
+                         f"{n} seeds: a difference is resolved only where the report's intervals separate; † marks a "
+                         f"value read off the seed-mean curve, where not every seed reached that plasticity (seeds "
+                         f"after the first ran only at the chosen rate)."))
     return "\n".join(lines)
 
 
