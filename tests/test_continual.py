@@ -587,3 +587,30 @@ def test_a_committed_experiment_folder_continues_from_a_fresh_clone(tmp_path, ti
     every = {p.stem for p in (tmp_path / "whole" / "runs").glob("*.json")}
     assert set(trained) == every - committed and len(every) == 5  # 2 × 2 grid runs, 1 confirming run
     assert _comparable(resumed) == _comparable(uninterrupted)
+
+
+def test_runs_of_another_experiment_with_the_same_settings_are_reused_not_trained(tmp_path, tiny_model_dir, data_dir,
+                                                                                 monkeypatch):
+    first = ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"]), tmp_path / "first").run()
+    calls = _counting_train_task(monkeypatch)
+    wider = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "lora", "head"], seeds=[0, 1])
+    results = ContinualRunner(wider, tmp_path / "second", reuse_from=tmp_path / "first").run()
+    # Only the runs the first experiment does not hold were trained; its two came over unchanged.
+    trained = ["curlora_r4_lr0.01_s1", "lora_r4_lr0.01_s0", "lora_r4_lr0.01_s1", "head_s1"]
+    assert sorted(d.split(" · ")[0] for d, _ in calls) == sorted(trained * 2)  # two tasks each
+    reused = {r["method"]: r for r in results["runs"] if r["seed"] == 0 and r["method"] != "lora"}
+    assert _comparable({"runs": [reused["curlora"], reused["head"]]}) == _comparable(first)
+    assert (tmp_path / "second" / "runs" / "curlora_r4_lr0.01_s0.json").is_file()
+
+
+def test_runs_made_with_other_settings_are_refused_for_reuse_before_any_work(tmp_path, tiny_model_dir, data_dir):
+    ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"]), tmp_path / "first").run()
+    other = tiny_config(tiny_model_dir, data_dir, methods=["head"], eval_examples=12)
+    with pytest.raises(ValueError, match=r"Cannot reuse the runs of .*first: its config differs in \['eval_examples'\]"):
+        ContinualRunner(other, tmp_path / "second", reuse_from=tmp_path / "first")
+    assert not (tmp_path / "second").exists()
+    with pytest.raises(FileNotFoundError, match="holds no curlora run"):
+        ContinualRunner(other, tmp_path / "second", reuse_from=tmp_path)
+    with pytest.raises(ValueError, match="names the --output-dir itself"):
+        ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"]), tmp_path / "first", resume=True,
+                        reuse_from=tmp_path / "first")

@@ -83,6 +83,10 @@ def _continual_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run in --output-dir, or extend it with other --seeds, --lrs, "
                         "--methods or --ranks (finished runs are kept)")
+    p.add_argument("--reuse-runs-from", type=Path, metavar="DIR",
+                   help="take the finished runs of another experiment's run directory made with the same settings "
+                        "(its config may differ only in which runs there are) as this one's, e.g. an earlier "
+                        "sweep's seed 0; refused, naming the settings, where they differ")
     p.add_argument("--data-dir", help="directory with the paper's data files (e.g. ../shared/data)")
     p.add_argument("--source", choices=["offline", "local", "hub"], help="where task data comes from")
     p.add_argument("--model", help="smollm2 (default, offline), gemma3-270m (fetched at first use, Gemma terms), a .gguf file, a local directory or a hub id")
@@ -182,7 +186,7 @@ def _run_continual(args: argparse.Namespace) -> int:
     if overrides["ppl_max_tokens"] == 0:
         overrides["ppl_max_tokens"] = None
     config = load_config(args.preset, args.config, overrides)
-    results = ContinualRunner(config, args.output_dir, resume=args.resume).run()
+    results = ContinualRunner(config, args.output_dir, resume=args.resume, reuse_from=args.reuse_runs_from).run()
     if results is None:  # a data-parallel process other than rank 0: rank 0 reports
         return 0
     print((args.output_dir / "report.md").read_text())

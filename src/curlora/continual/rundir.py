@@ -241,21 +241,45 @@ class RunDir:
                 f"another --output-dir."
             )
         check_tree(self.path)
-        # A field added since that run was made counts as its default.
-        loaded = {**ContinualConfig().to_dict(), **read_config(saved)}
+        loaded, changed = self.differences(config)
+        if changed:
+            raise ValueError(
+                f"Cannot resume {self.path}: its config differs in {changed}. Resume with the "
+                f"same settings (only {', '.join(GRID_FIELDS)} may change, to add or drop runs, and new "
+                f"entries of {', '.join(GRID_MAPPINGS)}), or start a new --output-dir."
+            )
+        # More seeds, rates or methods: the finished runs stay valid, and config.yaml will say the new grid.
+        current = config.to_dict()
+        self.regrid = any(loaded.get(k) != current[k] for k in GRID_FIELDS + GRID_MAPPINGS)
+
+    def differences(self, config: ContinualConfig) -> tuple[dict[str, Any], list[str]]:
+        """This directory's saved config (a field added since it was made counts as its default) and the
+        settings in which ``config`` computes its runs differently: the fields that are neither how a run
+        is executed nor which runs there are, and the per-method entries both name."""
+        loaded = {**ContinualConfig().to_dict(), **read_config(self.path / "config.yaml")}
         current = config.to_dict()
         fixed = [k for k in current if k not in RUNTIME_FIELDS + GRID_FIELDS + GRID_MAPPINGS]
         changed = [k for k in fixed if loaded.get(k) != current[k]]
         changed += [f"{k}[{name!r}]" for k in GRID_MAPPINGS for name, value in (loaded.get(k) or {}).items()
                     if name in current[k] and current[k][name] != value]
+        return loaded, sorted(changed)
+
+    def reusable(self, config: ContinualConfig, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """The finished runs among ``keys`` that this directory (another experiment's) holds, checked as
+        any run file is, for a run directory of ``config`` to take as its own: refused unless this one's
+        runs were computed with the same settings (a run's file name says its method, rank, rate, seed
+        and order; its config, everything else)."""
+        if not (self.path / "config.yaml").is_file():
+            raise FileNotFoundError(f"--reuse-runs-from {self.path} holds no curlora run (no config.yaml); "
+                                    f"name an experiment's run directory.")
+        check_tree(self.path)
+        _, changed = self.differences(config)
         if changed:
-            raise ValueError(
-                f"Cannot resume {self.path}: its config differs in {sorted(changed)}. Resume with the "
-                f"same settings (only {', '.join(GRID_FIELDS)} may change, to add or drop runs, and new "
-                f"entries of {', '.join(GRID_MAPPINGS)}), or start a new --output-dir."
-            )
-        # More seeds, rates or methods: the finished runs stay valid, and config.yaml will say the new grid.
-        self.regrid = any(loaded.get(k) != current[k] for k in GRID_FIELDS + GRID_MAPPINGS)
+            raise ValueError(f"Cannot reuse the runs of {self.path}: its config differs in {changed}, so its runs "
+                             f"are not this experiment's; drop --reuse-runs-from or match those settings.")
+        tasks = len(config.task_names)
+        runs = {key: read_run(self.runs / f"{key}.json", tasks) for key in sorted(set(keys) & self.finished())}
+        return {key: run for key, run in runs.items() if run["status"] == "ok"}  # a failed run is tried again
 
     def create(self, config: ContinualConfig) -> None:
         """Write ``config.yaml`` of a fresh run (or a resumed one's new grid), under the lock."""

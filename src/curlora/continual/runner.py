@@ -27,7 +27,8 @@ from curlora.continual.worker import Job, Worker
 class ContinualRunner:
     """Runs every RunSpec of a config into ``run_dir``; finished work is never redone."""
 
-    def __init__(self, config: ContinualConfig, run_dir: str | Path, resume: bool = False) -> None:
+    def __init__(self, config: ContinualConfig, run_dir: str | Path, resume: bool = False,
+                 reuse_from: str | Path | None = None) -> None:
         self.config = config
         # Under torchrun every process trains its share of each batch; only rank 0 writes files.
         parallel = DataParallel.join(config.device)
@@ -36,6 +37,15 @@ class ContinualRunner:
             raise ValueError(f"{chosen} cannot combine with data parallel ({parallel.world} processes): use one.")
         self.run_dir = RunDir(run_dir, parallel)
         self.run_dir.check(config, resume)  # reads only: a refused command changes nothing
+        # Finished runs of another experiment with the same settings, taken as this one's (read and checked now).
+        self.reused: dict[str, dict[str, Any]] = {}
+        if reuse_from is not None:
+            donor = RunDir(reuse_from, parallel)
+            if donor.path.resolve() == self.run_dir.path.resolve():
+                raise ValueError(f"--reuse-runs-from names the --output-dir itself ({donor.path}); name another "
+                                 f"experiment's run directory.")
+            keys = {spec.key for spec in run_specs(config)} - self.run_dir.finished()
+            self.reused = donor.reusable(config, keys)
         self.job = Job(config, str(self.run_dir.path.resolve()), os.getcwd())
 
     @property
@@ -55,13 +65,18 @@ class ContinualRunner:
         cfg, run_dir = self.config, self.run_dir
         if run_dir.path.is_dir():  # a resumed run: refuse at once if another command is on it
             run_dir.lock()
-        pending = missing(run_specs(cfg), run_dir.finished())
+        pending = missing(run_specs(cfg), run_dir.finished() | set(self.reused))
         with executor_for(cfg) as executor:
             # The model and the data are loaded and checked (nothing is written) before the directory is made.
             base = executor.base(self.job, self._base_seeds(pending))
             run_dir.create(cfg)
             run_dir.lock()
             run_dir.save_base_perplexity(base.ppl_before)
+            for key, result in self.reused.items():
+                run_dir.save_result(key, result)
+            if self.reused:
+                run_dir.parallel.say(f"reused {len(self.reused)} finished runs of another experiment: "
+                                     f"{', '.join(self.reused)}")
             for task in base.described["tasks"]:
                 run_dir.parallel.say(f"task {task['name']}: train {task['n_train']}, validation "
                                      f"{task['n_validation']}, eval {task['n_eval']}, majority-class accuracy "
