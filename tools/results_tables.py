@@ -60,7 +60,7 @@ class Experiment:
 
 
 EXPERIMENTS = {e.directory: e for e in [
-    Experiment("default-run", "SmolLM2-135M-Instruct", "offline suite"),
+    Experiment("default-run", "SmolLM2-135M-Instruct", "offline suite", selection_from="frontier"),
     Experiment("sweep-seed0", "SmolLM2-135M-Instruct", "offline suite"),
     Experiment("sweep-seed0-packed", "SmolLM2-135M-Instruct", "offline suite"),
     Experiment("sweep-3seeds", "SmolLM2-135M-Instruct", "offline suite"),

@@ -522,7 +522,8 @@ def _plots_section(groups: list[Mapping[str, Any]], runs: Sequence[Mapping[str, 
                    run_dir: Path) -> list[str]:
     md = ["## Plots", ""]
     together = {r["method"] for r in runs if r.get("sequential") is False}  # learns every task at step one
-    series = [(_name(g), [g["ppl_before"], *g["ppl_after_task"]]) for g in groups]
+    series = [(_name(g) + (": every task at the first step" if g["method"] in together else ""),
+               [g["ppl_before"], *g["ppl_after_task"]]) for g in groups]
     if plot_perplexity(series, task_names, run_dir / "perplexity.png"):
         md += ["![perplexity](perplexity.png)", ""]
     for g, name in zip(groups, _matrix_filenames(groups)):
