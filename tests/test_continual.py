@@ -614,3 +614,23 @@ def test_runs_made_with_other_settings_are_refused_for_reuse_before_any_work(tmp
     with pytest.raises(ValueError, match="names the --output-dir itself"):
         ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"]), tmp_path / "first", resume=True,
                         reuse_from=tmp_path / "first")
+
+
+def test_an_interim_report_shows_the_finished_runs_and_names_the_missing_ones_training_none(
+        tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    ContinualRunner(tiny_config(tiny_model_dir, data_dir, methods=["head"]), tmp_path).run()
+    calls = _counting_train_task(monkeypatch)
+    wider = tiny_config(tiny_model_dir, data_dir, methods=["curlora", "head"], lrs=[1e-2, 3e-2], confirm_seeds=[1])
+    results = ContinualRunner(wider, tmp_path, report_only=True).run()
+    assert calls == []
+    assert [r["method"] for r in results["runs"]] == ["head"]
+    # The grid's two CURLoRA runs; the confirming runs of seed 1 (head, and CURLoRA at the rate the grid
+    # chooses) are due only once the grid is complete, so a partial grid names those it can.
+    assert results["interim"]["finished"] == 1 and "curlora_r4_lr0.01_s0" in results["interim"]["missing"]
+    assert json.loads((tmp_path / "results.json").read_text())["interim"] == results["interim"]
+    assert "**Interim report**: 1 of the experiment's runs have finished" in (tmp_path / "report.md").read_text()
+    # The experiment's own command then trains the rest; its results are no longer interim.
+    final = ContinualRunner(wider, tmp_path, resume=True).run()
+    assert "interim" not in final and "Interim" not in (tmp_path / "report.md").read_text()
+    with pytest.raises(FileNotFoundError, match="holds no curlora run"):
+        ContinualRunner(wider, tmp_path / "empty", report_only=True)

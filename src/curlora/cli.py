@@ -83,6 +83,9 @@ def _continual_parser(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue a killed run in --output-dir, or extend it with other --seeds, --lrs, "
                         "--methods or --ranks (finished runs are kept)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write results.json and report.md of the runs finished in --output-dir so far, training none "
+                        "(an interim report of a long experiment, marked as such; the same settings as its command)")
     p.add_argument("--reuse-runs-from", type=Path, metavar="DIR",
                    help="take the finished runs of another experiment's run directory made with the same settings "
                         "(its config may differ only in which runs there are) as this one's, e.g. an earlier "
@@ -186,7 +189,8 @@ def _run_continual(args: argparse.Namespace) -> int:
     if overrides["ppl_max_tokens"] == 0:
         overrides["ppl_max_tokens"] = None
     config = load_config(args.preset, args.config, overrides)
-    results = ContinualRunner(config, args.output_dir, resume=args.resume, reuse_from=args.reuse_runs_from).run()
+    results = ContinualRunner(config, args.output_dir, resume=args.resume, reuse_from=args.reuse_runs_from,
+                              report_only=args.report_only).run()
     if results is None:  # a data-parallel process other than rank 0: rank 0 reports
         return 0
     print((args.output_dir / "report.md").read_text())

@@ -381,6 +381,10 @@ def _header(results: Mapping[str, Any], runs: list[Mapping[str, Any]]) -> list[s
             f"Perplexity corpus: {escape(corpus.get('name', DASH))}{source} ({corpus.get('tokens_scored', DASH)} "
             f"tokens, window {corpus.get('window', DASH)}, stride {corpus.get('stride', DASH)}).",
             interval_note(runs), "",
+            *([f"**Interim report**: {results['interim']['finished']} of the experiment's runs have finished and "
+               f"{len(results['interim']['missing'])} are still to train (results.json's `interim` names them); every "
+               f"rate is chosen among the finished runs only. The experiment's command with --resume trains the rest "
+               f"and replaces this report.", ""] if results.get("interim") else []),
             *([escape(results["config"]["description"]), ""] if (results.get("config") or {}).get("description") else [])]
 
 

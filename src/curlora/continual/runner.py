@@ -28,7 +28,7 @@ class ContinualRunner:
     """Runs every RunSpec of a config into ``run_dir``; finished work is never redone."""
 
     def __init__(self, config: ContinualConfig, run_dir: str | Path, resume: bool = False,
-                 reuse_from: str | Path | None = None) -> None:
+                 reuse_from: str | Path | None = None, report_only: bool = False) -> None:
         self.config = config
         # Under torchrun every process trains its share of each batch; only rank 0 writes files.
         parallel = DataParallel.join(config.device)
@@ -36,7 +36,14 @@ class ContinualRunner:
             chosen = f"executor={config.executor}" if config.executor != "local" else f"workers={config.workers}"
             raise ValueError(f"{chosen} cannot combine with data parallel ({parallel.world} processes): use one.")
         self.run_dir = RunDir(run_dir, parallel)
-        self.run_dir.check(config, resume)  # reads only: a refused command changes nothing
+        # An interim report of a long experiment: its finished runs reported, none trained.
+        self.report_only = report_only
+        if report_only and reuse_from is not None:
+            raise ValueError("--report-only trains nothing and takes no runs from elsewhere: drop --reuse-runs-from.")
+        if report_only and not (self.run_dir.path / "config.yaml").is_file():
+            raise FileNotFoundError(f"--report-only reports the finished runs of an existing run directory; "
+                                    f"{self.run_dir.path} holds no curlora run (no config.yaml).")
+        self.run_dir.check(config, resume or report_only)  # reads only: a refused command changes nothing
         # Finished runs of another experiment with the same settings, taken as this one's (read and checked now).
         self.reused: dict[str, dict[str, Any]] = {}
         if reuse_from is not None:
@@ -65,6 +72,8 @@ class ContinualRunner:
         cfg, run_dir = self.config, self.run_dir
         if run_dir.path.is_dir():  # a resumed run: refuse at once if another command is on it
             run_dir.lock()
+        if self.report_only:
+            return self._report_finished()
         pending = missing(run_specs(cfg), run_dir.finished() | set(self.reused))
         with executor_for(cfg) as executor:
             # The model and the data are loaded and checked (nothing is written) before the directory is made.
@@ -85,11 +94,30 @@ class ContinualRunner:
             specs = self.experiment()  # with confirm_seeds, the finished grid says which confirming runs are due
             if cfg.confirm_seeds:
                 self._train(executor, missing(specs, run_dir.finished()), base)
+        return self._write(specs, base)
+
+    def _report_finished(self) -> dict[str, Any] | None:
+        """results.json and the report of the runs finished so far, marked interim while any of the
+        experiment's runs is missing (its confirming runs: those the finished grid chooses)."""
+        with executor_for(self.config) as executor:
+            base = executor.base(self.job, [])  # the model and the data, checked as for training
+        finished = self.run_dir.finished()
+        specs = self.experiment()
+        interim = {"finished": sum(spec.key in finished for spec in specs),
+                   "missing": [spec.key for spec in specs if spec.key not in finished]}
+        return self._write([spec for spec in specs if spec.key in finished], base,
+                           interim if interim["missing"] else None)
+
+    def _write(self, specs: list[RunSpec], base: Base, interim: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """The results of ``specs`` (finished runs) written with their report; None on processes other than rank 0."""
+        run_dir = self.run_dir
         if not run_dir.parallel.is_main:
             return None
         runs = [{**run, **spec.order_fields} for spec, run in
                 zip(specs, run_dir.read_results([spec.key for spec in specs], len(base.described["tasks"])))]
-        results = collect_results(cfg, base.described, runs)
+        results = collect_results(self.config, base.described, runs)
+        if interim is not None:
+            results["interim"] = interim
         write_results(results, run_dir.path)
         return results
 
