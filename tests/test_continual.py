@@ -250,7 +250,7 @@ def test_cli_method_lrs_become_the_config_field(tmp_path, monkeypatch):
     seen = {}
 
     class Recording:
-        def __init__(self, config, run_dir, resume=False):
+        def __init__(self, config, run_dir, **options):
             seen["config"] = config
 
         def run(self):
