@@ -1,4 +1,5 @@
-"""What sharing the prompt prefix saves in the generative protocol's greedy-answer check, side by side.
+"""What sharing the prompt prefix saves in the generative protocol's floors, side by side: the
+greedy-answer check and the scoring of answers.
 
     OMP_WAIT_POLICY=PASSIVE python benchmarks/greedy_check.py [--model smollm2] [--data-dir ../shared/data]
         [--tasks rotten_tomatoes,vader_tweets,bbc_news] [--k-shot 4] [--rows 32] [--repeats 2] [--json PATH]
@@ -11,9 +12,13 @@ evaluation rows of each task. Under the k-shot floor every prompt starts with th
 * ``generate``: transformers' ``generate(do_sample=False)`` on the padded batch (the code before);
 * ``greedy_tokens``: curlora's greedy decoding, the shared prefix run once (curlora.continual.forward);
 
-with and without demonstrations (zero-shot prompts share only the chat template's opening). Reported
-per task: the fastest round's seconds, the ratio, and whether the two wrote the same tokens up to
-each row's end of turn (what the check reads). Writes benchmarks/results/greedy_check.json.
+and the answers' scores (``answer_log_probs``, what accuracy reads) with the prefix shared against
+plain (``forward.SHARE_PREFIX_FROM`` beyond any prompt, the code before sharing); with and without
+demonstrations (zero-shot prompts share only the chat template's opening). On a model with a sliding
+attention window that the k-shot prompts outgrow (Gemma-3's 512 tokens), sharing runs each row
+alone after the prefix. Reported per task: the fastest round's seconds, the ratios, whether the two
+decodings wrote the same tokens up to each row's end of turn (what the check reads), and the largest
+difference between the two scorings. Writes benchmarks/results/greedy_check.json.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +57,17 @@ def until_end(rows: torch.Tensor, end: int) -> list[list[int]]:
     return [row[: row.index(end)] if end in row else row for row in rows.tolist()]
 
 
+@contextmanager
+def sharing_from(tokens: int) -> Iterator[None]:
+    """Prefixes shared from ``tokens`` on (beyond any prompt: never, the plain computation)."""
+    before = forward.SHARE_PREFIX_FROM
+    forward.SHARE_PREFIX_FROM = tokens
+    try:
+        yield
+    finally:
+        forward.SHARE_PREFIX_FROM = before
+
+
 def measure_task(lm: torch.nn.Module, tokenizer: Any, name: str, data_dir: str | None, k_shot: int, rows: int,
                  repeats: int) -> dict[str, Any]:
     task = load_task(name, None, data_dir, seed=0, max_train=240, max_eval=rows)
@@ -61,7 +79,8 @@ def measure_task(lm: torch.nn.Module, tokenizer: Any, name: str, data_dir: str |
         demos = demonstrations(task.train, shots) if shots else []
         batch = collator.prompt_batch(task.eval[:rows], prompt, demos)
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        times: dict[str, list[float]] = {"generate": [], "greedy_tokens": []}
+        answers = collator.answers(prompt)
+        times: dict[str, list[float]] = {"generate": [], "greedy_tokens": [], "scores_plain": [], "scores_shared": []}
         written: dict[str, torch.Tensor] = {}
         for _ in range(repeats):
             start = time.perf_counter()
@@ -72,11 +91,20 @@ def measure_task(lm: torch.nn.Module, tokenizer: Any, name: str, data_dir: str |
             start = time.perf_counter()
             written["greedy_tokens"] = forward.greedy_tokens(lm, ids, mask, steps, end)
             times["greedy_tokens"].append(time.perf_counter() - start)
+            for mode, share_from in (("scores_plain", 10**9), ("scores_shared", forward.SHARE_PREFIX_FROM)):
+                with sharing_from(share_from):
+                    start = time.perf_counter()
+                    written[mode] = forward.answer_log_probs(lm, ids, mask, answers)
+                    times[mode].append(time.perf_counter() - start)
         best = {mode: min(t) for mode, t in times.items()}
         out[f"{shots}-shot"] = {
-            "prompt_tokens_mean": float(mask.sum(-1).float().mean()), "rows": len(ids), "seconds": best,
+            "prompt_tokens_mean": float(mask.sum(-1).float().mean()),
+            "prompt_tokens_max": int(mask.sum(-1).max()), "rows": len(ids), "seconds": best,
             "generate_over_greedy_tokens": best["generate"] / best["greedy_tokens"],
             "same_answers": until_end(written["generate"], end) == until_end(written["greedy_tokens"], end),
+            "plain_over_shared_scoring": best["scores_plain"] / best["scores_shared"],
+            "max_score_difference": float((written["scores_plain"] - written["scores_shared"]).abs().max()),
+            "same_predictions": torch.equal(written["scores_plain"].argmax(-1), written["scores_shared"].argmax(-1)),
         }
     return out
 
@@ -104,9 +132,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for t in report["tasks"]:
         for shots in ("0-shot", f"{args.k_shot}-shot"):
             m = t[shots]
-            print(f"{t['task']} {shots} ({m['prompt_tokens_mean']:.0f} prompt tokens): generate "
-                  f"{m['seconds']['generate']:.1f} s, greedy_tokens {m['seconds']['greedy_tokens']:.1f} s, "
-                  f"{m['generate_over_greedy_tokens']:.2f}x; same answers: {m['same_answers']}")
+            print(f"{t['task']} {shots} ({m['prompt_tokens_mean']:.0f} prompt tokens, at most "
+                  f"{m['prompt_tokens_max']}): generate {m['seconds']['generate']:.1f} s, greedy_tokens "
+                  f"{m['seconds']['greedy_tokens']:.1f} s, {m['generate_over_greedy_tokens']:.2f}x, same answers: "
+                  f"{m['same_answers']}; scoring plain {m['seconds']['scores_plain']:.1f} s, shared "
+                  f"{m['seconds']['scores_shared']:.1f} s, {m['plain_over_shared_scoring']:.2f}x, largest score "
+                  f"difference {m['max_score_difference']:.1e}, same predictions: {m['same_predictions']}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.json, report)
     return report

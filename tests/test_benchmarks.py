@@ -248,6 +248,9 @@ def test_greedy_check_times_both_decoders_on_real_prompts_and_compares_their_ans
     (task,) = json.loads(out.read_text())["tasks"]
     assert task == report["tasks"][0] and set(task) == {"task", "0-shot", "2-shot"}
     zero, two = task["0-shot"], task["2-shot"]
-    assert zero["rows"] == two["rows"] == 4 and set(zero["seconds"]) == {"generate", "greedy_tokens"}
+    assert zero["rows"] == two["rows"] == 4
+    assert set(zero["seconds"]) == {"generate", "greedy_tokens", "scores_plain", "scores_shared"}
     assert two["prompt_tokens_mean"] > zero["prompt_tokens_mean"]  # the demonstrations are in the prompts
     assert zero["same_answers"] and two["same_answers"]
+    # Scoring with the prefix shared gives the plain scores: rounding apart.
+    assert two["max_score_difference"] < 1e-3 and two["same_predictions"]

@@ -30,6 +30,8 @@ def _prefix_runs(monkeypatch, model):
     """Record the row count each shared-prefix cache is made for (1: the rest ran packed), after
     ``model``'s probe (which makes caches of its own) has run."""
     assert forward.shares_prefix_exactly(model)
+    windowed = getattr(model.config, "sliding_window", None) is not None
+    assert forward.shares_prefix_past_window_exactly(model) == windowed  # (a probe of its own, where it applies)
     calls, original = [], forward._prefix_cache
     monkeypatch.setattr(forward, "_prefix_cache", lambda lm, prefix, rows: calls.append(rows) or original(lm, prefix, rows))
     return calls
@@ -139,8 +141,9 @@ def test_greedy_tokens_after_a_shared_prefix_are_what_generate_writes_for_each_p
     runs = _prefix_runs(monkeypatch, model)
     got = forward.greedy_tokens(model, ids, mask, steps=5, stop_id=-1)  # a stop id never written: all 5 steps
     window = getattr(model.config, "sliding_window", None) or 10**9
-    # The prefix ran once for all four rows, unless a row would outgrow a sliding window (Gemma's 16 tokens)
-    assert runs == ([] if len(rows[2]) + 4 > window else [len(rows)])
+    # The prefix ran once for all four rows; where a row would outgrow a sliding window (Gemma's 16
+    # tokens), once for each row to continue from alone
+    assert runs == ([1] if len(rows[2]) + 4 > window else [len(rows)])
     for row, tokens in zip(rows, got.tolist()):
         alone = model.generate(torch.tensor([row]), max_new_tokens=5, do_sample=False, min_new_tokens=5,
                                pad_token_id=0, eos_token_id=None)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import kill_after_first_task, save_tiny_llama, tiny_gpt2, tiny_llama
+from test_architectures import tiny
 
 from curlora.continual import ContinualRunner
 from curlora.continual.config import ContinualConfig
@@ -25,19 +26,26 @@ def _left_padded(rows, pad=0):
     return ids, mask
 
 
-@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2])
+def tiny_gemma():
+    return tiny("gemma3_text")  # a sliding attention window of 16 tokens
+
+
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_gpt2, tiny_gemma])
 @pytest.mark.parametrize("shared", [[], list(range(10, 22))], ids=["no-shared-prefix", "shared-prefix"])
 def test_a_labels_score_is_the_sum_of_its_tokens_log_probabilities(factory, shared, monkeypatch):
     """With 12 tokens every prompt starts with, those run once and every answer continues from
-    their cache; without, each prompt runs whole. The scores are the same sums by hand."""
+    their cache (on Gemma, whose 16-token window the prompts and answers outgrow, each prompt alone
+    from its own copy); without, each prompt runs whole. The scores are the same sums by hand."""
     model = factory()
     prompts = [shared + p for p in PROMPTS]
     ids, mask = _left_padded(prompts)
-    assert forward.shares_prefix_exactly(model)  # the probe's own caches are not counted below
+    windowed = factory is tiny_gemma
+    assert forward.shares_prefix_exactly(model)  # the probes' own caches are not counted below
+    assert forward.shares_prefix_past_window_exactly(model) == windowed
     caches, original = [], forward._prefix_cache
     monkeypatch.setattr(forward, "_prefix_cache", lambda lm, p, rows: caches.append(rows) or original(lm, p, rows))
     scores = answer_log_probs(model, ids, mask, ANSWERS)
-    assert caches == ([len(prompts)] if shared else [])
+    assert caches == ([1 if windowed else len(prompts)] if shared else [])
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
             for k, answer in enumerate(ANSWERS):

@@ -10,7 +10,9 @@ the model shows it computes what the plain padded batch computes (up to float ro
   itself (shuffled training batches of short texts are half padding);
 - a shared prefix: the tokens every row of a prompt batch starts with (a chat template's system
   turn, the task's instruction, k-shot demonstrations) run once, and every row continues from
-  their key/value cache; in training, their gradients sum back through that one run.
+  their key/value cache; in training, their gradients sum back through that one run. Prompts that
+  outgrow a sliding attention window (k-shot prompts on Gemma) are scored and decoded each alone
+  after the prefix, since transformers counts that window in padded columns.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ PACK_BELOW_DENSITY = 0.75
 SHARE_PREFIX_FROM = 8
 _PACKING_WORKS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 _PREFIX_WORKS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+_WINDOW_PREFIX_WORKS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 # -- last-token states (heads protocol) --------------------------------------------------------
@@ -170,21 +173,33 @@ def _shareable_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask:
     """How many leading real tokens every row of a left-padded batch shares, at most ``limit`` (per
     row); 0 where sharing would not pay, would change the computation (dropout draws one mask for
     every row's prefix; rows that, with ``extra`` tokens still to come, outgrow a sliding attention
-    window) or the model fails the probe."""
+    window: :func:`_outgrows_window`) or the model fails the probe."""
+    length = _common_prefix(model, input_ids, attention_mask, limit)
+    if not length or _outgrows_window(model, attention_mask, extra):
+        return 0
+    return length if shares_prefix_exactly(model) else 0
+
+
+def _common_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, limit: torch.Tensor) -> int:
+    """How many leading real tokens every row of a left-padded batch shares, at most ``limit`` (per row);
+    0 where that is too short to pay, the batch is not left padded, or dropout is on."""
     rows, width = input_ids.shape
-    lengths = attention_mask.sum(-1)
-    starts = width - lengths
+    starts = width - attention_mask.sum(-1)
     left_padded = torch.equal(attention_mask.bool(), torch.arange(width, device=starts.device) >= starts[:, None])
     most = int(limit.min()) if rows > 1 else 0
     if most < SHARE_PREFIX_FROM or not left_padded or _dropout_active(model):
         return 0
     aligned = input_ids.gather(1, starts[:, None] + torch.arange(most, device=starts.device))
     length = int((aligned == aligned[:1]).all(0).long().cumprod(0).sum())
-    # Past a sliding attention window, a cached prefix and transformers' window masks disagree.
+    return length if length >= SHARE_PREFIX_FROM else 0
+
+
+def _outgrows_window(model: nn.Module, attention_mask: torch.Tensor, extra: int = 0) -> bool:
+    """Whether a row, with ``extra`` tokens still to come, outgrows the model's sliding attention window.
+    transformers measures that window in the batch's columns: after a cached prefix, a row's left
+    padding sits between the prefix and its own tokens, so a padded row would see the wrong ones."""
     window = getattr(causal_lm_of(model).config, "sliding_window", None)
-    if window is not None and int(lengths.max()) + extra > window:
-        return 0
-    return length if length >= SHARE_PREFIX_FROM and shares_prefix_exactly(model) else 0
+    return window is not None and int(attention_mask.sum(-1).max()) + extra > window
 
 
 def _dropout_active(model: nn.Module) -> bool:
@@ -238,55 +253,79 @@ def answer_log_probs(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     scores every answer's first token, and only answers of several tokens continue, from a copy of
     the prompts' key/value cache."""
     lm = causal_lm_of(model)
+    parts = _prompt_parts(model, input_ids, attention_mask, max(map(len, answers)) - 1)
+    with float32_lm_head(lm):
+        return torch.cat([_answer_scores(lm, *part, answers) for part in parts])
+
+
+def _answer_scores(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: dict[str, object],
+                   answers: Sequence[Sequence[int]]) -> torch.Tensor:
+    """:func:`answer_log_probs` of one part of a prompt batch (:func:`_prompt_parts`)."""
     rows = input_ids.shape[0]
     longer = any(len(a) > 1 for a in answers)
-    input_ids, attention_mask, cache = _after_shared_prompt_prefix(model, input_ids, attention_mask,
-                                                                   max(map(len, answers)) - 1)
     positions = _positions(attention_mask)[:, attention_mask.shape[1] - input_ids.shape[1]:]
     kwargs = {"logits_to_keep": 1} if _keeps_logits(lm) else {}
-    with float32_lm_head(lm):
-        out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                 use_cache=longer or bool(cache), **cache, **kwargs)
-        first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
-        scores = first[:, [a[0] for a in answers]].clone()
-        for k, answer in enumerate(answers):
-            if len(answer) == 1:
-                continue
-            rest = torch.tensor(answer, device=input_ids.device).expand(rows, -1)
-            steps = rest.shape[1] - 1
-            more = lm(input_ids=rest[:, :-1], attention_mask=torch.cat([attention_mask, torch.ones_like(rest[:, :-1])], 1),
-                      position_ids=positions[:, -1:] + 1 + torch.arange(steps, device=input_ids.device),
-                      **{_cache_name(lm): copy.deepcopy(getattr(out, _cache_name(lm)))}, use_cache=True).logits
-            scores[:, k] += F.log_softmax(more.float(), dim=-1).gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
+    out = lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+             use_cache=longer or bool(cache), **cache, **kwargs)
+    first = F.log_softmax(out.logits[:, -1].float(), dim=-1)
+    scores = first[:, [a[0] for a in answers]].clone()
+    for k, answer in enumerate(answers):
+        if len(answer) == 1:
+            continue
+        rest = torch.tensor(answer, device=input_ids.device).expand(rows, -1)
+        steps = rest.shape[1] - 1
+        more = lm(input_ids=rest[:, :-1], attention_mask=torch.cat([attention_mask, torch.ones_like(rest[:, :-1])], 1),
+                  position_ids=positions[:, -1:] + 1 + torch.arange(steps, device=input_ids.device),
+                  **{_cache_name(lm): copy.deepcopy(getattr(out, _cache_name(lm)))}, use_cache=True).logits
+        scores[:, k] += F.log_softmax(more.float(), dim=-1).gather(-1, rest[:, 1:, None]).squeeze(-1).sum(-1)
     return scores
 
 
-def _after_shared_prompt_prefix(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                                extra: int = 0) -> tuple[torch.Tensor, torch.Tensor, dict[str, object]]:
-    """A left-padded prompt batch as the LM then reads it: the tokens every prompt starts with (up to
-    each one's last token) run once into a key/value cache repeated for every row, then each row's
-    rest, still left-padded, with an attention mask over the cache and the rest; unchanged, with no
-    cache, where sharing would not pay or the model fails the probe (``extra``: tokens the rows will
-    still grow by, as in decoding)."""
+def _prompt_parts(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  extra: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, dict[str, object]]]:
+    """A left-padded prompt batch as the LM then reads it, in parts whose outputs stack row by row.
+    The tokens every prompt starts with (up to each one's last token) run once into a key/value cache;
+    then every row's rest in one part, still left padded, with an attention mask over the cache and
+    the rest; or, where a row with ``extra`` tokens still to come (as in decoding) would outgrow a
+    sliding attention window (a k-shot prompt on Gemma), each row alone, unpadded, after its own copy
+    of the cache. One part, the batch unchanged and no cache, where sharing would not pay or the
+    model fails the probe of the way it would share."""
     lm = causal_lm_of(model)
-    prefix = _shareable_prefix(model, input_ids, attention_mask, attention_mask.sum(-1) - 1, extra)
-    if not prefix:
-        return input_ids, attention_mask, {}
+    prefix = _common_prefix(model, input_ids, attention_mask, attention_mask.sum(-1) - 1)
+    alone = bool(prefix) and _outgrows_window(model, attention_mask, extra)
+    if not prefix or not (shares_prefix_past_window_exactly(model) if alone else shares_prefix_exactly(model)):
+        yield input_ids, attention_mask, {}
+        return
     rows = input_ids.shape[0]
     starts = attention_mask.shape[1] - attention_mask.sum(-1)
-    cache = {_cache_name(lm): _prefix_cache(lm, input_ids[0, int(starts[0]): int(starts[0]) + prefix], rows)}
-    input_ids, rest = (_drop_prefix(t, starts, prefix) for t in (input_ids, attention_mask))
-    return input_ids, torch.cat([rest.new_ones(rows, prefix), rest], 1), cache
+    shared = input_ids[0, int(starts[0]): int(starts[0]) + prefix]
+    rest_ids, rest_mask = (_drop_prefix(t, starts, prefix) for t in (input_ids, attention_mask))
+    if not alone:
+        cache = {_cache_name(lm): _prefix_cache(lm, shared, rows)}
+        yield rest_ids, torch.cat([rest_mask.new_ones(rows, prefix), rest_mask], 1), cache
+        return
+    once = _prefix_cache(lm, shared, 1)
+    for ids, mask in zip(rest_ids, rest_mask.bool()):
+        own = ids[mask][None]
+        yield own, own.new_ones(1, prefix + own.shape[1]), {_cache_name(lm): copy.deepcopy(once)}
 
 
 @torch.no_grad()
 def greedy_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, steps: int,
                   stop_id: int) -> torch.Tensor:
     """Greedy decoding of each left-padded prompt (``generate(do_sample=False)``), ``steps`` new tokens
-    at most (batch × ≤ steps), ending once every row has written ``stop_id``. The prompts' shared
-    prefix (a k-shot prompt's demonstrations: most of its tokens) runs once."""
+    at most (batch × ≤ steps), ending once every row has written ``stop_id`` (a row decoded alone,
+    :func:`_prompt_parts`, is filled up with it). The prompts' shared prefix (a k-shot prompt's
+    demonstrations: most of its tokens) runs once."""
     lm = causal_lm_of(model)
-    input_ids, attention_mask, cache = _after_shared_prompt_prefix(model, input_ids, attention_mask, steps - 1)
+    written = [_greedy_part(lm, *part, steps, stop_id) for part in _prompt_parts(model, input_ids, attention_mask, steps - 1)]
+    width = max(w.shape[1] for w in written)
+    return torch.cat([F.pad(w, (0, width - w.shape[1]), value=stop_id) for w in written])
+
+
+def _greedy_part(lm: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: dict[str, object],
+                 steps: int, stop_id: int) -> torch.Tensor:
+    """:func:`greedy_tokens` of one part of a prompt batch (:func:`_prompt_parts`)."""
     positions = _positions(attention_mask)[:, attention_mask.shape[1] - input_ids.shape[1]:]
     kwargs = {"logits_to_keep": 1} if _keeps_logits(lm) else {}
     written: list[torch.Tensor] = []
@@ -350,6 +389,30 @@ def _probed(model: nn.Module, decided: "weakref.WeakKeyDictionary[nn.Module, boo
             for module, mode in modes.items():
                 module.training = mode
     return decided[backbone]
+
+
+def shares_prefix_past_window_exactly(model: nn.Module) -> bool:
+    """Whether one unpadded row continuing from a prefix's cache gives the plain forward's logits (at
+    its last two positions) where the prefix alone fills ``model``'s sliding attention window: the
+    rest read as one chunk and then one token, as scoring and decoding read it."""
+    def compare(model: nn.Module, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        lm = causal_lm_of(model)
+        prefix = lm.config.sliding_window + 2
+        ids = (torch.arange(prefix + 4, device=device) * 7919 % (lm.config.vocab_size - 1) + 1)[None]
+        plain = lm(input_ids=ids, use_cache=False).logits[0, -2:]
+        cache = {_cache_name(lm): _prefix_cache(lm, ids[0, :prefix], 1)}
+        logits, positions = [], torch.arange(ids.shape[1], device=device)[None]
+        for chunk in (slice(prefix, -1), slice(-1, None)):
+            seen = positions[:, chunk][0, -1] + 1
+            out = lm(input_ids=ids[:, chunk], attention_mask=ids.new_ones(1, seen), position_ids=positions[:, chunk],
+                     use_cache=True, **cache)
+            logits.append(out.logits[0, -1:])
+            cache = {_cache_name(lm): getattr(out, _cache_name(lm))}
+        return plain, torch.cat(logits)
+
+    if getattr(causal_lm_of(model).config, "sliding_window", None) is None:
+        return False
+    return _probed(model, _WINDOW_PREFIX_WORKS, compare)
 
 
 # Texts 1..5 and 6..8 left-padded as the collators pad them (0 is padding in both probes); for the
