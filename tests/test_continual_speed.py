@@ -127,6 +127,52 @@ def test_a_pool_resumes_the_runs_it_had_not_finished(tmp_path, tiny_model_dir, d
     assert _numbers(resumed) == _numbers(first)
 
 
+_ORPHAN_PARENT = """
+import sys, time
+import multiprocessing
+from curlora.continual.executors.local import exit_when_orphaned
+
+def child(parent):
+    import threading
+    threading.Thread(target=exit_when_orphaned, args=(parent, 0.1), daemon=True).start()
+    time.sleep(120)  # a run in progress
+
+if __name__ == "__main__":
+    import os
+    process = multiprocessing.get_context("spawn").Process(target=child, args=(os.getpid(),))
+    process.start()
+    print(process.pid, flush=True)
+    time.sleep(120)
+"""
+
+
+def test_a_worker_ends_mid_run_when_its_command_is_killed(tmp_path):
+    """A command killed by SIGKILL (no handler runs) leaves no worker training on beside the command
+    that resumes the experiment."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "parent.py"
+    script.write_text(_ORPHAN_PARENT)
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    os.kill(child, 0)  # training
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(child, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(child, signal.SIGKILL)
+    pytest.fail("the worker went on after its command was killed")
+
+
 def test_workers_are_refused_off_the_cpu():
     with pytest.raises(ValueError, match="workers=2"):
         tiny_config("x", ".", workers=2, device="mps")

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -71,8 +73,18 @@ class LocalExecutor:
 def pool_worker(job: Job, pending: Any, results: Any, base: Base) -> None:
     """A worker process of LocalExecutor.run: trains runs from ``pending`` until None, putting each
     (spec, result) on ``results``."""
-    worker = Worker.for_job(job)
     parent = os.getppid()
-    # A killed command leaves no orphan training on: a worker whose parent is gone stops at the next run.
-    while os.getppid() == parent and (spec := pending.get()) is not None:
+    threading.Thread(target=exit_when_orphaned, args=(parent,), daemon=True).start()
+    worker = Worker.for_job(job)
+    while (spec := pending.get()) is not None:
         results.put((spec, worker.train(spec, base)))
+
+
+def exit_when_orphaned(parent: int, every_s: float = 1.0) -> None:
+    """End this process within ``every_s`` of its parent's death, even mid-run: the command saves the
+    results, so an orphan's training is lost CPU, and it would run beside the command that resumes
+    the experiment (with the same run's checkpoints). Files are written atomically, so none is left
+    half-written; the run resumes from its last task checkpoint."""
+    while os.getppid() == parent:
+        time.sleep(every_s)
+    os._exit(1)
