@@ -80,6 +80,9 @@ EXPERIMENTS = {e.directory: e for e in [
 # The experiments the verdict reads, in its order: CURLoRA against LoRA at each rank both ran.
 VERDICT = ["sweep-3seeds", "paper-small-3seeds", "gemma-grid-3seeds", "gemma-paper-small-3seeds",
            "generative-pilot"]
+# The frontiers (a protocol on a model, every method at its validation-chosen rate between floors and
+# ceilings) whose standing the verdict's summary reads, with their protocol's name.
+FRONTIERS = {"frontier": "heads"}
 # The experiments whose rate sweeps docs/choosing.md's rate table reads.
 RATE_SWEEPS = ["sweep-3seeds", "paper-small-seed0", "gemma-grid-3seeds", "gemma-paper-small-seed0"]
 # The directories whose diverged runs the divergence table lists (each run once: no copies).
@@ -462,6 +465,64 @@ def table_frontier(name: str) -> str:
         "wall time (s)", "peak memory (MB)"])
 
 
+def strongest(groups: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    """The group with the highest mean ACC (the floor or ceiling a method is measured against)."""
+    return max(groups, key=lambda g: g["acc"]["mean"], default=None)
+
+
+def aware_methods(loaded: Loaded) -> set[str]:
+    """The methods told each row's task at evaluation (a U or an adapter per task)."""
+    return {r.get("method") for r in loaded.runs if r.get("needs_task_identity")}
+
+
+def above(x: Mapping[str, Any], y: Mapping[str, Any], key: str = "acc") -> bool:
+    """Whether x's ``key`` is resolved above y's (95 % intervals apart)."""
+    return bool(separated(x[key], y[key])) and x[key]["mean"] > y[key]["mean"]
+
+
+def standing_cell(g: Mapping[str, Any], floor: Mapping[str, Any] | None, top: Mapping[str, Any] | None) -> str:
+    """ACC [95 %] (where from floor to ceiling), forgetting, perplexity increase: one method's standing."""
+    share = None if floor is None or top is None else gap_closed(g, floor, top)
+    where = "" if share is None else f" ({100 * share:.0f} %)"
+    return (f"{rate(g['lr'])}: {interval(g['acc'], 3)}{where}; forgetting {mean(g['forgetting'], signed=True)}; "
+            f"perplexity {mean(g['ppl_increase'], 2, True)}")
+
+
+def table_standing(prefix: str) -> str:
+    """Per frontier (a protocol on a model, with floors and ceilings): CURLoRA and LoRA at their chosen
+    rates, and the method told no task identity that forgot least; what of it the intervals resolve."""
+    rows = []
+    for name, protocol in FRONTIERS.items():
+        loaded, experiment = load(name), EXPERIMENTS[name]
+        ceilings, aware = ceiling_methods(loaded.runs), aware_methods(loaded)
+        floor = strongest([g for g in loaded.groups if g["method"] in loaded.floors])
+        top = strongest([g for g in loaded.groups if g["method"] in ceilings])
+        c, lo = find(loaded.groups, "curlora"), find(loaded.groups, "lora")
+        sequential = [g for g in loaded.groups if g["method"] not in loaded.floors | ceilings | aware]
+        least = min(sequential, key=lambda g: g["forgetting"]["mean"])
+        over_floor = [name_of(g["method"]) for g in (c, lo) if floor is not None and above(g, floor)]
+        resolved = [f"ACC above the floor's: {', '.join(over_floor) or 'neither'}"]
+        resolved += [f"{what}: {a} below {b}" for what, key in (("ACC", "acc"), ("forgetting", "forgetting"),
+                                                                ("perplexity", "ppl_increase"))
+                     for a, b, x, y in ((name_of("curlora"), name_of("lora"), c, lo), (name_of("lora"), name_of("curlora"), lo, c),
+                                        (label(least), name_of("curlora"), least, c))
+                     if x is not y and above(y, x, key)]
+        better = [label(g) for g in sequential if g is not c and above(g, c)]
+        if better:
+            resolved.append(f"ACC above CURLoRA's: {', '.join(better)}")
+        rows.append([
+            f"[{experiment.model}, {protocol}]({prefix}{name}/report.md) ({seeds_text(loaded)})",
+            DASH if floor is None or top is None else
+            f"{label(floor)} {mean(floor['acc'])} → {label(top)} {mean(top['acc'])}",
+            standing_cell(c, floor, top), standing_cell(lo, floor, top),
+            f"{label(least)} at {rate(least['lr'])}: {interval(least['forgetting'], 3, True)}",
+            "one seed: nothing can be" if len(loaded.seeds) < 2 else "; ".join(resolved)])
+    return format_table(rows, ["model, protocol: report (seeds)", "floor → ceiling (ACC)",
+                               "CURLoRA: rate: ACC [95 %] (floor → ceiling), forgetting, perplexity increase",
+                               "LoRA: the same", "forgot least, told no task identity: forgetting [95 %]",
+                               "resolved (95 % intervals apart)"])
+
+
 def table_rates(prefix: str) -> str:
     """The rates validation chose, per experiment, rank and method, with each grid."""
     rows = []
@@ -654,6 +715,7 @@ BLOCKS: dict[tuple[str, str], Callable[[], str]] = {
     ("docs/results.md", "gemma-grid-3seeds-matched"): lambda: table_matched_pair("gemma-grid-3seeds"),
     ("docs/results.md", "paper-small-3seeds"): lambda: table_experiment("paper-small-3seeds"),
     ("docs/results.md", "gemma-paper-small-3seeds"): lambda: table_experiment("gemma-paper-small-3seeds"),
+    ("docs/results.md", "standing"): lambda: table_standing("results/"),
     ("docs/results.md", "frontier"): lambda: table_frontier("frontier"),
     ("docs/results.md", "frontier-matched-perplexity"): lambda: table_matched_many("frontier", "ppl_increase", 2),
     ("docs/results.md", "frontier-reading"): lambda: text_frontier_reading("frontier"),
