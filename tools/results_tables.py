@@ -435,8 +435,9 @@ def table_frontier(name: str) -> str:
     for r in loaded.runs:
         by_method.setdefault(r.get("method"), []).append(r)
     ceilings = ceiling_methods(loaded.runs)
-    floor = max((g for g in loaded.groups if g["method"] in loaded.floors), key=lambda g: g["acc"]["mean"], default=None)
-    top = max((g for g in loaded.groups if g["method"] in ceilings), key=lambda g: g["acc"]["mean"], default=None)
+    floor = strongest([g for g in loaded.groups if g["method"] in loaded.floors])
+    top = strongest([g for g in loaded.groups if g["method"] in ceilings])
+    identity = aware_methods(loaded)
 
     def way(g: Mapping[str, Any]) -> str:
         if g["method"] in loaded.floors or g["method"] in ceilings:
@@ -449,7 +450,7 @@ def table_frontier(name: str) -> str:
         runs = by_method[g["method"]]
         kept = max((r.get("rows_kept_per_task") or 0) for r in runs)
         stored = f"{round(g['stored_per_task']['mean']):,}" + (f" + {kept} rows" if kept else "")
-        aware = any(r.get("needs_task_identity") for r in runs)
+        aware = g["method"] in identity
         rows.append([g["method"], rate_text(loaded, g), pm(g["acc"]), *([way(g)] if top else []),
                      pm(g["bwt"], signed=True), pm(g["forgetting"], signed=True), pm(g["plasticity"]),
                      pm(g["ppl_increase"], 2, True), f"{round(g['adapter_params']['mean']):,}", stored,
