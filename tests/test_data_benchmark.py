@@ -114,6 +114,16 @@ def test_a_config_takes_a_dataset_directory_as_a_task_file_entry(tmp_path):
         ContinualConfig(tasks=[], task_files=[{"path": str(tmp_path / "t.csv")}], methods=["head"])
 
 
+@pytest.mark.parametrize("split", ["train.json", "test.json"])
+def test_a_dataset_directory_missing_a_file_is_refused_by_the_config(tmp_path, split):
+    """As in a copy of O-LoRA's repository without its largest files: named before any model loads."""
+    folder = write_olora(tmp_path, "dbpedia", AGNEWS)
+    (folder / split).unlink()
+    with pytest.raises(FileNotFoundError, match=rf"task_files entry .*dbpedia'?: O-LoRA's dataset file "
+                                                rf".*dbpedia/{split} does not exist"):
+        ContinualConfig(tasks=[], task_files=[{"path": str(folder)}], methods=["head"])
+
+
 @pytest.mark.parametrize("split", ["dev.json", "test.json"])
 def test_its_test_or_dev_file_is_refused_as_training_rows(tmp_path, split):
     folder = write_olora(tmp_path, "agnews", AGNEWS)

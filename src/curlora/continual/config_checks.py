@@ -126,7 +126,11 @@ def check_task_file(spec: Any) -> None:
     hints = typing.get_type_hints(load_task_file)
     for key, value in spec.items():
         check_type(f"{where}: {key}", value, hints[key])
-    if benchmark_dir(spec["path"]) is None:
+    bench = benchmark_dir(spec["path"])
+    if bench is not None:  # checked here, before a model loads (a first-use Gemma fetch takes minutes)
+        for path in (bench.train, bench.test):
+            checks.existing_file(f"{where}: O-LoRA's dataset file", path)
+    else:
         checks.existing_file("task file", spec["path"])
         if not {"text_column", "label_column"} <= set(spec):
             raise ValueError(f"{where} needs keys text_column and label_column (only an O-LoRA dataset "
