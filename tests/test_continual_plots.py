@@ -225,3 +225,15 @@ def test_loss_curves_are_drawn_at_the_rate_chosen_among_all_runs_not_among_those
     names = [text.get_text() for text in captured[0].legends[0].get_texts()]
     assert names == ["lora r16 (lr 0.003)"]  # curlora chose 1e-2, whose run has no losses
     assert not plots.plot_loss_curves({"runs": runs[:2], "tasks": results["tasks"]}, tmp_path / "none.png")
+
+
+def test_loss_curves_take_the_rate_the_grid_seeds_chose_not_one_the_confirming_seeds_moved(tmp_path, captured):
+    """With confirm_seeds, seed 0's grid chooses the rate and seeds 1-2 run only there: pooling every
+    run would let one confirming seed's low validation move the plot to a rejected rate (the report's
+    tables did not move: the generative frontier's plot had drawn lora-mica at 1e-3, its table 3e-3)."""
+    runs = [_loss_run("lora", 16, 1e-3, 0, 0.60, _losses(1.1, 0.3)), _loss_run("lora", 16, 3e-3, 0, 0.65, _losses(1.1, 0.6)),
+            _loss_run("lora", 16, 3e-3, 1, 0.50, _losses(1.1, 0.6))]
+    results = {"runs": runs, "tasks": [{"name": name} for name in TASKS[:2]],
+               "config": {"seeds": [0], "confirm_seeds": [1]}}
+    assert plots.plot_loss_curves(results, tmp_path / "train_loss.png")
+    assert [text.get_text() for text in captured[0].legends[0].get_texts()] == ["lora r16 (lr 0.003)"]

@@ -56,6 +56,12 @@ def select_learning_rates(runs: Sequence[Mapping[str, Any]],
     return choices
 
 
+def selection_seeds(config: Mapping[str, Any]) -> list[int] | None:
+    """The seeds whose runs chose the rates (a results file's config): with ``confirm_seeds``, the grid's
+    ``seeds`` only (the confirming runs must not move the choice they were made for); else every run."""
+    return config.get("seeds") if config.get("confirm_seeds") else None
+
+
 def chosen_rates(selection: Sequence[Mapping[str, Any]]) -> dict[tuple, Any]:
     """(method, rank) -> the learning rate validation chose."""
     return {(c["method"], c["rank"]): c["lr"] for c in selection}

@@ -21,7 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from curlora.continual.frontier import chosen_rates, select_learning_rates
+from curlora.continual.frontier import chosen_rates, select_learning_rates, selection_seeds
 from curlora.continual.metrics import in_listed_order
 from curlora.fileio import atomic_write_bytes
 
@@ -128,6 +128,7 @@ def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]]
     ax = fig.add_subplot()
     drawn = intervals = gaps = False
     nudge = 0.12 / max(len(series), 1)
+    colours = colormaps["tab20" if len(series) > 10 else "tab10"]  # tab10 would give two series one colour
     for k, (label, stats) in enumerate(series):
         pts = [(i, s) for i, s in enumerate(stats) if s is not None]
         if not pts:
@@ -137,7 +138,8 @@ def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]]
         errors = [[s["mean"] - s["ci95"][0] if s.get("ci95") else 0.0 for _, s in pts],
                   [s["ci95"][1] - s["mean"] if s.get("ci95") else 0.0 for _, s in pts]]
         intervals = intervals or any(s.get("ci95") for _, s in pts)
-        bars = ax.errorbar(xs, ys, yerr=errors, marker="o", linestyle="none", capsize=3, label=label)
+        bars = ax.errorbar(xs, ys, yerr=errors, marker=MARKERS[k % len(MARKERS)], linestyle="none", capsize=3,
+                           label=label, color=colours(k % colours.N))
         colour = bars.lines[0].get_color()
         for j in range(len(pts) - 1):
             skipped = pts[j + 1][0] - pts[j][0] > 1
@@ -262,11 +264,12 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     """Training loss per optimizer step, one panel per task, each method × rank at the rate chosen on
     validation (the rate its headline numbers come from): seeds averaged step by step, a faint raw
     line and a trailing-mean trend. Shows whether a method learned at its rate (a flat loss is the
-    "learned nothing, so forgot nothing" case) or diverged. The rates are chosen among all runs; a
+    "learned nothing, so forgot nothing" case) or diverged. The rates are chosen as the report chooses
+    them (among all runs of the seeds that chose, ``frontier.selection_seeds``); a
     chosen run without a loss (written before runs kept ``train_loss``, or a method that trains
     nothing: the generative floors) is left out. False when no chosen run has one."""
     finished = [r for r in results.get("runs") or [] if r.get("status") == "ok" and "validation_accuracy" in r]
-    chosen = chosen_rates(select_learning_rates(finished))
+    chosen = chosen_rates(select_learning_rates(finished, selection_seeds(results.get("config") or {})))
     runs = [r for r in finished if any(r.get("train_loss") or ()) and chosen.get((r["method"], r.get("rank"))) == r.get("lr")]
     if not runs:
         return False

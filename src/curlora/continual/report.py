@@ -16,7 +16,7 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
-from curlora.continual.frontier import analyse, chosen_rates
+from curlora.continual.frontier import analyse, chosen_rates, selection_seeds
 from curlora.continual.metrics import SCHEMA_VERSION, constant, in_listed_order, separated, summarize
 from curlora.continual.plots import (
     DASH, OFF_SCALE_FACTOR, plot_accuracy_matrix, plot_frontier, plot_loss_curves, plot_perplexity, point_name,
@@ -566,8 +566,7 @@ def write_report(results: Mapping[str, Any], run_dir: Path) -> Path:
     shown = [escape(name) for name in task_names]
     runs = deepcopy(list(results.get("runs") or []))
     config = results.get("config") or {}
-    grid_seeds = config.get("seeds") if config.get("confirm_seeds") else None  # the seeds that chose the rates
-    frontier = analyse(runs, grid_seeds) if results.get("frontier") is not None else None
+    frontier = analyse(runs, selection_seeds(config)) if results.get("frontier") is not None else None
     # With a learning-rate sweep the headline shows each method at its validation-selected rate.
     summary = summarize({"runs": [r for r in runs if r.get("selected", True)]})
     floors = floor_methods(runs)
