@@ -34,7 +34,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from curlora.continual.frontier import MATCHED_COSTS, analyse, curve_cost, select_learning_rates
+from curlora.continual.frontier import MATCHED_COSTS, analyse, curve_cost, select_learning_rates, selection_seeds
 from curlora.continual.metrics import run_metrics
 from curlora.continual.metrics import separated, summarize
 from curlora.continual.plots import DASH, OFF_SCALE_FACTOR
@@ -73,21 +73,22 @@ EXPERIMENTS = {e.directory: e for e in [
     Experiment("gemma-paper-small-seed0", "Gemma-3-270m", "paper's tasks (small)"),
     Experiment("gemma-paper-small-3seeds", "Gemma-3-270m", "paper's tasks (small)",
                selection_from="gemma-paper-small-seed0"),
+    Experiment("generative-frontier", "SmolLM2-135M-Instruct", "offline suite, generative protocol"),
     Experiment("generative-pilot", "SmolLM2-135M-Instruct", "offline suite, generative protocol",
                note="one rate per method, not chosen on validation"),
 ]}
 
 # The experiments the verdict reads, in its order: CURLoRA against LoRA at each rank both ran.
 VERDICT = ["sweep-3seeds", "paper-small-3seeds", "gemma-grid-3seeds", "gemma-paper-small-3seeds",
-           "generative-pilot"]
+           "generative-frontier"]
 # The frontiers (a protocol on a model, every method at its validation-chosen rate between floors and
 # ceilings) whose standing the verdict's summary reads, with their protocol's name.
-FRONTIERS = {"frontier": "heads"}
+FRONTIERS = {"frontier": "heads", "generative-frontier": "generative"}
 # The experiments whose rate sweeps docs/choosing.md's rate table reads.
-RATE_SWEEPS = ["sweep-3seeds", "paper-small-seed0", "gemma-grid-3seeds", "gemma-paper-small-seed0"]
+RATE_SWEEPS = ["sweep-3seeds", "paper-small-seed0", "gemma-grid-3seeds", "gemma-paper-small-seed0", "generative-frontier"]
 # The directories whose diverged runs the divergence table lists (each run once: no copies).
 DIVERGENCE_SOURCES = ["sweep-3seeds", "frontier", "paper-small-seed0", "gemma-grid-3seeds", "gemma-seed0",
-                      "gemma-paper-small-seed0"]
+                      "gemma-paper-small-seed0", "generative-frontier"]
 # How the docs spell the methods.
 NAMES = {"curlora": "CURLoRA", "lora": "LoRA", "head": "head only"}
 
@@ -123,8 +124,7 @@ def load(name: str) -> Loaded:
     results = json.loads((RESULTS / name / "results.json").read_text(encoding="utf-8"))
     runs = deepcopy(list(results.get("runs") or []))
     config = results.get("config") or {}
-    grid_seeds = config.get("seeds") if config.get("confirm_seeds") else None  # as write_report
-    frontier = analyse(runs, grid_seeds)
+    frontier = analyse(runs, selection_seeds(config))  # as write_report
     summary = summarize({"runs": [r for r in runs if r.get("selected", True)]})
     floors = floor_methods(runs)
     groups = [g for g in summary if g["method"] not in floors] + [g for g in summary if g["method"] in floors]
@@ -269,11 +269,10 @@ def resolved_text(a: Mapping[str, Any], b: Mapping[str, Any]) -> str:
     return "; ".join(parts) if parts else "none"
 
 
-def table_verdict(prefix: str, floor: bool = False) -> str:
+def table_verdict(prefix: str) -> str:
+    """CURLoRA against LoRA at their chosen rates, at every rank both ran, in each VERDICT experiment."""
     headers = ["model, tasks: report (seeds, base perplexity)", "rank: rate CURLoRA / LoRA", "ACC", "plasticity",
-               "forgetting", "perplexity increase", "resolved (95 % intervals apart)"]
-    if floor:
-        headers.insert(6, "ACC − floor")
+               "forgetting", "perplexity increase", "ACC − floor", "resolved (95 % intervals apart)"]
     rows = []
     for name in VERDICT:
         experiment = EXPERIMENTS[name]
@@ -287,12 +286,10 @@ def table_verdict(prefix: str, floor: bool = False) -> str:
                    f"{mean(c['forgetting'], signed=True)} / {mean(lo['forgetting'], signed=True)}",
                    f"{mean(c['ppl_increase'], 2, True)} / {mean(lo['ppl_increase'], 2, True)}",
                    resolved_text(c, lo)]
-            if floor:
-                head = max((g for g in loaded.groups if g["method"] in loaded.floors),
-                           key=lambda g: g["acc"]["mean"], default=None)
-                row.insert(6, DASH if head is None else
-                           f"{c['acc']['mean'] - head['acc']['mean']:+.3f} / {lo['acc']['mean'] - head['acc']['mean']:+.3f}"
-                           f" ({floor_resolution(c, lo, head)})")
+            head = strongest([g for g in loaded.groups if g["method"] in loaded.floors])
+            row.insert(6, DASH if head is None else
+                       f"{c['acc']['mean'] - head['acc']['mean']:+.3f} / {lo['acc']['mean'] - head['acc']['mean']:+.3f}"
+                       f" ({floor_resolution(c, lo, head)})")
             rows.append(row)
     return format_table(rows, headers)
 
@@ -489,6 +486,34 @@ def standing_cell(g: Mapping[str, Any], floor: Mapping[str, Any] | None, top: Ma
             f"perplexity {mean(g['ppl_increase'], 2, True)}")
 
 
+def matched_standing(loaded: Loaded, left_out: set[str]) -> tuple[str, list[str]]:
+    """At the lowest matched plasticity level (the one the most methods reached), the methods in the
+    comparison that cost least (forgetting, perplexity increase) and CURLoRA's cost; and which of those
+    differences the seeds' intervals resolve."""
+    target = loaded.frontier["targets"][0]
+    at = [m for m in loaded.frontier["matched"] if m["target"] == target and m["method"] not in left_out]
+    def cell(m: Mapping[str, Any], cost: str, digits: int) -> str:
+        stat = m.get(f"{cost}_stat")
+        return interval(stat, digits, True) if stat is not None else fmt_num(m[cost], digits, True) + "†"
+
+    parts, resolved = [], []
+    for cost, (cost_name, digits) in COST_NAMES.items():
+        have = sorted((m for m in at if matched_value(m, cost) is not None), key=lambda m: matched_value(m, cost))
+        c = next((m for m in have if m["method"] == "curlora"), None)
+        if not have:
+            continue
+        least = have[0]
+        parts.append(f"least {cost_name}: {label(least)} {cell(least, cost, digits)}"
+                     + ("" if c is None or c is least else f", CURLoRA {cell(c, cost, digits)} "
+                        f"({have.index(c) + 1} of {len(have)})"))
+        lower = [label(m) for m in have if c is not None and m is not c
+                 and separated(m.get(f"{cost}_stat"), c.get(f"{cost}_stat"))
+                 and m[f"{cost}_stat"]["mean"] < c[f"{cost}_stat"]["mean"]]
+        if lower:
+            resolved.append(f"{cost_name} at plasticity {target:.3f} below CURLoRA's: {', '.join(lower)}")
+    return f"{target:.3f}: " + "; ".join(parts), resolved
+
+
 def table_standing(prefix: str) -> str:
     """Per frontier (a protocol on a model, with floors and ceilings): CURLoRA and LoRA at their chosen
     rates, and the method told no task identity that forgot least; what of it the intervals resolve."""
@@ -511,16 +536,20 @@ def table_standing(prefix: str) -> str:
         better = [label(g) for g in sequential if g is not c and above(g, c)]
         if better:
             resolved.append(f"ACC above CURLoRA's: {', '.join(better)}")
+        matched, matched_resolved = matched_standing(loaded, loaded.floors | ceilings | aware)
+        resolved += matched_resolved
         rows.append([
             f"[{experiment.model}, {protocol}]({prefix}{name}/report.md) ({seeds_text(loaded)})",
             DASH if floor is None or top is None else
             f"{label(floor)} {mean(floor['acc'])} → {label(top)} {mean(top['acc'])}",
             standing_cell(c, floor, top), standing_cell(lo, floor, top),
-            f"{label(least)} at {rate(least['lr'])}: {interval(least['forgetting'], 3, True)}",
+            f"{label(least)} at {rate(least['lr'])}: {interval(least['forgetting'], 3, True)}", matched,
             "one seed: nothing can be" if len(loaded.seeds) < 2 else "; ".join(resolved)])
     return format_table(rows, ["model, protocol: report (seeds)", "floor → ceiling (ACC)",
                                "CURLoRA: rate: ACC [95 %] (floor → ceiling), forgetting, perplexity increase",
                                "LoRA: the same", "forgot least, told no task identity: forgetting [95 %]",
+                               "at matched plasticity (its lowest level), told no task identity: least cost "
+                               "[95 %] († one seed's curve or the seed-mean's), CURLoRA's (its place)",
                                "resolved (95 % intervals apart)"])
 
 
@@ -531,6 +560,10 @@ def table_rates(prefix: str) -> str:
         loaded = load(name)
         experiment = EXPERIMENTS[name]
         ranks = sorted({c["rank"] for c in loaded.frontier["selection"] if c["method"] in ("curlora", "lora")})
+        seeds = selection_seeds(loaded.results.get("config") or {}) or loaded.seeds  # those whose validation chose
+        over = (f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''}" if seeds == loaded.seeds else
+                f"seed {', '.join(map(str, seeds))} (seeds {', '.join(str(x) for x in loaded.seeds if x not in seeds)} "
+                f"then ran at its choice)")
         for rank in ranks:
             cells = []
             for method in ("curlora", "lora"):
@@ -539,14 +572,13 @@ def table_rates(prefix: str) -> str:
                     cells.append(DASH)
                     continue
                 text = f"{rate(c['lr'])} ({'edge of ' if c.get('at_grid_edge') else ''}{grid_text(c)})"
-                seeds = loaded.seeds
                 if len(seeds) > 1:
                     seed0 = next(s for s in select_learning_rates(loaded.runs, [seeds[0]])
                                  if s["method"] == method and s["rank"] == rank)
                     text += (f"; seed {seeds[0]} alone: {rate(seed0['lr'])}" if seed0["lr"] != c["lr"]
                              else f"; seed {seeds[0]} alone: the same")
                 cells.append(text)
-            rows.append([f"{experiment.model}, {experiment.tasks}", rank, f"{seeds_text(loaded)}", *cells,
+            rows.append([f"{experiment.model}, {experiment.tasks}", rank, over, *cells,
                          link(name, prefix)])
     return format_table(rows, ["model, tasks", "rank", "validation over", "CURLoRA (grid)", "LoRA (grid)",
                                "evidence"])
@@ -702,8 +734,8 @@ def text_matched_resolved() -> str:
 # Where each table goes: (file, marker name) -> the function that writes it
 
 BLOCKS: dict[tuple[str, str], Callable[[], str]] = {
-    ("README.md", "verdict"): lambda: table_verdict("docs/results/"),
-    ("docs/results.md", "verdict"): lambda: table_verdict("results/", floor=True),
+    ("README.md", "standing"): lambda: table_standing("docs/results/"),
+    ("docs/results.md", "verdict"): lambda: table_verdict("results/"),
     ("docs/results.md", "divergences"): lambda: table_divergences("results/"),
     ("docs/results.md", "exceptions"): lambda: table_exceptions("results/"),
     ("docs/results.md", "matched-resolved"): text_matched_resolved,
@@ -721,6 +753,12 @@ BLOCKS: dict[tuple[str, str], Callable[[], str]] = {
     ("docs/results.md", "frontier-matched-perplexity"): lambda: table_matched_many("frontier", "ppl_increase", 2),
     ("docs/results.md", "frontier-reading"): lambda: text_frontier_reading("frontier"),
     ("docs/results.md", "frontier-matched-forgetting"): lambda: table_matched_many("frontier", "forgetting", 3),
+    ("docs/results.md", "generative-frontier"): lambda: table_frontier("generative-frontier"),
+    ("docs/results.md", "generative-frontier-matched-perplexity"): lambda: table_matched_many(
+        "generative-frontier", "ppl_increase", 2),
+    ("docs/results.md", "generative-frontier-matched-forgetting"): lambda: table_matched_many(
+        "generative-frontier", "forgetting", 3),
+    ("docs/results.md", "generative-frontier-reading"): lambda: text_frontier_reading("generative-frontier"),
     ("docs/results.md", "generative-pilot"): lambda: table_experiment("generative-pilot", with_answers=True),
     ("docs/choosing.md", "rates"): lambda: table_rates("results/"),
 }
