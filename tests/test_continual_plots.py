@@ -237,3 +237,19 @@ def test_loss_curves_take_the_rate_the_grid_seeds_chose_not_one_the_confirming_s
                "config": {"seeds": [0], "confirm_seeds": [1]}}
     assert plots.plot_loss_curves(results, tmp_path / "train_loss.png")
     assert [text.get_text() for text in captured[0].legends[0].get_texts()] == ["lora r16 (lr 0.003)"]
+
+
+def test_a_ceiling_added_beside_older_runs_gets_its_one_panel_and_names_what_is_not_drawn(tmp_path, captured):
+    """Gemma's heads experiment: its multitask ceiling ran with per-step losses, its older CURLoRA and
+    LoRA runs without. The plot had drawn two empty task panels and said nothing of the missing methods."""
+    older = [{k: v for k, v in _loss_run(m, 16, lr, 0, 0.6, _losses(1.1, 0.5)).items() if k != "train_loss"}
+             for m, lr in (("curlora", 1e-1), ("lora", 1e-3))]
+    multitask = {**_loss_run("multitask", 16, 1e-3, 0, 0.7, _losses(2.5, 0.7)), "sequential": False}
+    multitask["train_loss"] = [multitask["train_loss"][0] * 3, []]  # every task's steps, in the first panel
+    results = {"runs": [*older, multitask], "tasks": [{"name": name} for name in TASKS[:2]]}
+    assert plots.plot_loss_curves(results, tmp_path / "train_loss.png")
+    fig = captured[0]
+    assert [ax.get_title() for ax in fig.axes] == [TASKS[0]]
+    assert any(t.get_text() == "Not drawn, their runs predate per-step losses: curlora r16 (lr 0.1), lora r16 (lr 0.001)"
+               for t in fig.texts)
+    assert_no_overlap(fig)

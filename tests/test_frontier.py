@@ -114,3 +114,16 @@ def test_one_narrow_method_among_many_does_not_empty_the_matched_targets():
     runs += [_run("narrow", 1e-3, 0, 0.9, 0.9, 11.0), _run("narrow", 1e-2, 0, 0.95, 0.95, 12.0)]
     targets = default_targets(analyse(runs)["points"], n=2)
     assert targets == [0.6, 0.8]  # the four that overlap; "narrow" reads as a dash there
+
+
+def test_a_ceiling_above_two_methods_does_not_empty_the_matched_levels():
+    """Gemma's heads experiment with its multitask ceiling: CURLoRA, LoRA and multitask, whose plasticity
+    (its ACC) lies above both, had no level all three reached, so no matched comparison at all."""
+    runs = []
+    for method in ("curlora", "lora"):
+        runs += [_run(method, 1e-3, 0, 0.6, 0.6, 11.0), _run(method, 1e-2, 0, 0.7, 0.7, 13.0)]
+    ceiling = [{**_run("multitask", lr, 0, acc, acc, 12.0), "ceiling": True} for lr, acc in ((1e-3, 0.75), (3e-3, 0.8))]
+    result = analyse(runs + ceiling)
+    assert result["targets"] == [0.6, 0.65, 0.7]
+    assert {m["method"] for m in result["matched"]} == {"curlora", "lora", "multitask"}  # still read at them
+    assert default_targets([p for p in result["points"] if p["method"] != "multitask"]) == result["targets"]

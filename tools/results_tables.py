@@ -83,7 +83,7 @@ VERDICT = ["sweep-3seeds", "paper-small-3seeds", "gemma-grid-3seeds", "gemma-pap
            "generative-frontier"]
 # The frontiers (a protocol on a model, every method at its validation-chosen rate between floors and
 # ceilings) whose standing the verdict's summary reads, with their protocol's name.
-FRONTIERS = {"frontier": "heads", "generative-frontier": "generative"}
+FRONTIERS = {"frontier": "heads", "generative-frontier": "generative", "gemma-grid-3seeds": "heads"}
 # The experiments whose rate sweeps docs/choosing.md's rate table reads.
 RATE_SWEEPS = ["sweep-3seeds", "paper-small-seed0", "gemma-grid-3seeds", "gemma-paper-small-seed0", "generative-frontier"]
 # The directories whose diverged runs the divergence table lists (each run once: no copies).
@@ -497,7 +497,8 @@ def matched_standing(loaded: Loaded, left_out: set[str]) -> tuple[str, list[str]
         return interval(stat, digits, True) if stat is not None else fmt_num(m[cost], digits, True) + "†"
 
     parts, resolved = [], []
-    for cost, (cost_name, digits) in COST_NAMES.items():
+    for cost, digits in (("ppl_increase", 2), ("forgetting", 3)):
+        cost_name = "perplexity" if cost == "ppl_increase" else cost
         have = sorted((m for m in at if matched_value(m, cost) is not None), key=lambda m: matched_value(m, cost))
         c = next((m for m in have if m["method"] == "curlora"), None)
         if not have:
@@ -528,11 +529,11 @@ def table_standing(prefix: str) -> str:
         least = min(sequential, key=lambda g: g["forgetting"]["mean"])
         over_floor = [name_of(g["method"]) for g in (c, lo) if floor is not None and above(g, floor)]
         resolved = [f"ACC above the floor's: {', '.join(over_floor) or 'neither'}"]
+        pairs = [(name_of("curlora"), name_of("lora"), c, lo), (name_of("lora"), name_of("curlora"), lo, c)]
+        pairs += [(label(least), name_of("curlora"), least, c)] if least is not lo else []  # else said already
         resolved += [f"{what}: {a} below {b}" for what, key in (("ACC", "acc"), ("forgetting", "forgetting"),
                                                                 ("perplexity", "ppl_increase"))
-                     for a, b, x, y in ((name_of("curlora"), name_of("lora"), c, lo), (name_of("lora"), name_of("curlora"), lo, c),
-                                        (label(least), name_of("curlora"), least, c))
-                     if x is not y and above(y, x, key)]
+                     for a, b, x, y in pairs if x is not y and above(y, x, key)]
         better = [label(g) for g in sequential if g is not c and above(g, c)]
         if better:
             resolved.append(f"ACC above CURLoRA's: {', '.join(better)}")
@@ -548,8 +549,8 @@ def table_standing(prefix: str) -> str:
     return format_table(rows, ["model, protocol: report (seeds)", "floor → ceiling (ACC)",
                                "CURLoRA: rate: ACC [95 %] (floor → ceiling), forgetting, perplexity increase",
                                "LoRA: the same", "forgot least, told no task identity: forgetting [95 %]",
-                               "at matched plasticity (its lowest level), told no task identity: least cost "
-                               "[95 %] († one seed's curve or the seed-mean's), CURLoRA's (its place)",
+                               "at matched plasticity (lowest level), told no task identity: least cost [95 %] "
+                               "(†: seed-mean curve), CURLoRA's (place)",
                                "resolved (95 % intervals apart)"])
 
 

@@ -85,9 +85,10 @@ def frontier_points(runs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     grouped: dict[tuple, list[tuple[Any, dict[str, Any]]]] = {}
     for run in _ok(runs):
         grouped.setdefault((*_group_key(run), run.get("lr")), []).append((replicate(run), run_metrics(run)))
+    ceilings = {run.get("method") for run in _ok(runs) if run.get("ceiling")}
     points = []
     for (method, rank, lr), members in grouped.items():
-        point = {"method": method, "rank": rank, "lr": lr, "n_seeds": len(members)}
+        point = {"method": method, "rank": rank, "lr": lr, "n_seeds": len(members), "ceiling": method in ceilings}
         for name in ("plasticity", "acc", *COSTS):
             stat = seed_stat(m[name] for _, m in members)
             point[name] = None if stat is None else stat["mean"]
@@ -149,10 +150,14 @@ def matched_accuracy(points: Sequence[Mapping[str, Any]], targets: Sequence[floa
 
 def default_targets(points: Sequence[Mapping[str, Any]], n: int = 3) -> list[float]:
     """Plasticity levels inside the range most adapter curves reached: with two or three curves all
-    of them, with more at least half (one narrow method must not empty the table; it gets dashes)."""
+    of them, with more at least half (one narrow method must not empty the table; it gets dashes). The
+    ceilings do not set the levels (they are references, and multitask's plasticity is its ACC, above
+    every sequential curve: with two methods beside it there would be no level); they are still read at
+    the levels they reach."""
     curves: dict[tuple, list[tuple[float, float]]] = {}
     for p in points:
-        if p["plasticity"] is not None and p["lr"] is not None and p["ppl_increase"] is not None:
+        if (p["plasticity"] is not None and p["lr"] is not None and p["ppl_increase"] is not None
+                and not p.get("ceiling")):
             curves.setdefault((p["method"], p["rank"]), []).append((p["plasticity"], p["ppl_increase"]))
     ranges = {key: [acc for acc, _ in pareto(pairs)] for key, pairs in curves.items()}
     if not ranges:

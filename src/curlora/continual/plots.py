@@ -270,9 +270,11 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     nothing: the generative floors) is left out. False when no chosen run has one."""
     finished = [r for r in results.get("runs") or [] if r.get("status") == "ok" and "validation_accuracy" in r]
     chosen = chosen_rates(select_learning_rates(finished, selection_seeds(results.get("config") or {})))
-    runs = [r for r in finished if any(r.get("train_loss") or ()) and chosen.get((r["method"], r.get("rank"))) == r.get("lr")]
+    at_choice = [r for r in finished if chosen.get((r["method"], r.get("rank"))) == r.get("lr")]
+    runs = [r for r in at_choice if any(r.get("train_loss") or ())]
     if not runs:
         return False
+    older = sorted({_curve_label(r["method"], r.get("rank"), r.get("lr")) for r in at_choice if "train_loss" not in r})
     curves: dict[tuple, list[list[list[float]]]] = {}
     together = {r["method"] for r in runs if r.get("sequential") is False}  # learns every task at step one
     for run in runs:
@@ -280,15 +282,17 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
         curves.setdefault((run["method"], run.get("rank"), run.get("lr")), []).append(
             in_listed_order(run, run["train_loss"]))
     task_names = [t["name"] for t in results.get("tasks") or []] or [f"task {i}" for i in range(len(runs[0]["train_loss"]))]
-    fig = new_figure((1.5 + 3.6 * len(task_names), 4.2))
-    axes = fig.subplots(1, len(task_names), sharey=True, squeeze=False)[0]
+    # A panel per task some curve has (multitask alone fills only the first): no empty axes.
+    shown = [j for j in range(len(task_names))
+             if any(j < len(losses) and losses[j] for members in curves.values() for losses in members)]
+    fig = new_figure((1.5 + 3.6 * len(shown), 4.2))
+    axes = fig.subplots(1, len(shown), sharey=True, squeeze=False)[0]
     colours = colormaps["tab20" if len(curves) > 10 else "tab10"]
     seeds = max(len(members) for members in curves.values())
     drawn: list[float] = []
     for c, ((method, rank, lr), members) in enumerate(curves.items()):
-        label = plain(method + ("" if rank is None else f" r{rank}") + ("" if lr is None else f" (lr {lr:g})")
-                      + (": every task, in the first panel" if method in together else ""))
-        for j, ax in enumerate(axes):
+        label = plain(_curve_label(method, rank, lr) + (": every task, in the first panel" if method in together else ""))
+        for j, ax in zip(shown, axes):
             per_seed = [losses[j] for losses in members if j < len(losses) and losses[j]]
             if not per_seed:
                 continue
@@ -299,7 +303,7 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
             ax.plot(range(1, steps + 1), mean, color=colour, alpha=0.25, linewidth=0.7)
             ax.plot(range(1, steps + 1), _smooth(mean, max(1, steps // 6)), color=colour, linewidth=1.6,
                     label=label if j == 0 else None)
-    for ax, name in zip(axes, task_names):
+    for ax, name in zip(axes, [task_names[j] for j in shown]):
         if ax.lines:  # ticks only inside the steps taken (the default ones run past both ends)
             last = max(len(line.get_xdata()) for line in ax.lines)
             ax.set_xlim(1, max(last, 2))
@@ -314,7 +318,16 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     fig.suptitle(f"Training loss at each method's chosen rate ({seed_note}faint: per step, solid: trailing mean)",
                  fontsize=9)
     handles, names = axes[0].get_legend_handles_labels()
-    fig.tight_layout(rect=(0, 0.07 + 0.04 * ((len(names) - 1) // 4), 1, 1))
-    fig.legend(handles, names, loc="lower center", ncol=min(len(names), 4), fontsize=8, frameon=False)
+    bottom = 0.07 + 0.04 * ((len(names) - 1) // 4) + (0.06 if older else 0.0)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.legend(handles, names, loc="lower center", bbox_to_anchor=(0.5, 0.06 if older else 0.0),
+               ncol=min(len(names), 4), fontsize=8, frameon=False)
+    if older:
+        fig.text(0.5, 0.01, plain("Not drawn, their runs predate per-step losses: " + ", ".join(older)),
+                 ha="center", fontsize=8, wrap=True)
     save_figure(fig, path)
     return True
+
+
+def _curve_label(method: str, rank: Any, lr: Any) -> str:
+    return method + ("" if rank is None else f" r{rank}") + ("" if lr is None else f" (lr {lr:g})")
