@@ -740,7 +740,6 @@ BLOCKS: dict[tuple[str, str], Callable[[], str]] = {
     ("docs/results.md", "divergences"): lambda: table_divergences("results/"),
     ("docs/results.md", "exceptions"): lambda: table_exceptions("results/"),
     ("docs/results.md", "matched-resolved"): text_matched_resolved,
-    ("README.md", "matched-resolved"): text_matched_resolved,
     ("docs/results.md", "default-run"): lambda: table_experiment("default-run", with_bwt=True, with_costs=True),
     ("docs/results.md", "sweep-3seeds"): lambda: table_experiment("sweep-3seeds", ranks=False, with_bwt=True),
     ("docs/results.md", "sweep-3seeds-matched"): lambda: table_matched_pair("sweep-3seeds"),
