@@ -492,6 +492,7 @@ def matched_standing(loaded: Loaded, left_out: set[str]) -> tuple[str, list[str]
     differences the seeds' intervals resolve."""
     target = loaded.frontier["targets"][0]
     at = [m for m in loaded.frontier["matched"] if m["target"] == target and m["method"] not in left_out]
+
     def cell(m: Mapping[str, Any], cost: str, digits: int) -> str:
         stat = m.get(f"{cost}_stat")
         return interval(stat, digits, True) if stat is not None else fmt_num(m[cost], digits, True) + "†"
