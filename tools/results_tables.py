@@ -39,7 +39,7 @@ from curlora.continual.metrics import run_metrics
 from curlora.continual.metrics import separated, summarize
 from curlora.continual.plots import DASH, OFF_SCALE_FACTOR
 from curlora.continual.report import (ceiling_methods, floor_methods, fmt_cost, fmt_lr, fmt_num, fmt_stat, format_table,
-                                      gap_closed)
+                                      gap_closed, orders_of)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -553,6 +553,50 @@ def table_standing(prefix: str) -> str:
                                "at matched plasticity (lowest level), told no task identity: least cost [95 %] "
                                "(†: seed-mean curve), CURLoRA's (place)",
                                "resolved (95 % intervals apart)"])
+
+
+def table_orders(name: str) -> str:
+    """Does a frontier's verdict hold in every task order? Per order (each over its own seeds): CURLoRA
+    and LoRA at their chosen rates, what their intervals resolve, and the method told no task identity
+    that forgot least; then, pooled over seeds and orders, what holds in every order."""
+    loaded = load(name)
+    selected = [r for r in loaded.runs if r.get("selected", True)]
+    orders = orders_of(selected)
+    by_order = summarize({"runs": selected}, by_order=True)
+    identity, ceilings = aware_methods(loaded), ceiling_methods(loaded.runs)
+    rows, verdicts = [], []
+    for order in orders:
+        groups = [g for g in by_order if g.get("order") == order]
+        c, lo = find(groups, "curlora"), find(groups, "lora")
+        sequential = [g for g in groups if g["method"] not in loaded.floors | ceilings | identity]
+        least = min(sequential, key=lambda g: g["forgetting"]["mean"])
+        resolved = [f"{what}: {'CURLoRA' if x is c else 'LoRA'}'s lower" for what, key in
+                    (("ACC", "acc"), ("forgetting", "forgetting"), ("perplexity", "ppl_increase"))
+                    for x, y in ((c, lo), (lo, c)) if above(y, x, key)]
+        top = strongest([g for g in groups if g["method"] in ceilings])
+        sequence = next((r.get("task_order") for r in selected if r.get("order") == order), None)
+        verdicts.append((c["acc"]["mean"] < lo["acc"]["mean"], c["forgetting"]["mean"] > lo["forgetting"]["mean"],
+                         least["method"]))
+        names = [loaded.tasks[i]["name"] for i in sequence or ()]  # task_order: indices into the listed tasks
+        rows.append([order + (f" ({' → '.join(names)})" if names else ""), len({r["seed"] for r in selected
+                                                                                      if r.get("order") == order}),
+                     f"{interval(c['acc'], 3)} / {interval(lo['acc'], 3)}",
+                     f"{mean(c['forgetting'], signed=True)} / {mean(lo['forgetting'], signed=True)}",
+                     f"{mean(c['ppl_increase'], 2, True)} / {mean(lo['ppl_increase'], 2, True)}",
+                     DASH if top is None else f"{label(top)} {mean(top['acc'])}",
+                     f"{label(least)} {interval(least['forgetting'], 3, True)}", "; ".join(resolved) or "none"])
+    table = format_table(rows, ["order", "seeds", "ACC [95 %] CURLoRA / LoRA", "forgetting CURLoRA / LoRA",
+                                "perplexity increase CURLoRA / LoRA", "ceiling ACC",
+                                "forgot least, told no task identity [95 %]", "resolved (95 % intervals apart)"])
+    n = len(verdicts)
+    lower = sum(v[0] for v in verdicts)
+    more = sum(v[1] for v in verdicts)
+    least_names = sorted({v[2] for v in verdicts})
+    text = (f"In {lower} of {n} orders CURLoRA's mean ACC is below LoRA's, in {more} of {n} its mean forgetting "
+            f"above LoRA's; the method told no task identity that forgot least: "
+            + (f"{least_names[0]} in every order" if len(least_names) == 1 else
+               ", ".join(f"{m} in {sum(v[2] == m for v in verdicts)}" for m in least_names)) + ".")
+    return table + "\n\n" + text
 
 
 def table_rates(prefix: str) -> str:
