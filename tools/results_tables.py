@@ -516,6 +516,13 @@ def matched_standing(loaded: Loaded, left_out: set[str]) -> tuple[str, list[str]
     return f"{target:.3f}: " + "; ".join(parts), resolved
 
 
+def least_forgetting(groups: Sequence[Mapping[str, Any]], left_out: set[str]) -> tuple[list[Mapping[str, Any]], Mapping[str, Any]]:
+    """The sequential groups (all but ``left_out``: floors, ceilings, methods told the task) and the one
+    among them with the least mean forgetting."""
+    sequential = [g for g in groups if g["method"] not in left_out]
+    return sequential, min(sequential, key=lambda g: g["forgetting"]["mean"])
+
+
 def table_standing(prefix: str) -> str:
     """Per frontier (a protocol on a model, with floors and ceilings): CURLoRA and LoRA at their chosen
     rates, and the method told no task identity that forgot least; what of it the intervals resolve."""
@@ -526,8 +533,7 @@ def table_standing(prefix: str) -> str:
         floor = strongest([g for g in loaded.groups if g["method"] in loaded.floors])
         top = strongest([g for g in loaded.groups if g["method"] in ceilings])
         c, lo = find(loaded.groups, "curlora"), find(loaded.groups, "lora")
-        sequential = [g for g in loaded.groups if g["method"] not in loaded.floors | ceilings | aware]
-        least = min(sequential, key=lambda g: g["forgetting"]["mean"])
+        sequential, least = least_forgetting(loaded.groups, loaded.floors | ceilings | aware)
         over_floor = [name_of(g["method"]) for g in (c, lo) if floor is not None and above(g, floor)]
         resolved = [f"ACC above the floor's: {', '.join(over_floor) or 'neither'}"]
         pairs = [(name_of("curlora"), name_of("lora"), c, lo), (name_of("lora"), name_of("curlora"), lo, c)]
@@ -568,8 +574,7 @@ def table_orders(name: str) -> str:
     for order in orders:
         groups = [g for g in by_order if g.get("order") == order]
         c, lo = find(groups, "curlora"), find(groups, "lora")
-        sequential = [g for g in groups if g["method"] not in loaded.floors | ceilings | identity]
-        least = min(sequential, key=lambda g: g["forgetting"]["mean"])
+        _, least = least_forgetting(groups, loaded.floors | ceilings | identity)
         resolved = [f"{what}: {'CURLoRA' if x is c else 'LoRA'}'s lower" for what, key in
                     (("ACC", "acc"), ("forgetting", "forgetting"), ("perplexity", "ppl_increase"))
                     for x, y in ((c, lo), (lo, c)) if above(y, x, key)]

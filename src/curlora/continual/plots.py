@@ -39,6 +39,11 @@ def off_scale(points: Sequence[Mapping[str, Any]], base_ppl: float | None) -> li
     return [p for p in points if p.get("ppl_increase") is not None and p["ppl_increase"] > limit]
 
 
+def palette(n: int) -> Any:
+    """A colormap with a distinct colour for each of ``n`` series (tab10 would repeat past ten)."""
+    return colormaps["tab20" if n > 10 else "tab10"]
+
+
 def new_figure(figsize: tuple[float, float]) -> Figure:
     """A figure on the Agg canvas (no pyplot state), so text extents can be measured."""
     fig = Figure(figsize=figsize)
@@ -128,7 +133,7 @@ def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]]
     ax = fig.add_subplot()
     drawn = intervals = gaps = False
     nudge = 0.12 / max(len(series), 1)
-    colours = colormaps["tab20" if len(series) > 10 else "tab10"]  # tab10 would give two series one colour
+    colours = palette(len(series))
     for k, (label, stats) in enumerate(series):
         pts = [(i, s) for i, s in enumerate(stats) if s is not None]
         if not pts:
@@ -138,9 +143,9 @@ def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]]
         errors = [[s["mean"] - s["ci95"][0] if s.get("ci95") else 0.0 for _, s in pts],
                   [s["ci95"][1] - s["mean"] if s.get("ci95") else 0.0 for _, s in pts]]
         intervals = intervals or any(s.get("ci95") for _, s in pts)
-        bars = ax.errorbar(xs, ys, yerr=errors, marker=MARKERS[k % len(MARKERS)], linestyle="none", capsize=3,
-                           label=label, color=colours(k % colours.N))
-        colour = bars.lines[0].get_color()
+        colour = colours(k % colours.N)
+        ax.errorbar(xs, ys, yerr=errors, marker=MARKERS[k % len(MARKERS)], linestyle="none", capsize=3, label=label,
+                    color=colour)
         for j in range(len(pts) - 1):
             skipped = pts[j + 1][0] - pts[j][0] > 1
             gaps = gaps or skipped
@@ -200,7 +205,7 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: Path,
     many = len(curves) > LABELLED_CURVES
     fig = new_figure((14, 6.5) if many else (12, 4.8))
     axes = fig.subplots(1, 2)
-    colours = colormaps["tab20" if len(curves) > 10 else "tab10"]
+    colours = palette(len(curves))
     seeds = max((p.get("n_seeds") or 1 for p in points), default=1)
     labels: list[list[Text]] = [[], []]
     for c, ((method, rank), pts) in enumerate(curves.items()):
@@ -287,7 +292,7 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
              if any(j < len(losses) and losses[j] for members in curves.values() for losses in members)]
     fig = new_figure((1.5 + 3.6 * len(shown), 4.2))
     axes = fig.subplots(1, len(shown), sharey=True, squeeze=False)[0]
-    colours = colormaps["tab20" if len(curves) > 10 else "tab10"]
+    colours = palette(len(curves))
     seeds = max(len(members) for members in curves.values())
     drawn: list[float] = []
     for c, ((method, rank, lr), members) in enumerate(curves.items()):
