@@ -74,21 +74,24 @@ EXPERIMENTS = {e.directory: e for e in [
     Experiment("gemma-paper-small-3seeds", "Gemma-3-270m", "paper's tasks (small)",
                selection_from="gemma-paper-small-seed0"),
     Experiment("generative-frontier", "SmolLM2-135M-Instruct", "offline suite, generative protocol"),
+    Experiment("gemma-generative", "Gemma-3-270m", "offline suite, generative protocol"),
     Experiment("generative-pilot", "SmolLM2-135M-Instruct", "offline suite, generative protocol",
                note="one rate per method, not chosen on validation"),
 ]}
 
 # The experiments the verdict reads, in its order: CURLoRA against LoRA at each rank both ran.
 VERDICT = ["sweep-3seeds", "paper-small-3seeds", "gemma-grid-3seeds", "gemma-paper-small-3seeds",
-           "generative-frontier"]
+           "generative-frontier", "gemma-generative"]
 # The frontiers (a protocol on a model, every method at its validation-chosen rate between floors and
 # ceilings) whose standing the verdict's summary reads, with their protocol's name.
-FRONTIERS = {"frontier": "heads", "generative-frontier": "generative", "gemma-grid-3seeds": "heads"}
+FRONTIERS = {"frontier": "heads", "generative-frontier": "generative", "gemma-grid-3seeds": "heads",
+             "gemma-generative": "generative"}
 # The experiments whose rate sweeps docs/choosing.md's rate table reads.
-RATE_SWEEPS = ["sweep-3seeds", "paper-small-seed0", "gemma-grid-3seeds", "gemma-paper-small-seed0", "generative-frontier"]
+RATE_SWEEPS = ["sweep-3seeds", "paper-small-seed0", "gemma-grid-3seeds", "gemma-paper-small-seed0", "generative-frontier",
+               "gemma-generative"]
 # The directories whose diverged runs the divergence table lists (each run once: no copies).
 DIVERGENCE_SOURCES = ["sweep-3seeds", "frontier", "paper-small-seed0", "gemma-grid-3seeds", "gemma-seed0",
-                      "gemma-paper-small-seed0", "generative-frontier"]
+                      "gemma-paper-small-seed0", "generative-frontier", "gemma-generative"]
 # How the docs spell the methods.
 NAMES = {"curlora": "CURLoRA", "lora": "LoRA", "head": "head only"}
 
@@ -809,6 +812,12 @@ BLOCKS: dict[tuple[str, str], Callable[[], str]] = {
     ("docs/results.md", "generative-frontier-matched-forgetting"): lambda: table_matched_many(
         "generative-frontier", "forgetting", 3),
     ("docs/results.md", "generative-frontier-reading"): lambda: text_frontier_reading("generative-frontier"),
+    ("docs/results.md", "gemma-generative"): lambda: table_frontier("gemma-generative"),
+    ("docs/results.md", "gemma-generative-matched-perplexity"): lambda: table_matched_many(
+        "gemma-generative", "ppl_increase", 2),
+    ("docs/results.md", "gemma-generative-matched-forgetting"): lambda: table_matched_many(
+        "gemma-generative", "forgetting", 3),
+    ("docs/results.md", "gemma-generative-reading"): lambda: text_frontier_reading("gemma-generative"),
     ("docs/results.md", "generative-pilot"): lambda: table_experiment("generative-pilot", with_answers=True),
     ("docs/choosing.md", "rates"): lambda: table_rates("results/"),
 }
