@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import secrets
 import sys
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
 
 
 def _load(name: str):
@@ -38,6 +40,21 @@ def test_every_benchmark_config_is_accepted(path: Path) -> None:
     from curlora.continual.config import load_config
 
     assert run_specs(load_config(None, path, {}))
+
+
+@pytest.mark.parametrize("path", sorted(BENCH.glob("*.yaml")), ids=lambda p: p.name)
+def test_a_benchmark_config_matches_the_committed_run_directories_its_command_names(path: Path) -> None:
+    """A config whose command (in its header) continues a committed run directory (``--output-dir
+    docs/results/...``) or takes another's runs (``--reuse-runs-from docs/results/...``) computes its
+    runs as those directories' did: else its command stops at once ("its config differs in ...")."""
+    from curlora.continual.config import load_config
+    from curlora.continual.rundir import RunDir
+
+    config = load_config(None, path, {})
+    header = path.read_text(encoding="utf-8")
+    named = re.findall(r"--(?:output-dir|reuse-runs-from) (docs/results/[\w.-]+)", header)
+    for directory in [ROOT / name for name in named if (ROOT / name / "config.yaml").is_file()]:
+        assert RunDir(directory).differences(config)[1] == [], directory
 
 
 def test_train_step_structure(train_step, tmp_path: Path) -> None:

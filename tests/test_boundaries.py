@@ -152,13 +152,13 @@ def test_core_adapts_saves_and_loads_without_any_extra():
 
 
 def test_unquantized_model_never_imports_bitsandbytes_and_peft_prints_no_kernel_warning():
-    """With everything installed: adapting a plain model leaves bitsandbytes unimported, and the
-    harness's PEFT import afterwards (which imports bitsandbytes) prints no kernels-community
-    warning. Explicit targets: the default ones are looked up in PEFT's table (curlora.targets),
-    and importing PEFT imports bitsandbytes."""
+    """With everything installed: adapting a plain model leaves bitsandbytes unimported, and
+    importing PEFT and bitsandbytes afterwards (the harness does both; PEFT up to 0.21 imported
+    bitsandbytes itself whenever it was installed, 0.22 no longer does) prints no kernels-community
+    warning. Explicit targets: the default ones are looked up in PEFT's table (curlora.targets)."""
     result = _run("TARGETS = ['q_proj', 'v_proj']\n" + textwrap.dedent(ADAPT_SAVE_LOAD) + textwrap.dedent("""
     from peft import get_peft_config, get_peft_model
-    assert "bitsandbytes" in sys.modules, "PEFT no longer imports bitsandbytes: this test checks nothing"
+    import bitsandbytes
     """))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["ok", "False"]

@@ -39,8 +39,8 @@ class _DropNotice(logging.Filter):
 
 
 def quiet_bitsandbytes_import() -> None:
-    """Drop bitsandbytes' two irrelevant notices (the kernels-community warning that PEFT's
-    import triggers whenever bitsandbytes is installed, and the int8 fp16-cast notice) and
+    """Drop bitsandbytes' two irrelevant notices (the kernels-community warning that importing
+    bitsandbytes triggers, as PEFT up to 0.21 did whenever it was installed, and the int8 fp16-cast notice) and
     nothing else. Idempotent; does not import bitsandbytes. Runs when ``curlora`` is imported,
     so any program that imports curlora before PEFT or bitsandbytes is covered."""
     for logger_name, fragment in _NOTICES.items():
