@@ -787,6 +787,15 @@ def text_matched_resolved() -> str:
 # ---------------------------------------------------------------------------------------------
 # Where each table goes: (file, marker name) -> the function that writes it
 
+def frontier_blocks(name: str) -> dict[tuple[str, str], Callable[[], str]]:
+    """A frontier's four blocks in docs/results.md, each marker named after its directory: the table
+    at the chosen rates, perplexity increase and forgetting at matched plasticity, and the reading."""
+    return {("docs/results.md", name): lambda: table_frontier(name),
+            ("docs/results.md", f"{name}-matched-perplexity"): lambda: table_matched_many(name, "ppl_increase", 2),
+            ("docs/results.md", f"{name}-matched-forgetting"): lambda: table_matched_many(name, "forgetting", 3),
+            ("docs/results.md", f"{name}-reading"): lambda: text_frontier_reading(name)}
+
+
 BLOCKS: dict[tuple[str, str], Callable[[], str]] = {
     ("README.md", "standing"): lambda: table_standing("docs/results/"),
     ("docs/results.md", "verdict"): lambda: table_verdict("results/"),
@@ -802,22 +811,9 @@ BLOCKS: dict[tuple[str, str], Callable[[], str]] = {
     ("docs/results.md", "paper-small-3seeds"): lambda: table_experiment("paper-small-3seeds"),
     ("docs/results.md", "gemma-paper-small-3seeds"): lambda: table_experiment("gemma-paper-small-3seeds"),
     ("docs/results.md", "standing"): lambda: table_standing("results/"),
-    ("docs/results.md", "frontier"): lambda: table_frontier("frontier"),
-    ("docs/results.md", "frontier-matched-perplexity"): lambda: table_matched_many("frontier", "ppl_increase", 2),
-    ("docs/results.md", "frontier-reading"): lambda: text_frontier_reading("frontier"),
-    ("docs/results.md", "frontier-matched-forgetting"): lambda: table_matched_many("frontier", "forgetting", 3),
-    ("docs/results.md", "generative-frontier"): lambda: table_frontier("generative-frontier"),
-    ("docs/results.md", "generative-frontier-matched-perplexity"): lambda: table_matched_many(
-        "generative-frontier", "ppl_increase", 2),
-    ("docs/results.md", "generative-frontier-matched-forgetting"): lambda: table_matched_many(
-        "generative-frontier", "forgetting", 3),
-    ("docs/results.md", "generative-frontier-reading"): lambda: text_frontier_reading("generative-frontier"),
-    ("docs/results.md", "gemma-generative"): lambda: table_frontier("gemma-generative"),
-    ("docs/results.md", "gemma-generative-matched-perplexity"): lambda: table_matched_many(
-        "gemma-generative", "ppl_increase", 2),
-    ("docs/results.md", "gemma-generative-matched-forgetting"): lambda: table_matched_many(
-        "gemma-generative", "forgetting", 3),
-    ("docs/results.md", "gemma-generative-reading"): lambda: text_frontier_reading("gemma-generative"),
+    **frontier_blocks("frontier"),
+    **frontier_blocks("generative-frontier"),
+    **frontier_blocks("gemma-generative"),
     ("docs/results.md", "generative-pilot"): lambda: table_experiment("generative-pilot", with_answers=True),
     ("docs/choosing.md", "rates"): lambda: table_rates("results/"),
 }
