@@ -234,7 +234,7 @@ def test_a_refused_command_leaves_an_existing_run_directory_byte_identical(tmp_p
     before = snapshot(run_dir)
     base = ["continual", "--config", str(config), "--output-dir", str(run_dir)]
     assert "--resume" in refused(base, capsys)  # no --resume
-    assert "differs in ['epochs']" in refused([*base, "--resume", "--epochs", "2"], capsys)
+    assert "differs in epochs (1 there, 2 here)" in refused([*base, "--resume", "--epochs", "2"], capsys)
     assert "lr" in refused([*base, "--resume", "--lr", "-1"], capsys)
     _binary(task_file)  # same settings, but the data went bad: refused after the model loads
     assert "not UTF-8" in refused([*base, "--resume"], capsys)

@@ -244,7 +244,7 @@ class RunDir:
         loaded, changed = self.differences(config)
         if changed:
             raise ValueError(
-                f"Cannot resume {self.path}: its config differs in {changed}. Resume with the "
+                f"Cannot resume {self.path}: its config differs in {'; '.join(changed)}. Resume with the "
                 f"same settings (only {', '.join(GRID_FIELDS)} may change, to add or drop runs, and new "
                 f"entries of {', '.join(GRID_MAPPINGS)}), or start a new --output-dir."
             )
@@ -259,9 +259,9 @@ class RunDir:
         loaded = {**ContinualConfig().to_dict(), **read_config(self.path / "config.yaml")}
         current = config.to_dict()
         fixed = [k for k in current if k not in RUNTIME_FIELDS + GRID_FIELDS + GRID_MAPPINGS]
-        changed = [k for k in fixed if loaded.get(k) != current[k]]
-        changed += [f"{k}[{name!r}]" for k in GRID_MAPPINGS for name, value in (loaded.get(k) or {}).items()
-                    if name in current[k] and current[k][name] != value]
+        changed = [f"{k} ({loaded.get(k)!r} there, {current[k]!r} here)" for k in fixed if loaded.get(k) != current[k]]
+        changed += [f"{k}[{name!r}] ({value!r} there, {current[k][name]!r} here)" for k in GRID_MAPPINGS
+                    for name, value in (loaded.get(k) or {}).items() if name in current[k] and current[k][name] != value]
         return loaded, sorted(changed)
 
     def reusable(self, config: ContinualConfig, keys: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -275,7 +275,7 @@ class RunDir:
         check_tree(self.path)
         _, changed = self.differences(config)
         if changed:
-            raise ValueError(f"Cannot reuse the runs of {self.path}: its config differs in {changed}, so its runs "
+            raise ValueError(f"Cannot reuse the runs of {self.path}: its config differs in {'; '.join(changed)}, so its runs "
                              f"are not this experiment's; drop --reuse-runs-from or match those settings.")
         tasks = len(config.task_names)
         runs = {key: read_run(self.runs / f"{key}.json", tasks) for key in sorted(set(keys) & self.finished())}
