@@ -38,7 +38,12 @@ def test_orders_give_distinct_keys_and_the_listed_order_keeps_todays_key(tmp_pat
     assert confirming == ["lora_r4_lr0.01_s1", "lora_r4_lr0.01_s1_order-swapped"]  # the chosen rate, in every order
 
 
-def test_runs_in_each_order_are_reported_per_order_and_pooled(tmp_path, tiny_model_dir, data_dir):
+def test_runs_in_each_order_are_reported_per_order_and_pooled(tmp_path, tiny_model_dir, data_dir, monkeypatch):
+    from curlora.continual import plots
+
+    titles, save = [], plots.save_figure
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: (titles.append(
+        [ax.get_title() for ax in fig.axes] + [fig._suptitle.get_text() if fig._suptitle else ""]), save(fig, path)))
     config = tiny_config(tiny_model_dir, data_dir, methods=["head", "lora"], lrs=[1e-3, 1e-2],
                          orders={"given": ["sst2", "mrpc"], "swapped": ["mrpc", "sst2"]})
     results = ContinualRunner(config, tmp_path).run()
@@ -63,6 +68,8 @@ def test_runs_in_each_order_are_reported_per_order_and_pooled(tmp_path, tiny_mod
     assert "## Per task order" in report and "over seeds and task orders" in report
     assert "pooled over every task order run" in report and "after task 1 learned" in report
     assert "### head, seed 0, order swapped, lr —" in report
+    (perplexity,) = [t[0] for t in titles if t[0].startswith("LM perplexity")]
+    assert "bars: 95 % interval over seeds and task orders" in perplexity  # the figures say what they pool
 
 
 def test_a_resumed_experiment_with_orders_trains_only_the_missing_runs(tmp_path, tiny_model_dir, data_dir, monkeypatch):

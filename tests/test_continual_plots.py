@@ -253,3 +253,34 @@ def test_a_ceiling_added_beside_older_runs_gets_its_one_panel_and_names_what_is_
     assert any(t.get_text() == "Not drawn, their runs predate per-step losses: curlora r16 (lr 0.1), lora r16 (lr 0.001)"
                for t in fig.texts)
     assert_no_overlap(fig)
+
+
+def test_a_curve_some_of_whose_runs_lack_losses_is_drawn_from_the_rest_and_says_so(tmp_path, captured):
+    """The orders experiment: the listed order's runs came from the frontier, older than per-step
+    losses, the two new orders' runs have them. The plot had drawn those curves from the new runs yet
+    named them "not drawn", and called nine runs over seeds and orders "9 seeds"."""
+    runs = []
+    for order in ("listed", "second-first"):
+        for method, lr in (("curlora", 1e-2), ("lora", 3e-3)):
+            run = {**_loss_run(method, 16, lr, 0, 0.6, _losses(1.1, 0.5)), "order": order}
+            if order == "listed" and method == "curlora":
+                del run["train_loss"]
+            runs.append(run)
+    # Multitask learns every task at once: its steps stay in the first panel whatever the order.
+    for order, task_order in (("listed", [0, 1]), ("second-first", [1, 0])):
+        multitask = {**_loss_run("multitask", 16, 3e-3, 0, 0.7, _losses(2.5, 0.7)), "sequential": False,
+                     "order": order, "task_order": task_order}
+        multitask["train_loss"] = [multitask["train_loss"][0] * 2, []]
+        runs.append(multitask)
+    for run in runs:
+        run.setdefault("task_order", [0, 1] if run["order"] == "listed" else [1, 0])
+    results = {"runs": runs, "tasks": [{"name": name} for name in TASKS[:2]]}
+    assert plots.plot_loss_curves(results, tmp_path / "train_loss.png")
+    fig = captured[0]
+    assert sorted(t.get_text() for t in fig.legends[0].get_texts()) == [
+        "curlora r16 (lr 0.01), 1 of its 2 runs", "lora r16 (lr 0.003)",
+        "multitask r16 (lr 0.003): every task, in the first panel"]
+    assert [len(ax.lines) for ax in fig.axes] == [6, 4]  # raw and trend per curve; multitask's only in the first
+    assert "mean of up to 2 runs (seeds × 2 orders)" in fig._suptitle.get_text()
+    assert not any("Not drawn" in t.get_text() for t in fig.texts)
+    assert_no_overlap(fig)

@@ -244,7 +244,8 @@ def test_every_results_file_the_docs_read_is_committed_and_listed():
 def test_the_orders_table_reads_each_task_order_on_its_own(tmp_path, monkeypatch):
     """Issue 41's question, whether the verdict holds in every task order, read from the committed
     frontier's runs relabelled as three orders, LoRA's forgetting raised in one: each order's row
-    says what it holds, the line under the table counts the orders."""
+    says what it holds, the line under the table counts the orders, then says what pooling resolves
+    and what counting each seed once does."""
     import copy
     import json
 
@@ -275,5 +276,10 @@ def test_the_orders_table_reads_each_task_order_on_its_own(tmp_path, monkeypatch
     assert "0.588 [0.540, 0.636] / 0.640 [0.592, 0.688] | +0.060 / +0.036" in rows[0]  # the frontier's own figures
     assert "| o-lora r16 +0.022 [-0.088, 0.132] |" in rows[1]
     assert "| ACC: LoRA's lower; forgetting: CURLoRA's lower |" in rows[2]  # what resolves in that order
-    assert table.endswith("In 2 of 3 orders CURLoRA's mean ACC is below LoRA's, in 2 of 3 its mean forgetting above "
+    assert table.split(" Pooled")[0].endswith("In 2 of 3 orders CURLoRA's mean ACC is below LoRA's, in 2 of 3 its mean forgetting above "
                           "LoRA's; the method told no task identity that forgot least: o-lora in every order.")
+    # Copies of one seed's run in three orders are not three samples: pooled, the report's intervals
+    # resolve what the seeds alone (the frontier's three) do not.
+    pooled, per_seed = table.split(" Pooled")[1].split(" With each seed's mean")
+    assert "perplexity increase: o-lora r16 below CURLoRA r16 (+3.40 [3.12, 3.69] / +34.26 [12.97, 55.55])" in pooled
+    assert per_seed.endswith("resolved: none.")

@@ -36,7 +36,7 @@ from typing import Any
 
 from curlora.continual.frontier import MATCHED_COSTS, analyse, curve_cost, select_learning_rates, selection_seeds
 from curlora.continual.metrics import run_metrics
-from curlora.continual.metrics import separated, summarize
+from curlora.continual.metrics import seed_stat, separated, summarize
 from curlora.continual.plots import DASH, OFF_SCALE_FACTOR
 from curlora.continual.report import (ceiling_methods, floor_methods, fmt_cost, fmt_lr, fmt_num, fmt_stat, format_table,
                                       gap_closed, orders_of)
@@ -75,6 +75,7 @@ EXPERIMENTS = {e.directory: e for e in [
                selection_from="gemma-paper-small-seed0"),
     Experiment("generative-frontier", "SmolLM2-135M-Instruct", "offline suite, generative protocol"),
     Experiment("gemma-generative", "Gemma-3-270m", "offline suite, generative protocol"),
+    Experiment("orders", "SmolLM2-135M-Instruct", "offline suite, three task orders", selection_from="frontier"),
     Experiment("generative-pilot", "SmolLM2-135M-Instruct", "offline suite, generative protocol",
                note="one rate per method, not chosen on validation"),
 ]}
@@ -604,7 +605,37 @@ def table_orders(name: str) -> str:
             f"above LoRA's; the method told no task identity that forgot least: "
             + (f"{least_names[0]} in every order" if len(least_names) == 1 else
                ", ".join(f"{m} in {sum(v[2] == m for v in verdicts)}" for m in least_names)) + ".")
+    pooled = [g for g in loaded.groups if g["method"] not in ceilings]
+    by_seed = [{**g, **{key: seed_unit(selected, g, key) for key in COSTS}} for g in pooled]
+    text += (f" Pooled over seeds and orders ({len(loaded.seeds)} × {n} runs a method, the report's intervals), "
+             f"resolved: {pooled_resolved(pooled)}. With each seed's mean over the orders as the unit "
+             f"({len(loaded.seeds)} values a method: the runs of one seed share its initialisation, so they are "
+             f"not independent samples), resolved: {pooled_resolved(by_seed)}.")
     return table + "\n\n" + text
+
+
+COSTS = {"acc": "ACC", "forgetting": "forgetting", "ppl_increase": "perplexity increase"}
+
+
+def seed_unit(runs: Sequence[Mapping[str, Any]], group: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+    """``key``'s statistic over seeds, each seed counted once as the mean of its runs (over the orders)."""
+    values: dict[Any, list[float]] = {}
+    for r in runs:
+        if (r.get("status") == "ok" and (r["method"], r.get("rank"), r.get("lr")) ==
+                (group["method"], group.get("rank"), group.get("lr"))):
+            value = run_metrics(r)[key]
+            if value is not None:
+                values.setdefault(r["seed"], []).append(value)
+    return seed_stat(sum(v) / len(v) for v in values.values())
+
+
+def pooled_resolved(groups: Sequence[Mapping[str, Any]]) -> str:
+    """Every pair whose 95 % intervals separate, per metric, as "metric: lower below higher"."""
+    digits = {"ppl_increase": 2}
+    pairs = [f"{COSTS[key]}: {label(x)} below {label(y)} ({interval(x[key], digits.get(key, 3), key != 'acc')} / "
+             f"{interval(y[key], digits.get(key, 3), key != 'acc')})" for key in COSTS for x in groups for y in groups
+             if x is not y and x.get(key) and y.get(key) and above(y, x, key)]
+    return "; ".join(pairs) or "none"
 
 
 def table_rates(prefix: str) -> str:
@@ -814,6 +845,7 @@ BLOCKS: dict[tuple[str, str], Callable[[], str]] = {
     **frontier_blocks("frontier"),
     **frontier_blocks("generative-frontier"),
     **frontier_blocks("gemma-generative"),
+    ("docs/results.md", "orders"): lambda: table_orders("orders"),
     ("docs/results.md", "generative-pilot"): lambda: table_experiment("generative-pilot", with_answers=True),
     ("docs/choosing.md", "rates"): lambda: table_rates("results/"),
 }

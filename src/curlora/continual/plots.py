@@ -12,6 +12,7 @@ import io
 import math
 import re
 import textwrap
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,9 +123,9 @@ def plot_accuracy_matrix(grid: list[list[float]], task_names: list[str], title: 
 
 
 def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]], task_names: list[str],
-                    path: Path) -> bool:
+                    path: Path, over: str = "seeds") -> bool:
     """Perplexity across the sequence, one line per (label, stats); error bars: 95 % interval
-    where several seeds ran. Stages that were not scored (a sweep scores the last task only) get
+    where several runs went into a point (``over``: what they differ in, for the title). Stages that were not scored (a sweep scores the last task only) get
     no point: a dotted line bridges them, so no trajectory is drawn that was never measured. Each
     series is nudged sideways a little so that equal values and their bars stay apart. False if
     nothing was measured."""
@@ -155,7 +156,7 @@ def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]]
         return False
     ax.set_xticks(range(len(task_names) + 1), stage_labels(task_names), fontsize=8)
     ax.set_ylabel("perplexity")
-    notes = [text for text, shown in (("bars: 95 % interval over seeds", intervals),
+    notes = [text for text, shown in ((f"bars: 95 % interval over {over}", intervals),
                                        ("dotted: stages not scored", gaps)) if shown]
     ax.set_title("LM perplexity across the task sequence" + (f" ({'; '.join(notes)})" if notes else ""),
                  fontsize=9)
@@ -279,13 +280,13 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     runs = [r for r in at_choice if any(r.get("train_loss") or ())]
     if not runs:
         return False
-    older = sorted({_curve_label(r["method"], r.get("rank"), r.get("lr")) for r in at_choice if "train_loss" not in r})
     curves: dict[tuple, list[list[list[float]]]] = {}
     together = {r["method"] for r in runs if r.get("sequential") is False}  # learns every task at step one
     for run in runs:
-        # Panel j is task j as listed: a run in another order learned it at another step.
-        curves.setdefault((run["method"], run.get("rank"), run.get("lr")), []).append(
-            in_listed_order(run, run["train_loss"]))
+        # Panel j is task j as listed: a run in another order learned it at another step. A method
+        # that learns every task at once keeps its one list of steps in the first panel in any order.
+        losses = run["train_loss"] if run["method"] in together else in_listed_order(run, run["train_loss"])
+        curves.setdefault((run["method"], run.get("rank"), run.get("lr")), []).append(losses)
     task_names = [t["name"] for t in results.get("tasks") or []] or [f"task {i}" for i in range(len(runs[0]["train_loss"]))]
     # A panel per task some curve has (multitask alone fills only the first): no empty axes.
     shown = [j for j in range(len(task_names))
@@ -293,10 +294,15 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     fig = new_figure((1.5 + 3.6 * len(shown), 4.2))
     axes = fig.subplots(1, len(shown), sharey=True, squeeze=False)[0]
     colours = palette(len(curves))
-    seeds = max(len(members) for members in curves.values())
+    # Runs at the chosen rate per curve: older ones without losses leave a curve out, or thin it.
+    totals = Counter((r["method"], r.get("rank"), r.get("lr")) for r in at_choice)
+    older = sorted(_curve_label(*key) for key in totals if key not in curves)
+    runs_drawn = max(len(members) for members in curves.values())
     drawn: list[float] = []
     for c, ((method, rank, lr), members) in enumerate(curves.items()):
-        label = plain(_curve_label(method, rank, lr) + (": every task, in the first panel" if method in together else ""))
+        thinned = f", {len(members)} of its {totals[method, rank, lr]} runs" if len(members) < totals[method, rank, lr] else ""
+        label = plain(_curve_label(method, rank, lr) + thinned
+                      + (": every task, in the first panel" if method in together else ""))
         for j, ax in zip(shown, axes):
             per_seed = [losses[j] for losses in members if j < len(losses) and losses[j]]
             if not per_seed:
@@ -319,7 +325,9 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     if min(drawn) > 0 and max(drawn) / min(drawn) > 20:  # a diverging curve would flatten every other one
         axes[0].set_yscale("log")
     axes[0].set_ylabel("training loss", fontsize=8)
-    seed_note = f"mean of {seeds} seeds; " if seeds > 1 else ""
+    orders = {r.get("order") for r in runs} - {None}
+    unit = f"runs (seeds × {len(orders)} orders)" if len(orders) > 1 else "seeds"
+    seed_note = f"mean of {'up to ' if _uneven_counts(curves, totals) else ''}{runs_drawn} {unit}; " if runs_drawn > 1 else ""
     fig.suptitle(f"Training loss at each method's chosen rate ({seed_note}faint: per step, solid: trailing mean)",
                  fontsize=9)
     handles, names = axes[0].get_legend_handles_labels()
@@ -332,6 +340,12 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
                  ha="center", fontsize=8, wrap=True)
     save_figure(fig, path)
     return True
+
+
+def _uneven_counts(curves: Mapping[tuple, Sequence[Any]], totals: Mapping[tuple, int]) -> bool:
+    """Whether some curve averages fewer runs than another (or than it has): the title says "up to"."""
+    return len({len(members) for members in curves.values()}) > 1 or any(
+        len(members) < totals[key] for key, members in curves.items())
 
 
 def _curve_label(method: str, rank: Any, lr: Any) -> str:

@@ -528,7 +528,8 @@ def _plots_section(groups: list[Mapping[str, Any]], runs: Sequence[Mapping[str, 
     together = {r["method"] for r in runs if r.get("sequential") is False}  # learns every task at step one
     series = [(_name(g) + (": every task at the first step" if g["method"] in together else ""),
                [g["ppl_before"], *g["ppl_after_task"]]) for g in groups]
-    if plot_perplexity(series, task_names, run_dir / "perplexity.png"):
+    over = "seeds and task orders" if orders_of(runs) else "seeds"
+    if plot_perplexity(series, task_names, run_dir / "perplexity.png", over):
         md += ["![perplexity](perplexity.png)", ""]
     for g, name in zip(groups, _matrix_filenames(groups)):
         _plot_accuracy_matrix(g, task_names, run_dir / name, g["method"] not in together)
