@@ -75,7 +75,7 @@ def _continual_parser(sub) -> None:
         description="The CURLoRA paper's continual-learning experiment with baselines and honest metrics. "
         "Settings come from --preset, then --config (YAML), then the flags below.",
     )
-    p.add_argument("--preset", choices=sorted(PRESETS), help="quick-verdict: what `make run` runs (each method at its chosen rate, about 12 min on 2 "
+    p.add_argument("--preset", choices=sorted(PRESETS), help="quick-verdict: what `make run` runs (each method at its chosen rate, about 14 min on 2 "
                    "CPU cores); paper, paper-small: the paper's setup; olora-standard, olora-long: O-LoRA's "
                    "benchmarks; default: the library's defaults (also without --preset)")
     p.add_argument("--config", type=Path, help="YAML file with any ContinualConfig field")

@@ -232,7 +232,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 # with it): CURLoRA and LoRA each at the rate the heads frontier chose on seed 0's validation data (and its
 # seeds 1-2 confirmed), between the protocol's floor (heads only) and its ceiling (multitask, at its
 # chosen rate); the defaults' 1e-3 is where CURLoRA learns exactly what the heads alone learn (ACC 0.573
-# both). About 12 min on 2 CPU cores with two workers.
+# both). About 14 min on 2 CPU cores with two workers.
 PRESETS["quick-verdict"] = {
     "methods": ["curlora", "lora", "head", "multitask"],
     "method_lrs": {"curlora": [1e-2], "lora": [3e-3], "multitask": [3e-3]},
