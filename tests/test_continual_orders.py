@@ -66,6 +66,7 @@ def test_runs_in_each_order_are_reported_per_order_and_pooled(tmp_path, tiny_mod
     assert head["n_runs"] == 2 and head["orders"] == ["given", "swapped"]
     report = (tmp_path / "report.md").read_text()
     assert "## Per task order" in report and "over seeds and task orders" in report
+    assert "not independent samples" in report  # pooled intervals over orders say what they overstate
     assert "pooled over every task order run" in report and "after task 1 learned" in report
     assert "### head, seed 0, order swapped, lr —" in report
     (perplexity,) = [t[0] for t in titles if t[0].startswith("LM perplexity")]

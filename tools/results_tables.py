@@ -607,9 +607,11 @@ def table_orders(name: str) -> str:
                ", ".join(f"{m} in {sum(v[2] == m for v in verdicts)}" for m in least_names)) + ".")
     pooled = [g for g in loaded.groups if g["method"] not in ceilings]
     by_seed = [{**g, **{key: seed_unit(selected, g, key) for key in COSTS}} for g in pooled]
-    text += (f" Pooled over seeds and orders ({len(loaded.seeds)} × {n} runs a method, the report's intervals), "
+    counts = sorted({g["n_runs"] for g in pooled})  # one number once every run has finished
+    runs = str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+    text += (f" Pooled over seeds and orders ({runs} runs a method, the report's intervals), "
              f"resolved: {pooled_resolved(pooled)}. With each seed's mean over the orders as the unit "
-             f"({len(loaded.seeds)} values a method: the runs of one seed share its initialisation, so they are "
+             f"({len(loaded.seeds)} values a method: the runs of one seed share that seed's random draws, so they are "
              f"not independent samples), resolved: {pooled_resolved(by_seed)}.")
     return table + "\n\n" + text
 

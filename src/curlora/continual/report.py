@@ -73,7 +73,10 @@ def interval_note(runs: Sequence[Mapping[str, Any]]) -> str:
     return (f"Values are mean ± sample std over seeds and task orders (every run of a seed in an order counts "
             f"once; orders {', '.join(map(escape, orders))}), with the 95 % Student-t interval of the mean in brackets, where "
             f"more than one run finished; the per-order table gives each order over its seeds alone. A difference "
-            f"is called resolved only when the two 95 % intervals do not overlap; with one run nothing is resolved.")
+            f"is called resolved only when the two 95 % intervals do not overlap; with one run nothing is resolved. "
+            f"The runs of one seed in different orders share that seed's random draws, so they are not "
+            f"independent samples: these intervals can be narrower than the seeds alone support (a reading that "
+            f"counts each seed once, as its mean over the orders, is the stricter one).")
 
 
 def step_names(runs: Sequence[Mapping[str, Any]], task_names: list[str]) -> list[str]:
