@@ -76,6 +76,8 @@ EXPERIMENTS = {e.directory: e for e in [
     Experiment("generative-frontier", "SmolLM2-135M-Instruct", "offline suite, generative protocol"),
     Experiment("gemma-generative", "Gemma-3-270m", "offline suite, generative protocol"),
     Experiment("orders", "SmolLM2-135M-Instruct", "offline suite, three task orders", selection_from="frontier"),
+    Experiment("generative-orders", "SmolLM2-135M-Instruct", "offline suite, generative protocol, three task orders",
+               selection_from="generative-frontier"),
     Experiment("generative-pilot", "SmolLM2-135M-Instruct", "offline suite, generative protocol",
                note="one rate per method, not chosen on validation"),
 ]}
@@ -848,6 +850,7 @@ BLOCKS: dict[tuple[str, str], Callable[[], str]] = {
     **frontier_blocks("generative-frontier"),
     **frontier_blocks("gemma-generative"),
     ("docs/results.md", "orders"): lambda: table_orders("orders"),
+    ("docs/results.md", "generative-orders"): lambda: table_orders("generative-orders"),
     ("docs/results.md", "generative-pilot"): lambda: table_experiment("generative-pilot", with_answers=True),
     ("docs/choosing.md", "rates"): lambda: table_rates("results/"),
 }
