@@ -125,8 +125,9 @@ def plot_accuracy_matrix(grid: list[list[float]], task_names: list[str], title: 
 def plot_perplexity(series: Sequence[tuple[str, list[Mapping[str, Any] | None]]], task_names: list[str],
                     path: Path, over: str = "seeds") -> bool:
     """Perplexity across the sequence, one line per (label, stats); error bars: 95 % interval
-    where several runs went into a point (``over``: what they differ in, for the title). Stages that were not scored (a sweep scores the last task only) get
-    no point: a dotted line bridges them, so no trajectory is drawn that was never measured. Each
+    where several runs went into a point (``over``: what they differ in, for the title). Stages that
+    were not scored (a sweep scores the last task only) get no point: a dotted line bridges them, so
+    no trajectory is drawn that was never measured. Each
     series is nudged sideways a little so that equal values and their bars stay apart. False if
     nothing was measured."""
     series, task_names = [(plain(label), stats) for label, stats in series], [plain(t) for t in task_names]
@@ -327,7 +328,8 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
     axes[0].set_ylabel("training loss", fontsize=8)
     orders = {r.get("order") for r in runs} - {None}
     unit = f"runs (seeds × {len(orders)} orders)" if len(orders) > 1 else "seeds"
-    seed_note = f"mean of {'up to ' if _uneven_counts(curves, totals) else ''}{runs_drawn} {unit}; " if runs_drawn > 1 else ""
+    uneven = any(len(members) < max(runs_drawn, totals[key]) for key, members in curves.items())
+    seed_note = f"mean of {'up to ' if uneven else ''}{runs_drawn} {unit}; " if runs_drawn > 1 else ""
     fig.suptitle(f"Training loss at each method's chosen rate ({seed_note}faint: per step, solid: trailing mean)",
                  fontsize=9)
     handles, names = axes[0].get_legend_handles_labels()
@@ -340,12 +342,6 @@ def plot_loss_curves(results: Mapping[str, Any], path: Path) -> bool:
                  ha="center", fontsize=8, wrap=True)
     save_figure(fig, path)
     return True
-
-
-def _uneven_counts(curves: Mapping[tuple, Sequence[Any]], totals: Mapping[tuple, int]) -> bool:
-    """Whether some curve averages fewer runs than another (or than it has): the title says "up to"."""
-    return len({len(members) for members in curves.values()}) > 1 or any(
-        len(members) < totals[key] for key, members in curves.items())
 
 
 def _curve_label(method: str, rank: Any, lr: Any) -> str:
